@@ -1,0 +1,1 @@
+"""Typer front end of layerzo, installed as ``layerzo.cli``."""

@@ -1,0 +1,80 @@
+"""The LayerzoError hierarchy.
+
+Every error a user can cause derives from :class:`LayerzoError`. The CLI prints
+``str(error)`` as one line (plus the hint, if any) and exits 1; set
+``LAYERZO_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+
+class LayerzoError(Exception):
+    """Base class: a problem the user can fix, described in one line."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+    def one_line(self) -> str:
+        text = " ".join(str(self).split())
+        return f"{text} ({self.hint})" if self.hint else text
+
+
+class ConfigError(LayerzoError):
+    """A recipe, option or config value is invalid."""
+
+
+class ModelLoadError(LayerzoError):
+    """A model could not be found or loaded."""
+
+
+class OfflineError(ModelLoadError):
+    """Something needs the network but HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set."""
+
+
+class ArchitectureError(LayerzoError):
+    """The model's decoder layers could not be located."""
+
+
+class LayerIndexError(LayerzoError):
+    """A requested layer index does not exist in the model."""
+
+
+class TaskError(LayerzoError):
+    """Unknown task, missing split or a malformed data file."""
+
+
+class DataRowError(TaskError):
+    """A single row of a data file is malformed (message names file and line)."""
+
+
+class PatchError(LayerzoError):
+    """A layer patch is missing, corrupt, truncated or untrusted."""
+
+
+class PatchFormatError(PatchError):
+    """A patch manifest declares an unsupported format version or bad fields."""
+
+
+class BaseMismatchError(PatchError):
+    """A patch was made for another base model than the one given."""
+
+
+class DivergenceError(LayerzoError):
+    """Training produced non-finite losses or runaway gradients."""
+
+
+class OutputExistsError(LayerzoError):
+    """The output path exists and --overwrite was not given."""
+
+
+class HubError(LayerzoError):
+    """Talking to the Hugging Face Hub failed."""
+
+
+class EvalError(LayerzoError):
+    """lm-evaluation-harness could not run the requested evaluation."""
+
+
+class ExportError(LayerzoError):
+    """ONNX export or its verification failed."""

@@ -1,0 +1,135 @@
+"""Shared fixtures: tiny random models of several architectures, a tiny
+checkpoint saved sharded on disk once per session, the real benchmark data
+in ../shared/data, and (for the few ``demo`` tests) the SmolLM2-135M model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+TINY_VOCAB = 49152  # the demo tokenizer's vocabulary, so tiny models share its tokenizer
+
+
+def tiny_config(arch: str = "llama", num_layers: int = 4, vocab_size: int = TINY_VOCAB):
+    """A few-hundred-kB config of the given architecture (random init)."""
+    import transformers as tf
+
+    h, heads, inter = 32, 4, 64
+    if arch == "llama":
+        return tf.LlamaConfig(vocab_size=vocab_size, hidden_size=h, intermediate_size=inter,
+                              num_hidden_layers=num_layers, num_attention_heads=heads,
+                              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+    if arch == "qwen2":
+        return tf.Qwen2Config(vocab_size=vocab_size, hidden_size=h, intermediate_size=inter,
+                              num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=2,
+                              max_position_embeddings=512, tie_word_embeddings=True)
+    if arch == "qwen3":
+        return tf.Qwen3Config(vocab_size=vocab_size, hidden_size=h, intermediate_size=inter,
+                              num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=2,
+                              head_dim=8, max_position_embeddings=512, tie_word_embeddings=True)
+    if arch == "mistral":
+        return tf.MistralConfig(vocab_size=vocab_size, hidden_size=h, intermediate_size=inter,
+                                num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=2,
+                                max_position_embeddings=512, tie_word_embeddings=True)
+    if arch == "gemma":
+        return tf.GemmaConfig(vocab_size=vocab_size, hidden_size=h, intermediate_size=inter,
+                              num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=2,
+                              head_dim=8, max_position_embeddings=512)
+    if arch == "phi3":
+        return tf.Phi3Config(vocab_size=vocab_size, hidden_size=h, intermediate_size=inter,
+                             num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=2,
+                             max_position_embeddings=512, pad_token_id=0, tie_word_embeddings=True)
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab_size, n_embd=h, n_layer=num_layers, n_head=heads, n_positions=512)
+    if arch == "opt":
+        return tf.OPTConfig(vocab_size=vocab_size, hidden_size=h, ffn_dim=inter, num_hidden_layers=num_layers,
+                            num_attention_heads=heads, max_position_embeddings=512, word_embed_proj_dim=h)
+    if arch == "gpt_neox":
+        return tf.GPTNeoXConfig(vocab_size=vocab_size, hidden_size=h, intermediate_size=inter,
+                                num_hidden_layers=num_layers, num_attention_heads=heads,
+                                max_position_embeddings=512)
+    raise ValueError(arch)
+
+
+TINY_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt2", "opt", "gpt_neox")
+
+
+def make_tiny_model(arch: str = "llama", num_layers: int = 4, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, num_layers), dtype=torch.float32)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (SHARED_DATA / "sst2" / "train.jsonl").is_file():
+        pytest.fail(f"benchmark data not found at {SHARED_DATA}; the repo expects ../shared/data beside it")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The demo model's tokenizer, extracted from the GGUF once and saved as tokenizer.json."""
+    from transformers import AutoTokenizer
+
+    from layerzo.models import demo_model_path
+
+    gguf = demo_model_path()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    out = tmp_path_factory.mktemp("tokenizer")
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+@pytest.fixture()
+def tiny_llama():
+    return make_tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny Llama checkpoint with tokenizer, saved as 3+ safetensors shards.
+
+    The shard size is chosen so that decoder layers' keys straddle shard
+    boundaries (needed by the apply/merge round-trip tests).
+    """
+    import shutil
+
+    model = make_tiny_model("llama", num_layers=4, seed=1)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out, max_shard_size="600KB")
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_model():
+    """The real SmolLM2-135M-Instruct demo model (loaded once per session; ~15-35 s)."""
+    from layerzo.models import load_model
+
+    return load_model(None)
