@@ -1,9 +1,58 @@
-"""CLI command(s) for hub."""
+"""``layerzo push`` / ``layerzo pull``: layer patches on the Hugging Face Hub."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+
+from .common import JsonOpt, RevisionOpt, TokenOpt, emit_json, err_console, handle_errors
+
+EndpointOpt = Annotated[
+    Optional[str], typer.Option("--endpoint", help="Hub endpoint URL (default: $HF_ENDPOINT or huggingface.co).")
+]
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's command(s) to the app."""
+    """Add ``push`` and ``pull`` to the app."""
+    app.command("push")(push)
+    app.command("pull")(pull)
+
+
+@handle_errors
+def push(
+    patch: Annotated[Path, typer.Argument(help="Layer patch folder (written by layerzo tune).")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repo id, org/name (created if missing).")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo as private.")] = False,
+    revision: RevisionOpt = None,
+    token: TokenOpt = None,
+    endpoint: EndpointOpt = None,
+    commit_message: Annotated[Optional[str], typer.Option("--commit-message", help="Commit message.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Upload a layer patch (validated first) to a Hub model repo."""
+    from layerzo.hub import push_patch
+
+    url = push_patch(patch, repo_id, token=token, private=private, revision=revision, endpoint=endpoint,
+                     commit_message=commit_message)
+    err_console.print(f"pushed {patch} to {repo_id}")
+    emit_json({"repo_id": repo_id, "commit_url": url}) if json_out else typer.echo(url)
+
+
+@handle_errors
+def pull(
+    repo_id: Annotated[str, typer.Argument(help="Hub repo id of a layer patch.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the patch to (must not exist).")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    revision: RevisionOpt = None,
+    token: TokenOpt = None,
+    endpoint: EndpointOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Download a layer patch, validate it, and save it to a folder (pinned to the resolved commit)."""
+    from layerzo.hub import pull_to_dir
+
+    folder, commit = pull_to_dir(repo_id, out, revision=revision, token=token, endpoint=endpoint, overwrite=overwrite)
+    err_console.print(f"pulled {repo_id}@{commit} to {folder}")
+    emit_json({"repo_id": repo_id, "revision": commit, "path": str(folder)}) if json_out else typer.echo(str(folder))

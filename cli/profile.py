@@ -1,9 +1,124 @@
-"""CLI command(s) for profile."""
+"""``layerzo profile``: find the dominant (first massive-activation) decoder layer."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+
+from .common import (
+    DataDirOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    RevisionOpt,
+    SeedOpt,
+    TrustRemoteCodeOpt,
+    emit_json,
+    err_console,
+    handle_errors,
+)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's command(s) to the app."""
+    """Add ``profile`` to the app."""
+    app.command("profile")(profile)
+
+
+@handle_errors
+def profile(
+    model: ModelOpt = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="Task (or task YAML) whose training inputs calibrate.")] = None,
+    data_dir: DataDirOpt = None,
+    calib: Annotated[
+        Optional[Path], typer.Option("--calib", help='Calibration texts: one per line, or .jsonl with a "text" field.')
+    ] = None,
+    num_sequences: Annotated[int, typer.Option("--num-sequences", help="Calibration sequences.")] = 8,
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per sequence at most.")] = 512,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = 8,
+    max_threshold: Annotated[float, typer.Option("--max-threshold", help="Outlier layer: max|h| above this.")] = 100.0,
+    ratio_threshold: Annotated[
+        float, typer.Option("--ratio-threshold", help="Outlier layer: max|h|/median|h| at least this.")
+    ] = 1000.0,
+    persist_window: Annotated[int, typer.Option("--persist-window", help="Layers after an outlier to check.")] = 3,
+    persist_min: Annotated[int, typer.Option("--persist-min", help="Of those, how many must keep the outlier.")] = 2,
+    same_channel: Annotated[
+        bool, typer.Option("--same-channel/--any-channel", help="Persisting needs the same massive channel.")
+    ] = True,
+    seed: SeedOpt = 0,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    json_out: JsonOpt = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of max|h| and ratio per layer.")] = None,
+) -> None:
+    """Profile residual-stream activations per layer and pick the dominant layer (Sun et al. 2024)."""
+    from layerzo.errors import ConfigError
+    from layerzo.profile import DEFAULT_CALIBRATION_TEXTS, ProfileConfig, read_calibration_file
+
+    config = ProfileConfig(
+        max_threshold=max_threshold, ratio_threshold=ratio_threshold, persist_window=persist_window,
+        persist_min=persist_min, same_channel=same_channel, num_sequences=num_sequences,
+        max_length=max_length, batch_size=batch_size,
+    )
+    # calibration first: a bad task or file fails before the (slow) model load
+    if task is not None and calib is not None:
+        raise ConfigError("give either --task or --calib, not both")
+    if task is not None:
+        from layerzo.tasks import calibration_texts
+
+        texts = calibration_texts(task, data_dir, n=num_sequences, seed=seed)
+        calibration = f"task {task} (training inputs, seed {seed})"
+    elif calib is not None:
+        texts = read_calibration_file(calib)
+        calibration = f"file {calib}"
+    else:
+        texts = list(DEFAULT_CALIBRATION_TEXTS)
+        calibration = "built-in generic English sentences"
+        err_console.print("no --task or --calib: calibrating on built-in generic English sentences")
+
+    from layerzo.models import load_model
+    from layerzo.profile import profile_model
+
+    with err_console.status("loading model..."):
+        loaded = load_model(model, dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code)
+    with err_console.status(f"profiling {loaded.num_layers} layers on {min(len(texts), num_sequences)} sequences..."):
+        report = profile_model(
+            loaded.model, loaded.tokenizer, texts, config, loaded.layout,
+            model_name=loaded.source.name, calibration=calibration,
+        )
+    _print_table(report)
+    if plot is not None:
+        from layerzo.plotting import plot_profile
+
+        written = plot_profile(report, plot)
+        err_console.print(f"plot written to {written}")
+    if json_out:
+        emit_json(report.to_dict())
+
+
+def _print_table(report) -> None:
+    from rich.table import Table
+
+    from layerzo.profile import is_outlier
+
+    table = Table(title=f"{report.model} — {report.num_sequences} sequences, {report.num_tokens} tokens "
+                  f"({report.calibration})", title_justify="left")
+    for name in ("layer", "max|h|", "median|h|", "ratio", "seq:pos", "channel", "token", "outlier", "pick"):
+        table.add_column(name, justify="right" if name not in ("token", "outlier", "pick") else "left")
+    for i, s in enumerate(report.layers):
+        table.add_row(
+            str(i), f"{s.max_abs:.4g}", f"{s.median_abs:.4g}", f"{s.ratio:.4g}", f"{s.sequence}:{s.position}",
+            str(s.channel), repr(s.token), "yes" if is_outlier(s, report.config) else "",
+            "★" if i == report.pick.layer else "",
+        )
+    err_console.print(table)
+    colour = "green" if report.pick.confidence == "high" else "yellow"
+    err_console.print(
+        f"[bold {colour}]dominant layer: {report.pick.layer}[/] ({report.pick.confidence} confidence) — "
+        f"{report.pick.reason}",
+        highlight=False, soft_wrap=True,
+    )

@@ -1,9 +1,89 @@
-"""CLI command(s) for tune."""
+"""``layerzo tune``: ZO-tune the dominant (or given) layer and write a layer patch.
+
+Every option maps onto one :class:`layerzo.train.TuneConfig` field (the recipe
+keys); options left out fall back to ``--recipe``, then to the defaults.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+
+from .common import JsonOpt, emit_json, err_console, handle_errors
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's command(s) to the app."""
+    """Add ``tune`` to the app."""
+    app.command("tune")(tune)
+
+
+def _opt(flag: str, help: str):
+    return typer.Option(flag, help=help, show_default=False)
+
+
+@handle_errors
+def tune(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Patch folder to write.")],
+    recipe: Annotated[Optional[Path], _opt("--recipe", "Recipe YAML (keys = these options); options override it.")] = None,
+    model: Annotated[Optional[str], _opt("--model", "Checkpoint dir, .gguf or Hub id (default: SmolLM2-135M demo).")] = None,
+    revision: Annotated[Optional[str], _opt("--revision", "Hub revision of the model.")] = None,
+    task: Annotated[Optional[str], _opt("--task", "Task name (sst2, rte, ...) or task YAML. [default: sst2]")] = None,
+    data_dir: Annotated[Optional[str], _opt("--data-dir", "Folder with <task>/{train,validation}.jsonl.")] = None,
+    layers: Annotated[Optional[str], _opt("--layers", "dominant (profile first), all, 5, or 3,7. [default: dominant]")] = None,
+    lora: Annotated[Optional[bool], _opt("--lora/--no-lora", "LoRA-ZO on q/v of the selected layers.")] = None,
+    lora_rank: Annotated[Optional[int], _opt("--lora-rank", "LoRA rank. [default: 8]")] = None,
+    lora_alpha: Annotated[Optional[float], _opt("--lora-alpha", "LoRA alpha. [default: 16]")] = None,
+    steps: Annotated[Optional[int], _opt("--steps", "ZO steps. [default: 1000]")] = None,
+    batch_size: Annotated[Optional[int], _opt("--batch-size", "Examples per step. [default: 16]")] = None,
+    lr: Annotated[Optional[float], _opt("--lr", "Learning rate. [default: 1e-4]")] = None,
+    eps: Annotated[Optional[float], _opt("--eps", "Perturbation scale. [default: 1e-3]")] = None,
+    weight_decay: Annotated[Optional[float], _opt("--weight-decay", "Weight decay (not on norms/biases).")] = None,
+    q: Annotated[Optional[int], _opt("--q", "Directions averaged per step. [default: 1]")] = None,
+    momentum: Annotated[Optional[float], _opt("--momentum", "ZO-SGD momentum (0 = off).")] = None,
+    lr_schedule: Annotated[Optional[str], _opt("--lr-schedule", "constant or linear. [default: constant]")] = None,
+    max_abs_grad: Annotated[Optional[float], _opt("--max-abs-grad", "Reject a step if |g| exceeds this. [default: 1e4]")] = None,
+    max_bad_steps: Annotated[Optional[int], _opt("--max-bad-steps", "Rejected steps in a row before giving up. [default: 5]")] = None,
+    seed: Annotated[Optional[int], _opt("--seed", "Random seed (data split, batches, directions). [default: 0]")] = None,
+    eval_every: Annotated[Optional[int], _opt("--eval-every", "Dev evaluation every N steps. [default: 100]")] = None,
+    num_train: Annotated[Optional[int], _opt("--num-train", "Training examples. [default: 1000]")] = None,
+    num_dev: Annotated[Optional[int], _opt("--num-dev", "Dev examples. [default: 500]")] = None,
+    num_test: Annotated[Optional[int], _opt("--num-test", "Test examples. [default: 1000]")] = None,
+    eval_batch_size: Annotated[Optional[int], _opt("--eval-batch-size", "Batch size for dev/test. [default: 16]")] = None,
+    max_length: Annotated[Optional[int], _opt("--max-length", "Tokens per sequence at most. [default: 512]")] = None,
+    dtype: Annotated[Optional[str], _opt("--dtype", "float32 or bfloat16 (frozen model precision).")] = None,
+    device: Annotated[Optional[str], _opt("--device", "cpu, cuda, cuda:1, ... [default: cpu]")] = None,
+    trust_remote_code: Annotated[Optional[bool], _opt("--trust-remote-code/--no-trust-remote-code", "Allow checkpoint code.")] = None,
+    cache_lower_layers: Annotated[
+        Optional[bool], _opt("--cache-lower-layers/--no-cache-lower-layers", "Run layers below the tuned one once per step.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out folder.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """ZO-tune one layer (MeZO two-sided SPSA, forward passes only) and save a layer patch."""
+    options = dict(locals())  # first statement: exactly the parsed options
+    from layerzo.recipes import build_config, load_recipe, recipe_fields
+    from layerzo.train import check_output_dir
+    from layerzo.train import tune as run_tune
+
+    overrides = {k: options[k] for k in recipe_fields()}
+    config = build_config(load_recipe(recipe) if recipe else None, overrides)
+    check_output_dir(out.expanduser().absolute(), overwrite)
+    result = run_tune(config, out, overwrite=overwrite, progress=not quiet)
+    m = result.metrics
+    if json_out:
+        emit_json({"out": str(result.out_dir), "layers": list(result.layers), "metrics": m})
+        return
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    typer.echo(f"patch: {result.out_dir}")
+    typer.echo(f"layers: {', '.join(map(str, result.layers))}")
+    typer.echo(f"dev acc: {pct(m['zero_shot_dev_acc'])} zero-shot -> {pct(m['best_dev_acc'])} best (step {m['best_step']})")
+    typer.echo(f"test acc: {pct(m['zero_shot_test_acc'])} zero-shot -> {pct(m['test_acc'])}")
+    typer.echo(f"steps: {m['steps']} ({m['steps_per_second']} steps/s, {m['wall_seconds']:.0f} s total)")
+    if m.get("rejected_steps"):
+        err_console.print(f"[yellow]{m['rejected_steps']} step(s) rejected (non-finite loss or |g| too large)[/]")

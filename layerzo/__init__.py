@@ -1,3 +1,35 @@
-"""layerzo: dominant-layer zeroth-order fine-tuning."""
+"""layerzo: dominant-layer zeroth-order fine-tuning.
+
+The public API is importable from the package root; the heavy modules (torch,
+transformers) load lazily on first attribute access so ``import layerzo`` and
+``layerzo --help`` stay instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+# public name -> "module:attribute" (imported on first use)
+_LAZY = {
+    "load": "layerzo.api:load",
+    "LayerPatch": "layerzo.patch:LayerPatch",
+    "load_model": "layerzo.models:load_model",
+    "profile_model": "layerzo.profile:profile_model",
+    "load_task": "layerzo.tasks:load_task",
+    "LayerzoError": "layerzo.errors:LayerzoError",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'layerzo' has no attribute {name!r}")
+    module, attr = target.split(":")
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value

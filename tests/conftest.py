@@ -112,16 +112,38 @@ def tiny_llama():
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
-    """A tiny Llama checkpoint with tokenizer, saved as 3+ safetensors shards.
+    """A tiny Llama checkpoint with tokenizer, saved as 3 safetensors shards + index.
 
-    The shard size is chosen so that decoder layers' keys straddle shard
-    boundaries (needed by the apply/merge round-trip tests).
+    Shards are written by hand (save_pretrained would put all tiny layers in one
+    shard): 1 = embeddings + layer 0; 2 = layer 1 + the first half of layer 2's
+    keys; 3 = the rest of layer 2 + layer 3 + final norm. So layer 2 straddles a
+    shard boundary, as big checkpoints' layers do. Shards keep ``format: pt``.
     """
+    import json
     import shutil
+
+    from safetensors.torch import save_file
 
     model = make_tiny_model("llama", num_layers=4, seed=1)
     out = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(out, max_shard_size="600KB")
+    model.save_pretrained(out)
+    (out / "model.safetensors").unlink()
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
+    layer2 = sorted(k for k in state if k.startswith("model.layers.2."))
+    shard_of = {}
+    for key in state:
+        if key.startswith(("model.embed_tokens.", "model.layers.0.")):
+            shard_of[key] = 1
+        elif key.startswith("model.layers.1.") or key in layer2[: len(layer2) // 2]:
+            shard_of[key] = 2
+        else:
+            shard_of[key] = 3
+    names = {i: f"model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)}
+    for i, name in names.items():
+        save_file({k: v for k, v in state.items() if shard_of[k] == i}, out / name, metadata={"format": "pt"})
+    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+             "weight_map": {k: names[shard_of[k]] for k in sorted(state)}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, out / f.name)
     return out

@@ -1,0 +1,332 @@
+"""The ``tune`` training loop: data protocol, evaluation, best-dev selection, metrics, patch.
+
+Reads top to bottom like :func:`tune`:
+
+1. refuse a non-empty ``out`` (before any work), load the task (MeZO protocol:
+   1000 train / 500 dev / 1000 test, seeded) and the model;
+2. resolve ``--layers`` (``dominant`` runs the profiler and records its
+   report), fingerprint the BASE tensors the patch will replace;
+3. prepare the tuned tensors: fp32 master copies of the tuned layers, or
+   LoRA adapters; everything runs under ``torch.no_grad`` (no graph, no optimizer);
+4. zero-shot dev/test accuracy, then ``steps`` ZO steps (layers below the
+   tuned one run once per step), dev accuracy every ``eval_every`` steps,
+   best-dev weights kept, ``metrics.jsonl`` streamed;
+5. test accuracy of the best weights, write the layer patch (weights +
+   manifest + the trajectory up to the best step, so it replays exactly).
+
+Same config and seed → byte-identical weights and trajectory files (the
+manifest differs only in its timing metrics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from . import __version__
+from .errors import ConfigError, DivergenceError, OutputExistsError, TaskError
+from .hashing import tensor_sha256
+from .layers import get_layer, layer_parameter_names, parse_layer_spec
+from .lower_cache import cached_lower_layers
+from .models import DTYPES
+from .scoring import accuracy, batch_loss, encode_batch
+from .zo import RNG_ALGORITHM, Z_DTYPE, TunedParams, ZOConfig, ZOState, zo_step
+
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Everything a tune run depends on. Recipe keys and CLI options map one to one onto these fields."""
+
+    task: str = "sst2"
+    model: str | None = None  # checkpoint dir, .gguf, Hub id; None = the SmolLM2-135M demo
+    revision: str | None = None
+    data_dir: str | None = None
+    layers: str = "dominant"  # "dominant" | "all" | "5" | "3,7"
+    lora: bool = False  # LoRA-ZO on the q/v projections of the selected layers
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-4
+    eps: float = 1e-3
+    weight_decay: float = 0.0
+    q: int = 1
+    momentum: float = 0.0
+    lr_schedule: str = "constant"
+    max_abs_grad: float | None = 1e4
+    max_bad_steps: int = 5
+    seed: int = 0
+    eval_every: int = 100
+    num_train: int = 1000
+    num_dev: int = 500
+    num_test: int = 1000
+    eval_batch_size: int = 16
+    max_length: int = 512
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    cache_lower_layers: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "num_train", "eval_batch_size", "lora_rank"):
+            _int_at_least(name, getattr(self, name), 1)
+        for name in ("num_dev", "num_test", "seed"):
+            _int_at_least(name, getattr(self, name), 0)
+        _int_at_least("max_length", self.max_length, 2)
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.layers, str) or not self.layers.strip():
+            raise ConfigError(f"layers must be 'dominant', 'all', an index or a list like 3,7; got {self.layers!r}")
+        if not isinstance(self.task, str) or not self.task:
+            raise ConfigError(f"task must be a task name or a task YAML path, got {self.task!r}")
+        self.zo_config()  # validates lr, eps, q, momentum, schedule, bounds with their own messages
+
+    def zo_config(self) -> ZOConfig:
+        return ZOConfig(
+            lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, q=self.q, momentum=self.momentum,
+            lr_schedule=self.lr_schedule, total_steps=self.steps, max_abs_grad=self.max_abs_grad,
+            max_bad_steps=self.max_bad_steps,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _int_at_least(name: str, value: Any, low: int) -> None:
+    if type(value) is not int or value < low:
+        raise ConfigError(f"{name} must be an integer ≥ {low}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    out_dir: Path
+    layers: tuple[int, ...]
+    metrics: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- helpers
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty ``out`` unless ``overwrite`` (called before any work)."""
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise OutputExistsError(f"output folder {out} already exists and is not empty", "pass --overwrite or choose another --out")
+
+
+def train_batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless stream of example-index batches: a fresh seeded permutation per epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    size = min(batch_size, n)
+    while True:
+        order = torch.randperm(n, generator=gen).tolist()
+        for start in range(0, n - size + 1, size):
+            yield order[start : start + size]
+
+
+def resolve_layers(config: TuneConfig, loaded) -> tuple[tuple[int, ...], dict | None]:
+    """``--layers`` → sorted layer indices (+ the profile report for ``dominant``)."""
+    spec = parse_layer_spec(config.layers, loaded.layout.num_layers)
+    if spec == "all":
+        return tuple(range(loaded.layout.num_layers)), None
+    if spec != "dominant":
+        return spec, None  # type: ignore[return-value]
+    from .profile import ProfileConfig, profile_model
+    from .tasks import calibration_texts
+
+    texts = calibration_texts(config.task, config.data_dir, n=ProfileConfig().num_sequences, seed=config.seed)
+    report = profile_model(
+        loaded.model, loaded.tokenizer, texts, ProfileConfig(), loaded.layout,
+        model_name=loaded.source.name, calibration=f"task {config.task} (training inputs, seed {config.seed})",
+    )
+    return (int(report.pick.layer),), report.to_dict()
+
+
+def _json_line(obj: dict) -> str:
+    return json.dumps(obj, allow_nan=False, default=lambda v: None) + "\n"
+
+
+# ----------------------------------------------------------------------------- the loop
+def tune(config: TuneConfig, out_dir: str | os.PathLike, *, overwrite: bool = False, progress: bool = True,
+         loaded=None) -> TuneResult:
+    """Run a ZO tune and write the layer patch to ``out_dir``.
+
+    ``loaded`` (a :class:`layerzo.models.LoadedModel`) skips loading
+    ``config.model``; it is modified in place (its tuned layers end at the best weights).
+    """
+    out = Path(out_dir).expanduser().absolute()
+    check_output_dir(out, overwrite)
+    t_start = time.perf_counter()
+    from .tasks import load_task
+
+    splits = load_task(config.task, config.data_dir, num_train=config.num_train, num_dev=config.num_dev,
+                       num_test=config.num_test, seed=config.seed)
+    if not splits.train:
+        raise TaskError(f"task {config.task!r} has no training examples")
+    if loaded is None:
+        from .models import load_model
+
+        loaded = load_model(config.model, dtype=config.dtype, device=config.device, revision=config.revision,
+                            trust_remote_code=config.trust_remote_code)
+    model, tokenizer, layout = loaded.model, loaded.tokenizer, loaded.layout
+    layers, profile = resolve_layers(config, loaded)
+    model_dtype = next(model.parameters()).dtype
+
+    # Fingerprint the BASE tensors from the original-precision weights, before any cast.
+    if config.lora:
+        from .lora import add_lora, lora_base_names
+
+        state = dict(model.named_parameters())
+        names = add_lora(model, layout, layers, r=config.lora_rank, alpha=config.lora_alpha, seed=config.seed)
+        fingerprint = {n: tensor_sha256(state[n]) for n in lora_base_names(names)}
+    else:
+        from .precision import fp32_master
+
+        names = [n for i in layers for n in layer_parameter_names(model, layout, i)]
+        state = dict(model.named_parameters())
+        fingerprint = {n: tensor_sha256(state[n]) for n in names}
+        fp32_master([get_layer(model, layout, i) for i in layers], model_dtype)
+    params = TunedParams.from_model(model, names)
+    # Lower layers may be cached only if nothing below the first tuned layer is tuned.
+    first_cached = min(layers) if config.cache_lower_layers else 0
+
+    eval_kw = {"batch_size": config.eval_batch_size, "max_length": config.max_length}
+    dev = splits.dev
+    with torch.no_grad():
+        zs_dev = accuracy(model, tokenizer, dev, **eval_kw) if dev else None
+        zs_test = accuracy(model, tokenizer, splits.test, **eval_kw) if splits.test else None
+
+    zo_cfg, zo_state = config.zo_config(), ZOState()
+    seed_rng = random.Random(config.seed)  # private: step seeds never touch the global RNG
+    batches = train_batches(len(splits.train), config.batch_size, config.seed)
+    best = {"dev_acc": zs_dev, "step": 0, "weights": params.state(), "trajectory_len": 0}
+    trajectory: list = []
+    from .patch import TrajectoryStep
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metrics_tmp = out.parent / f".{out.name}.{METRICS_NAME}.tmp"
+    diverged: DivergenceError | None = None
+    last_dev, rejected, t_train = zs_dev, 0, time.perf_counter()
+    bar = _Progress(config.steps, enabled=progress)
+    with open(metrics_tmp, "w", encoding="utf-8") as log, bar, torch.no_grad():
+        for step in range(config.steps):
+            t0 = time.perf_counter()
+            batch = encode_batch(tokenizer, [splits.train[i] for i in next(batches)], max_length=config.max_length)
+            step_seed = seed_rng.getrandbits(63)
+            try:
+                with cached_lower_layers(model, layout, first_cached):
+                    result = zo_step(params, lambda: batch_loss(model, batch), step_seed, zo_cfg, zo_state)
+            except DivergenceError as exc:
+                diverged = exc
+                break
+            if result.applied:
+                trajectory.append(TrajectoryStep(step=step, seeds=result.seeds, grads=result.grads, lr=result.lr))
+            else:
+                rejected += 1
+            row = {
+                "step": step + 1,
+                "loss_plus": sum(result.losses_plus) / len(result.losses_plus),
+                "loss_minus": sum(result.losses_minus) / len(result.losses_minus),
+                "grad": sum(result.grads) / len(result.grads),
+                "lr": result.lr,
+                "applied": result.applied,
+            }
+            if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+                if dev:
+                    last_dev = accuracy(model, tokenizer, dev, **eval_kw)
+                    row["dev_acc"] = last_dev
+                    if best["dev_acc"] is None or last_dev > best["dev_acc"]:
+                        best = {"dev_acc": last_dev, "step": step + 1, "weights": params.state(),
+                                "trajectory_len": len(trajectory)}
+                elif step + 1 == config.steps:  # no dev set: the final weights are the result
+                    best = {"dev_acc": None, "step": step + 1, "weights": params.state(),
+                            "trajectory_len": len(trajectory)}
+            row["seconds"] = time.perf_counter() - t0
+            log.write(_json_line(row))
+            log.flush()
+            bar.advance(row["loss_plus"], last_dev, step + 1, time.perf_counter() - t_train)
+    train_seconds = time.perf_counter() - t_train
+    steps_done = zo_state.step
+
+    params.load(best["weights"])
+    with torch.no_grad():
+        test_acc = accuracy(model, tokenizer, splits.test, **eval_kw) if splits.test and diverged is None else None
+    wall = time.perf_counter() - t_start
+    metrics = {
+        "zero_shot_dev_acc": zs_dev, "zero_shot_test_acc": zs_test,
+        "best_dev_acc": best["dev_acc"], "best_step": best["step"], "last_dev_acc": last_dev,
+        "test_acc": test_acc,
+        "steps": steps_done, "applied_steps": steps_done - rejected, "rejected_steps": rejected,
+        "num_train": len(splits.train), "num_dev": len(dev), "num_test": len(splits.test),
+        "wall_seconds": round(wall, 3), "train_seconds": round(train_seconds, 3),
+        "steps_per_second": round(steps_done / train_seconds, 4) if train_seconds > 0 else None,
+        "diverged": diverged.one_line() if diverged else None,
+        "replay": {"rng": RNG_ALGORITHM, "z_dtype": str(Z_DTYPE).removeprefix("torch."),
+                   "device_type": next(iter(params.tensors)).device.type, "tensor_order": list(names),
+                   "master_dtype": "float32"},
+    }
+    _write_patch(out, overwrite, config, loaded, layers, params, fingerprint, profile, metrics,
+                 trajectory[: best["trajectory_len"]])
+    os.replace(metrics_tmp, out / METRICS_NAME)
+    if diverged is not None:
+        raise DivergenceError(f"{diverged} — the best patch so far was written to {out}", diverged.hint)
+    return TuneResult(out, layers, metrics)
+
+
+def _write_patch(out: Path, overwrite: bool, config: TuneConfig, loaded, layers, params: TunedParams,
+                 fingerprint: dict, profile: dict | None, metrics: dict, trajectory: list) -> None:
+    from .patch import FORMAT_VERSION, LayerPatch, PatchManifest
+
+    tensors = {n: t.detach().to("cpu").clone() for n, t in zip(params.names, params.tensors)}
+    dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
+    model_config = getattr(loaded.model, "config", None)
+    archs = getattr(model_config, "architectures", None) or [type(loaded.model).__name__]
+    manifest = PatchManifest(
+        format_version=FORMAT_VERSION, layerzo_version=__version__,
+        base_model=loaded.source.name, base_revision=config.revision,
+        architecture=archs[0], num_layers=loaded.layout.num_layers, layers=tuple(layers),
+        kind="lora" if config.lora else "layers", dtype=dtypes.pop(),
+        base_fingerprint=fingerprint, recipe=config.to_dict(), profile=profile, metrics=metrics,
+        layer_path=loaded.layout.path,
+        lora={"r": config.lora_rank, "alpha": config.lora_alpha, "target_modules": ["q_proj", "v_proj"]}
+        if config.lora else None,
+    )
+    # An empty existing folder passed the up-front check: replacing it is not an overwrite.
+    LayerPatch(manifest, tensors, trajectory).save_pretrained(out, overwrite=overwrite or out.exists())
+
+
+class _Progress:
+    """rich progress bar on stderr: loss, last dev accuracy, steps/s (silent when disabled)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.enabled = enabled
+        if enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._p = Progress(TextColumn("tune"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                               TextColumn("{task.fields[info]}"), console=Console(stderr=True))
+            self._task = self._p.add_task("tune", total=total, info="")
+
+    def __enter__(self):
+        if self.enabled:
+            self._p.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self._p.__exit__(*exc)
+
+    def advance(self, loss: float, dev_acc: float | None, done: int, seconds: float) -> None:
+        if self.enabled:
+            dev = f"{dev_acc:.3f}" if dev_acc is not None else "-"
+            rate = done / seconds if seconds > 0 else math.nan
+            self._p.update(self._task, completed=done, info=f"loss {loss:.4f}  dev {dev}  {rate:.2f} steps/s")

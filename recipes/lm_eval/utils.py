@@ -1,0 +1,72 @@
+"""lm-eval hooks for layerzo's offline tasks (``!function utils.*`` in the YAMLs).
+
+``layerzo.eval_tasks.write_task_dir`` copies this file next to the task YAMLs,
+together with ``layerzo_eval.json``: ``{"data_dir": str | null, "seed": int,
+"num_test": int}``. The harness loads the raw rows itself (local JSONL files
+or the Hub dataset); ``process_docs`` then replaces each split by the
+examples layerzo renders from the same data, so there is exactly one source
+of prompts (``layerzo.tasks``) and one rule for which rows are evaluated:
+
+* validation -> ``load_task(...).test``: the rows ``layerzo tune`` reports
+  its test accuracy on, in the same order (same ``seed`` and ``num_test``);
+* train -> ``load_task(...).train``: the few-shot pool.
+
+A document is ``{"context", "candidates", "label", "source"}``
+(``source`` = "path:line" of the raw row, for tracing a sample back).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+
+from layerzo.tasks import TASK_NAMES, Example, load_task
+
+SETTINGS_NAME = "layerzo_eval.json"
+_SETTINGS = json.loads(Path(__file__).with_name(SETTINGS_NAME).read_text(encoding="utf-8"))
+
+
+def layerzo_examples(task: str, split: str) -> tuple[Example, ...]:
+    """The examples layerzo uses for ``split`` ("validation" = tune's test set, "train")."""
+    splits = load_task(task, _SETTINGS["data_dir"], num_test=_SETTINGS["num_test"], seed=_SETTINGS["seed"])
+    if split == "validation":
+        return splits.test
+    if split == "train":
+        return splits.train
+    raise ValueError(f"layerzo task {task!r} has no split {split!r} (expected train or validation)")
+
+
+def _process_docs(task: str, dataset: datasets.Dataset) -> datasets.Dataset:
+    # The harness passes the split it loaded; its name says which layerzo split to use.
+    examples = layerzo_examples(task, str(dataset.split))
+    return datasets.Dataset.from_list(
+        [{"context": e.context, "candidates": list(e.candidates), "label": e.label, "source": e.source}
+         for e in examples]
+    )
+
+
+def _make_process_docs(task: str):
+    def process_docs(dataset: datasets.Dataset) -> datasets.Dataset:
+        return _process_docs(task, dataset)
+
+    process_docs.__name__ = process_docs.__qualname__ = f"process_docs_{task}"
+    return process_docs
+
+
+# One hook per task (a YAML names a function, not a function plus arguments).
+for _task in TASK_NAMES:
+    globals()[f"process_docs_{_task}"] = _make_process_docs(_task)
+
+
+def doc_to_text(doc: dict) -> str:
+    return doc["context"]
+
+
+def doc_to_choice(doc: dict) -> list[str]:
+    return list(doc["candidates"])
+
+
+def doc_to_target(doc: dict) -> int:
+    return int(doc["label"])

@@ -1,0 +1,428 @@
+"""Tasks: loaders over the real GLUE/SuperGLUE files, MeZO prompts, sampling, user YAML tasks, bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import types
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from layerzo import templates
+from layerzo.errors import DataRowError, OfflineError, TaskError
+from layerzo.tasks import TASK_NAMES, Example, calibration_texts, get_task, load_examples, load_task
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REPO = Path(__file__).resolve().parents[1]
+SENTIMENT_YAML = REPO / "recipes" / "tasks" / "example_sentiment.yaml"
+
+# rows per split of the files in ../shared/data (see SOURCES.md)
+ROW_COUNTS = {
+    "sst2": (67349, 872), "rte": (2490, 277), "cb": (250, 56),
+    "copa": (400, 100), "wic": (5428, 638), "wsc": (554, 104),
+}
+# raw "label" value -> candidate index, written out independently of layerzo.tasks
+LABEL_INDEX = {
+    "sst2": {0: 0, 1: 1},
+    "rte": {"entailment": 0, "not_entailment": 1},
+    "cb": {"entailment": 0, "contradiction": 1, "neutral": 2},
+    "copa": {0: 0, 1: 1},
+    "wic": {False: 0, True: 1},
+    "wsc": {False: 0, True: 1},
+}
+
+
+def raw_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_task(root: Path, task: str, train: list, validation: list | None = None) -> Path:
+    """A data dir with ``task``'s files; rows may be dicts (dumped) or raw strings (written as-is)."""
+    folder = root / task
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in (("train", train), ("validation", validation if validation is not None else train)):
+        lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
+        (folder / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return root
+
+
+# ------------------------------------------------------------------ the real files
+
+
+def test_task_names_are_the_eight_benchmarks():
+    assert TASK_NAMES == ("sst2", "rte", "cb", "boolq", "copa", "wic", "wsc", "multirc")
+    assert all(get_task(name).name == name for name in TASK_NAMES)
+
+
+@pytest.mark.parametrize("task", sorted(ROW_COUNTS))
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_real_files_row_counts_and_labels(data_dir, task, split):
+    examples = load_examples(task, split, data_dir)
+    assert len(examples) == ROW_COUNTS[task][split == "validation"]
+    expected = Counter(LABEL_INDEX[task][row["label"]] for row in raw_rows(data_dir / task / f"{split}.jsonl"))
+    assert Counter(e.label for e in examples) == expected
+    n_candidates = len(LABEL_INDEX[task])
+    assert all(len(e.candidates) == n_candidates and 0 <= e.label < n_candidates for e in examples)
+    assert examples[0].source == f"{data_dir / task / f'{split}.jsonl'}:1"
+
+
+def full_texts(example: Example) -> list[str]:
+    return [example.context + c for c in example.candidates]
+
+
+def test_sst2_prompt(data_dir):
+    first = load_examples("sst2", "train", data_dir)[0]  # "hide new secretions from the parental units "
+    assert first.context == "hide new secretions from the parental units It was"
+    assert full_texts(first) == ["hide new secretions from the parental units It was terrible",
+                                 "hide new secretions from the parental units It was great"]
+    assert first.label == 0
+
+
+def test_rte_prompt(data_dir):
+    first = load_examples("rte", "train", data_dir)[0]
+    assert first.context == ('No Weapons of Mass Destruction Found in Iraq Yet.\nDoes this mean that '
+                             '"Weapons of Mass Destruction Found in Iraq." is true? Yes or No?\n')
+    assert first.candidates == ("Yes", "No") and first.label == 1  # not_entailment
+
+
+def test_cb_prompt(data_dir):
+    first = load_examples("cb", "train", data_dir)[0]
+    assert first.context == ("Suppose It was a complex language. Not written down but handed down. One might say "
+                             'it was peeled down. Can we infer that "the language was peeled down"? '
+                             "Yes, No, or Maybe?\n")
+    assert first.candidates == ("Yes", "No", "Maybe") and first.label == 0
+
+
+def test_copa_prompts_cause_effect_and_pronoun_i(data_dir):
+    rows = load_examples("copa", "train", data_dir)
+    assert full_texts(rows[0]) == ["My body cast a shadow over the grass because the sun was rising.",
+                                   "My body cast a shadow over the grass because the grass was cut."]
+    assert rows[0].context == "My body cast a shadow over the grass because "
+    # line 7: "I ..." keeps its capital
+    assert rows[6].candidates == ("I patched the shirt.", "I bleached the shirt.") and rows[6].label == 1
+    # line 9: an effect question
+    assert rows[8].context == "The physician misdiagnosed the patient so "
+    assert rows[8].candidates[0] == "the patient filed a malpractice lawsuit against the physician."
+
+
+def test_wic_prompt(data_dir):
+    first = load_examples("wic", "train", data_dir)[0]
+    assert first.context == ('Does the word "place" have the same meaning in these two sentences? Yes, No?\n'
+                             "Do you want to come over to my place later?\n"
+                             "A political system with no place for the less prominent groups.\n")
+    assert first.candidates == ("No", "Yes") and first.label == 0
+
+
+def test_wsc_prompt(data_dir):
+    first = load_examples("wsc", "train", data_dir)[0]
+    assert first.context == ("Mark told Pete many lies about himself, which Pete included in his book. "
+                             "He should have been more skeptical.\n"
+                             'In the previous sentence, does the pronoun "he" refer to Mark? Yes or No?\n')
+    assert first.candidates == ("No", "Yes") and first.label == 0
+
+
+# ------------------------------------------------------------------ BoolQ and MultiRC fixtures
+
+
+def test_boolq_from_fixture():
+    train = load_examples("boolq", "train", FIXTURES)
+    rows = raw_rows(FIXTURES / "boolq" / "train.jsonl")
+    assert len(train) == len(rows) == 6
+    assert [e.label for e in train] == [int(r["label"]) for r in rows]
+    # MeZO BoolQTemplateV3: "?" appended, first letter upper-cased, newline before the answer
+    assert train[0].context == (
+        "Moon -- The Moon is Earth's only natural satellite. With a mean radius of about 1,737 km it is roughly "
+        "a quarter of the size of the Earth. Is the moon bigger than the earth?\n")
+    assert train[0].candidates == ("No", "Yes")
+    assert train[3].context.endswith(" Is the nile the longest river in africa?\n")  # already had "?"
+    assert len(load_examples("boolq", "validation", FIXTURES)) == 3
+
+
+def test_multirc_flattens_one_example_per_answer():
+    train = load_examples("multirc", "train", FIXTURES)
+    rows = raw_rows(FIXTURES / "multirc" / "train.jsonl")
+    answers = [a for r in rows for q in r["passage"]["questions"] for a in q["answers"]]
+    assert len(train) == len(answers) == 8
+    assert [e.label for e in train] == [a["label"] for a in answers]
+    assert all(e.source == f"{FIXTURES / 'multirc' / 'train.jsonl'}:1" for e in train[:5])
+    assert train[5].source.endswith("train.jsonl:2")
+    paragraph = rows[0]["passage"]["text"]
+    assert train[4].context == (f'{paragraph}\nQuestion: When were the tomatoes ripe?\n'
+                                'I found this answer "In April". Is that correct? Yes or No?\n')
+    assert train[4].candidates == ("No", "Yes") and train[4].label == 0
+    assert len(load_examples("multirc", "validation", FIXTURES)) == 4
+
+
+def test_copa_template_rejects_unknown_question():
+    with pytest.raises(ValueError, match="'cause' or 'effect'"):
+        templates.copa("A.", "b", "c", "reason")
+
+
+# ------------------------------------------------------------------ sampling
+
+
+def sources(examples) -> list[str]:
+    return [e.source for e in examples]
+
+
+def test_load_task_sizes_without_overlap(data_dir):
+    splits = load_task("rte", data_dir)
+    assert (len(splits.train), len(splits.dev), len(splits.test)) == (1000, 500, 277)
+    assert splits.name == "rte"
+    train, dev = set(sources(splits.train)), set(sources(splits.dev))
+    assert len(train) == 1000 and len(dev) == 500 and not train & dev
+    assert sources(splits.test) == sources(load_examples("rte", "validation", data_dir))
+
+
+def test_load_task_small_train_file_keeps_half_for_dev(data_dir):
+    splits = load_task("cb", data_dir)  # 250 rows < 1000 + 500
+    assert (len(splits.train), len(splits.dev), len(splits.test)) == (125, 125, 56)
+    assert not set(sources(splits.train)) & set(sources(splits.dev))
+    splits = load_task("cb", data_dir, num_train=16, num_dev=300)
+    assert (len(splits.train), len(splits.dev)) == (16, 125)
+
+
+def test_load_task_is_deterministic_and_leaves_global_rng_alone(data_dir):
+    state = random.getstate()
+    a = load_task("sst2", data_dir, num_train=32, num_dev=16, num_test=50, seed=3)
+    assert random.getstate() == state
+    b = load_task("sst2", data_dir, num_train=32, num_dev=16, num_test=50, seed=3)
+    c = load_task("sst2", data_dir, num_train=32, num_dev=16, num_test=50, seed=4)
+    assert a == b
+    assert sources(a.train) != sources(c.train)
+    test_lines = [int(s.rsplit(":", 1)[1]) for s in sources(a.test)]
+    assert len(test_lines) == 50 and test_lines == sorted(test_lines)  # a subset, in file order
+
+
+@pytest.mark.parametrize("kwargs", [{"num_train": 0}, {"num_dev": -1}, {"num_test": -2}, {"num_train": 1.5}])
+def test_load_task_rejects_bad_sizes(data_dir, kwargs):
+    with pytest.raises(TaskError, match=next(iter(kwargs))):
+        load_task("rte", data_dir, **kwargs)
+
+
+def test_calibration_texts_are_seeded_training_contexts(data_dir):
+    texts = calibration_texts("rte", data_dir, n=8, seed=0)
+    contexts = {e.context for e in load_examples("rte", "train", data_dir)}
+    assert len(texts) == 8 and set(texts) <= contexts
+    assert texts == calibration_texts("rte", data_dir, n=8, seed=0)
+    assert texts != calibration_texts("rte", data_dir, n=8, seed=1)
+    assert len(calibration_texts("boolq", FIXTURES, n=50)) == 6  # capped at the pool size
+
+
+# ------------------------------------------------------------------ user YAML tasks
+
+
+def test_example_yaml_task():
+    splits = load_task(SENTIMENT_YAML)
+    assert splits.name == "example_sentiment"
+    assert (len(splits.train), len(splits.dev), len(splits.test)) == (4, 4, 4)
+    val = load_examples(str(SENTIMENT_YAML), "validation")
+    rows = raw_rows(FIXTURES / "custom" / "validation.jsonl")
+    assert [e.context for e in val] == [f"Review: {r['text']}\nSentiment:" for r in rows]
+    assert [e.candidates[e.label] for e in val] == [{"neg": " negative", "pos": " positive"}[r["sentiment"]]
+                                                    for r in rows]
+
+
+def write_yaml(tmp_path: Path, text: str, rows: list | None = None) -> Path:
+    rows = rows if rows is not None else [{"q": "2+2?", "label": 1}, {"q": "1+0?", "label": 0}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    path = tmp_path / "task.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_yaml_task_with_candidate_list(tmp_path):
+    path = write_yaml(tmp_path, 'train: d.jsonl\nvalidation: d.jsonl\ntemplate: "Q: {q}\\nA:"\n'
+                                'candidates: [" odd", " even"]\n')
+    examples = load_examples(path, "train")
+    assert examples == [Example("Q: 2+2?\nA:", (" odd", " even"), 1, f"{tmp_path / 'd.jsonl'}:1"),
+                        Example("Q: 1+0?\nA:", (" odd", " even"), 0, f"{tmp_path / 'd.jsonl'}:2")]
+    assert get_task(path).name == "task"  # no name: the file stem
+
+
+def test_yaml_labels_match_as_text_and_yes_no_stay_strings(tmp_path):
+    text = ("train: d.jsonl\nvalidation: d.jsonl\ntemplate: 'Q {q}'\ncandidates: {1: ' one', 2: ' two'}\n"
+            "label_map: {yes: 2, no: 1}\n")
+    path = write_yaml(tmp_path, text, [{"q": "a", "label": "yes"}, {"q": "b", "label": "no"}])
+    assert [e.label for e in load_examples(path, "train")] == [1, 0]
+    text = "train: d.jsonl\nvalidation: d.jsonl\ntemplate: '{q}'\ncandidates: {1: ' one', 2: ' two'}\n"
+    path = write_yaml(tmp_path, text, [{"q": 5, "label": 2}, {"q": "b", "label": "1"}])
+    assert [(e.context, e.label) for e in load_examples(path, "train")] == [("5", 1), ("b", 0)]
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("train: d.jsonl\nvalidation: d.jsonl\ntemplate: '{q}'\ncandidates: [a]\ncolour: red\n", "unknown key 'colour'"),
+    ("train: d.jsonl\ntemplate: '{q}'\ncandidates: [a]\n", "missing key 'validation'"),
+    ("train: d.jsonl\nvalidation: d.jsonl\ntemplate: 'no slot'\ncandidates: [a]\n", "no {field} slot"),
+    ("train: d.jsonl\nvalidation: d.jsonl\ntemplate: '{q'\ncandidates: [a]\n", "bad template"),
+    ("train: d.jsonl\nvalidation: d.jsonl\ntemplate: '{}'\ncandidates: [a]\n", "positional"),
+    ("train: d.jsonl\nvalidation: d.jsonl\ntemplate: '{q} {label}'\ncandidates: [a]\n", "shows the label"),
+    ("train: d.jsonl\nvalidation: d.jsonl\ntemplate: '{q}'\ncandidates: {a: x}\nlabel_map: {1: b}\n",
+     "not one of the candidate labels"),
+    ("train: d.jsonl\nvalidation: d.jsonl\ntemplate: '{q}'\ncandidates: 3\n", "list or a mapping"),
+    ("train: [d.jsonl\n", "invalid YAML at line"),
+    ("- a\n- b\n", "expected a mapping"),
+])
+def test_yaml_task_config_errors(tmp_path, yaml_text, message):
+    path = write_yaml(tmp_path, yaml_text)
+    with pytest.raises(TaskError, match=message) as info:
+        get_task(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_yaml_task_row_errors(tmp_path):
+    head = "train: d.jsonl\nvalidation: d.jsonl\ntemplate: '{q}'\ncandidates: {a: ' A', b: ' B'}\n"
+    path = write_yaml(tmp_path, head, [{"q": "x", "label": "a"}, {"q": "y", "label": "c"}])
+    with pytest.raises(DataRowError, match=r'd\.jsonl:2: label "c" is not one of "a", "b"'):
+        load_examples(path, "train")
+    path = write_yaml(tmp_path, head + "label_map: {yes: a}\n", [{"q": "x", "label": "no"}])
+    with pytest.raises(DataRowError, match=r'd\.jsonl:1: label "no" is not in label_map \(keys: "yes"\)'):
+        load_examples(path, "train")
+    path = write_yaml(tmp_path, head, [{"q": ["x"], "label": "a"}])
+    with pytest.raises(DataRowError, match=r"d\.jsonl:1: field 'q' should be a string or number"):
+        load_examples(path, "train")
+    with pytest.raises(TaskError, match="task file not found"):
+        get_task(tmp_path / "missing.yaml")
+    (tmp_path / "d.jsonl").unlink()
+    with pytest.raises(TaskError, match=r"no train data for task 'task': expected the file .*d\.jsonl"):
+        load_examples(path, "train")
+
+
+# ------------------------------------------------------------------ bad input
+
+
+GOOD_RTE = {"premise": "P.", "hypothesis": "H.", "label": "entailment", "idx": 0}
+
+
+@pytest.mark.parametrize("task, bad_row, message", [
+    ("rte", {"hypothesis": "H.", "label": "entailment", "idx": 1}, "missing field 'premise'"),
+    ("rte", {**GOOD_RTE, "label": "maybe"}, 'label "maybe" is not one of "entailment", "not_entailment"'),
+    ("rte", '{"premise": "P.", ', "invalid JSON"),
+    ("rte", '["premise"]', "expected a JSON object, got list"),
+    ("rte", {**GOOD_RTE, "premise": 7}, "field 'premise' should be a string, got int 7"),
+    ("rte", {"premise": "P.", "hypothesis": "H.", "idx": 1}, "missing field 'label'"),
+    ("sst2", {"sentence": "fine ", "label": "1", "idx": 1}, 'label "1" is not one of 0, 1'),
+    ("sst2", {"sentence": "fine ", "label": True, "idx": 1}, "label true is not one of 0, 1"),
+    ("wic", {"word": "w", "sentence1": "a", "sentence2": "b", "label": 1}, "label 1 is not one of false, true"),
+    ("copa", {"premise": "A.", "choice1": "b", "choice2": "c", "question": "why", "label": 0}, "'cause' or 'effect'"),
+    ("wsc", {"text": "t", "target": {"span1_text": "a"}, "label": True}, "missing field 'target.span2_text'"),
+    ("wsc", {"text": "t", "target": "a", "label": True}, "field 'target' should be an object, got str"),
+    ("multirc", {"passage": {"text": "p", "questions": [{"question": "q", "answers": [{"text": "a"}]}]}},
+     r"missing field 'passage.questions\[0\].answers\[0\].label'"),
+    ("multirc", {"passage": {"text": "p", "questions": [{"question": "q", "answers": [{"text": "a", "label": 2}]}]}},
+     "label 2 is not one of 0, 1"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, task, bad_row, message):
+    good = json.loads(json.dumps(GOOD_RTE)) if task == "rte" else None
+    rows = ([good] if good else []) + ["", bad_row]  # a blank line still counts for line numbers
+    root = write_task(tmp_path, task, rows)
+    line = 3 if good else 2
+    with pytest.raises(DataRowError, match=message) as info:
+        load_examples(task, "train", root)
+    assert str(info.value).startswith(f"{root / task / 'train.jsonl'}:{line}: ")
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_task_suggests_the_closest_name():
+    with pytest.raises(TaskError, match="unknown task 'sst'; did you mean 'sst2'"):
+        get_task("sst")
+    with pytest.raises(TaskError, match="did you mean 'boolq'"):
+        load_task("boolqq", FIXTURES)
+    with pytest.raises(TaskError, match="unknown task 'zzzzzz'; \\(known: sst2"):
+        get_task("zzzzzz")
+
+
+def test_missing_task_dir_or_split_names_the_expected_path(tmp_path):
+    expected = tmp_path / "rte" / "train.jsonl"
+    with pytest.raises(TaskError, match=f"no train data for task 'rte': expected the file {expected}$"):
+        load_task("rte", tmp_path)
+    (tmp_path / "rte").mkdir()
+    (tmp_path / "rte" / "train.jsonl").write_text(json.dumps(GOOD_RTE) + "\n")
+    with pytest.raises(TaskError, match="no validation data for task 'rte': expected the file .*validation.jsonl"):
+        load_task("rte", tmp_path)
+    with pytest.raises(TaskError, match="unknown split 'test'"):
+        load_examples("rte", "test", tmp_path)
+
+
+def test_empty_training_set_is_a_task_error(tmp_path):
+    root = write_task(tmp_path, "rte", ["", "   "], [GOOD_RTE])
+    assert load_examples("rte", "train", root) == []
+    with pytest.raises(TaskError, match="empty training set"):
+        load_task("rte", root)
+    with pytest.raises(TaskError, match="empty training set"):
+        calibration_texts("rte", root)
+
+
+def test_not_utf8_is_a_task_error(tmp_path):
+    root = write_task(tmp_path, "rte", [GOOD_RTE])
+    (root / "rte" / "train.jsonl").write_bytes(b'{"premise": "\xff"}\n')
+    with pytest.raises(TaskError, match="not UTF-8"):
+        load_examples("rte", "train", root)
+
+
+# ------------------------------------------------------------------ Hugging Face datasets path
+
+
+@pytest.mark.parametrize("env", ["HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"])
+def test_offline_without_data_dir_asks_for_data_dir(monkeypatch, env):
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv(env, "1")
+    with pytest.raises(OfflineError, match="pass --data-dir DIR with boolq/train.jsonl") as info:
+        load_task("boolq")
+    assert "\n" not in str(info.value)
+
+
+HF_ROWS = {  # a row of each HF layout that differs from the original files
+    ("super_glue", "rte"): {"premise": "P.", "hypothesis": "H.", "idx": 0, "label": 1},
+    ("super_glue", "wsc.fixed"): {"text": "Ann met Bo. She smiled.", "span1_index": 0, "span2_index": 3,
+                                  "span1_text": "Ann", "span2_text": "She", "idx": 0, "label": 1},
+    ("super_glue", "multirc"): {"paragraph": "Para.", "question": "Q?", "answer": "A.",
+                                "idx": {"paragraph": 0, "question": 0, "answer": 0}, "label": 0},
+    ("super_glue", "boolq"): {"question": "is it", "passage": "It is.", "idx": 0, "label": 1},
+}
+
+
+def test_hf_rows_are_mapped_to_the_original_layout(monkeypatch):
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    calls = []
+
+    def fake_load_dataset(path, name, split):
+        calls.append((path, name, split))
+        return [HF_ROWS[(path, name)]]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fake_load_dataset))
+    (rte,) = load_examples("rte", "validation")
+    assert rte.label == 1 and rte.source == "hf:super_glue/rte[validation]:0"
+    (wsc,) = load_examples("wsc", "train")
+    assert wsc.context == templates.wsc("Ann met Bo. She smiled.", "Ann", "She")[0] and wsc.label == 1
+    (multirc,) = load_examples("multirc", "train")
+    assert multirc.context == templates.multirc("Para.", "Q?", "A.")[0] and multirc.label == 0
+    (boolq,) = load_examples("boolq", "train")
+    assert boolq.context == "It is. Is it?\n" and boolq.label == 1
+    assert calls[0] == ("super_glue", "rte", "validation") and calls[1][1] == "wsc.fixed"
+
+
+def test_missing_datasets_package_is_a_task_error(monkeypatch):
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
+    with pytest.raises(TaskError, match="needs the 'datasets' package") as info:
+        load_examples("cb", "train")
+    assert "--data-dir" in info.value.hint
+
+
+def test_hf_failure_is_a_task_error(monkeypatch):
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+
+    def broken(path, name, split):
+        raise ConnectionError("no route to host\nmore detail")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=broken))
+    with pytest.raises(TaskError, match=r"could not load glue/sst2 \[train\] from the Hub: no route to host$"):
+        load_examples("sst2", "train")
