@@ -1,9 +1,112 @@
-"""CLI command(s) for eval."""
+"""``layerzo eval``: lm-evaluation-harness on the base model and on base + patch, one command.
+
+Options map onto :class:`layerzo.evaluate.EvalConfig`; the table goes to
+stderr, ``--json`` prints the report on stdout, ``--output`` saves it and
+``--write-card`` adds it to the patch's README.md.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+
+from .common import (
+    DataDirOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    RevisionOpt,
+    TokenOpt,
+    TrustRemoteCodeOpt,
+    debug_enabled,
+    emit_json,
+    err_console,
+    handle_errors,
+)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's command(s) to the app."""
+    """Add ``eval`` to the app."""
+    app.command("eval")(eval_command)
+
+
+@handle_errors
+def eval_command(
+    tasks: Annotated[str, typer.Option("--tasks", "-t", help="Comma-separated: sst2,rte,cb,boolq,copa,wic,wsc,multirc "
+                                       "(offline, layerzo's prompts) and/or any lm-eval task name.")],
+    model: ModelOpt = None,
+    patch: Annotated[Optional[str], typer.Option("--patch", "-p", help="Layer patch folder or Hub repo id; "
+                                                 "evaluated on the same in-memory base after the base run.")] = None,
+    data_dir: DataDirOpt = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Documents per task (layerzo tasks: the same rows as "
+                                                 "`layerzo tune --num-test N`) (default: all).", show_default=False)] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", help="Few-shot examples per prompt "
+                                                       "(default: 0).", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Harness batch size.")] = 16,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Row sampling and harness seed (default: the patch "
+                                                "recipe's seed, else 0).", show_default=False)] = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    token: TokenOpt = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Save the report as JSON here.")] = None,
+    write_card: Annotated[bool, typer.Option("--write-card", help="Add/replace the 'lm-eval results' section of "
+                                             "the patch's README.md (local patch folders only).")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run lm-evaluation-harness on the base model and on base + layer patch; print one table."""
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # the harness' own bars stay
+    if not debug_enabled():
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    from layerzo.errors import EvalError
+    from layerzo.eval_report import save_json, write_card_section
+    from layerzo.evaluate import EvalConfig, evaluate, load_patch
+    from layerzo.patch import CARD_NAME
+
+    if write_card and patch is None:
+        raise EvalError("--write-card needs --patch")
+    if write_card and not Path(patch).expanduser().is_dir():
+        raise EvalError(f"--write-card needs a local patch folder, got {patch}", "pull the patch first")
+    layer_patch = load_patch(patch, token=token) if patch is not None else None
+    if seed is None:  # evaluate the rows tune tested on
+        recipe_seed = layer_patch.manifest.recipe.get("seed") if layer_patch is not None else None
+        seed = recipe_seed if type(recipe_seed) is int and recipe_seed >= 0 else 0
+    config = EvalConfig(tasks=(tasks,), data_dir=str(data_dir) if data_dir is not None else None, limit=limit,
+                        num_fewshot=num_fewshot, batch_size=batch_size, seed=seed)
+    report = evaluate(config, model=model, patch=layer_patch, dtype=dtype, device=device, revision=revision,
+                      trust_remote_code=trust_remote_code, token=token,
+                      progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
+    if output is not None:
+        err_console.print(f"results: {save_json(report, output)}")
+    if write_card:
+        err_console.print(f"model card: {write_card_section(Path(patch).expanduser() / CARD_NAME, report)}")
+    _print_table(report)
+    if json_out:
+        emit_json(report.to_dict())
+
+
+def _print_table(report) -> None:
+    from rich.table import Table
+
+    from layerzo.eval_report import METRIC_NOTES, TABLE_HEADER, table_cells
+
+    s = report.settings
+    title = (f"{report.base_model}" + (" + patch" if report.patched is not None else "")
+             + f" | limit {s['limit'] or 'all'}, {s['num_fewshot']}-shot, seed {s['seed']}")
+    table = Table(title=title, title_justify="left")
+    for i, col in enumerate(TABLE_HEADER):
+        table.add_column(col, justify="left" if i < 2 else "right")
+    for row in report.rows():
+        table.add_row(*table_cells(row))
+    err_console.print(table)
+    for name in dict.fromkeys(r.metric for r in report.rows()):
+        if name in METRIC_NOTES:
+            err_console.print(f"[dim]{name}: {METRIC_NOTES[name]}[/]", highlight=False)
+    for note in report.notes:
+        err_console.print(f"[dim]note: {note}[/]", highlight=False)

@@ -1,9 +1,140 @@
-"""CLI command(s) for export."""
+"""``layerzo export-onnx`` (also ``layerzo export --format onnx``): base + patch → verified ONNX."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+
+from .common import (
+    JsonOpt,
+    ModelOpt,
+    RevisionOpt,
+    TokenOpt,
+    TrustRemoteCodeOpt,
+    emit_json,
+    err_console,
+    handle_errors,
+)
+
+FORMATS = ("onnx",)
+
+PatchOpt = Annotated[
+    Optional[str], typer.Option("--patch", "-p", help="Layer patch folder or Hub id, applied before export.")
+]
+OutOpt = Annotated[Path, typer.Option("--output", "-o", help="Output folder (model.onnx + data + tokenizer).")]
+OpsetOpt = Annotated[int, typer.Option("--opset", help="ONNX opset: 17 or 18.")]
+AtolOpt = Annotated[float, typer.Option("--atol", help="Max |Δlogits| allowed at real positions (ORT vs PyTorch).")]
+ExporterOpt = Annotated[
+    str, typer.Option("--exporter", help="auto (dynamo, then TorchScript if it fails), dynamo or torchscript.")
+]
+VerifyBatchOpt = Annotated[int, typer.Option("--verify-batch", help="Verification batch size (≠ export example's 2).")]
+VerifyLenOpt = Annotated[int, typer.Option("--verify-len", help="Verification sequence length (≠ example's 16).")]
+RunsOpt = Annotated[int, typer.Option("--runs", help="Timed forward passes per runtime (median reported).")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Model precision for export: float32 (ORT CPU needs it).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the output folder if it exists.")]
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's command(s) to the app."""
+    """Add ``export-onnx`` and its alias ``export --format onnx`` to the app."""
+    app.command("export-onnx")(export_onnx)
+    app.command("export")(export)
+
+
+@handle_errors
+def export_onnx(
+    output: OutOpt,
+    model: ModelOpt = None,
+    patch: PatchOpt = None,
+    opset: OpsetOpt = 18,
+    atol: AtolOpt = 1e-3,
+    dtype: DtypeOpt = "float32",
+    exporter: ExporterOpt = "auto",
+    verify_batch: VerifyBatchOpt = 3,
+    verify_len: VerifyLenOpt = 23,
+    runs: RunsOpt = 5,
+    overwrite: DtypeOpt = Annotated[str, typer.Option("--dtype", help="Model precision for export: float32 (ORT CPU needs it).")]
+OverwriteOpt = False,
+    revision: RevisionOpt = None,
+    token: TokenOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Export base (+ patch) to ONNX, then verify it with ONNX Runtime at another shape, with padding."""
+    _run(**locals())
+
+
+@handle_errors
+def export(
+    output: OutOpt,
+    format: Annotated[str, typer.Option("--format", "-f", help="Export format: onnx.")] = "onnx",
+    model: ModelOpt = None,
+    patch: PatchOpt = None,
+    opset: OpsetOpt = 18,
+    atol: AtolOpt = 1e-3,
+    dtype: DtypeOpt = "float32",
+    exporter: ExporterOpt = "auto",
+    verify_batch: VerifyBatchOpt = 3,
+    verify_len: VerifyLenOpt = 23,
+    runs: RunsOpt = 5,
+    overwrite: DtypeOpt = Annotated[str, typer.Option("--dtype", help="Model precision for export: float32 (ORT CPU needs it).")]
+OverwriteOpt = False,
+    revision: RevisionOpt = None,
+    token: TokenOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Export base (+ patch) to a deployable format (same options as export-onnx)."""
+    kwargs = dict(locals())
+    fmt = kwargs.pop("format").lower()
+    if fmt not in FORMATS:
+        from layerzo.errors import ConfigError
+
+        raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    _run(**kwargs)
+
+
+def _run(
+    *, output: Path, model: str | None, patch: str | None, opset: int, atol: float, dtype: str, exporter: str,
+    verify_batch: int, verify_len: int, runs: int, overwrite: bool, revision: str | None, token: str | None,
+    trust_remote_code: bool, json_out: bool,
+) -> None:
+    from layerzo.errors import OutputExistsError
+    from layerzo.export import ExportConfig, export_model
+
+    config = ExportConfig(opset=opset, dtype=dtype, atol=atol, exporter=exporter, verify_batch=verify_batch,
+                          verify_len=verify_len, latency_runs=runs)
+    # fail before the slow model load
+    if output.exists() and not overwrite:
+        raise OutputExistsError(f"output directory {output} already exists", "pass --overwrite to replace it")
+    with err_console.status("loading model"):
+        if patch is not None:
+            from layerzo.api import load
+
+            lm, tokenizer = load(model, patch, dtype=dtype, revision=revision, token=token,
+                                 trust_remote_code=trust_remote_code)
+            from layerzo.models import resolve_source
+
+            base_name = resolve_source(model, revision).name
+        else:
+            from layerzo.models import load_model
+
+            loaded = load_model(model, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
+            lm, tokenizer, base_name = loaded.model, loaded.tokenizer, loaded.source.name
+    source = {"base_model": base_name, "revision": revision, "patch": patch}
+    with err_console.status(f"exporting to ONNX (opset {opset}) and verifying with ONNX Runtime"):
+        report = export_model(lm, tokenizer, output, config, overwrite=overwrite, source=source)
+    if report.fallback_reason:
+        err_console.print(f"[yellow]note:[/] dynamo exporter failed, used TorchScript ({report.fallback_reason})",
+                          highlight=False, soft_wrap=True)
+    if json_out:
+        emit_json(report.to_dict())
+        return
+    v, lat = report.verify, report.latency
+    typer.echo(f"wrote {report.onnx_path} ({report.size_bytes / 2**20:.1f} MiB with external data; "
+               f"exporter {report.exporter}, opset {report.opset})")
+    typer.echo(f"verified at batch {v.batch}x{v.seq_len} ({v.padded_rows} padded rows): max |Δlogits| "
+               f"{v.max_abs_diff:.2e} <= {v.atol:g}, argmax identical at {v.real_positions} real positions")
+    typer.echo(f"latency at {lat.shape[0]}x{lat.shape[1]} (median of {lat.runs}): ONNX Runtime {lat.ort_ms:.1f} ms, "
+               f"PyTorch {lat.torch_ms:.1f} ms (ratio {lat.ratio:.2f})")

@@ -101,19 +101,22 @@ def profile(
 
 
 def _print_table(report) -> None:
+    from rich import box
     from rich.table import Table
 
     from layerzo.profile import is_outlier
 
     table = Table(title=f"{report.model} — {report.num_sequences} sequences, {report.num_tokens} tokens "
-                  f"({report.calibration})", title_justify="left")
-    for name in ("layer", "max|h|", "median|h|", "ratio", "seq:pos", "channel", "token", "outlier", "pick"):
-        table.add_column(name, justify="right" if name not in ("token", "outlier", "pick") else "left")
+                  f"({report.calibration})", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    # short headers and fixed-point numbers so the table fits an 80-column (non-TTY) stderr
+    for name in ("layer", "max|h|", "med|h|", "ratio", "seq:pos", "chan", "token", "outlier", "pick"):
+        table.add_column(name, justify="left" if name in ("token", "outlier", "pick") else "right", no_wrap=True)
     for i, s in enumerate(report.layers):
+        token = repr(s.token) if s.token is not None else ""
         table.add_row(
-            str(i), f"{s.max_abs:.4g}", f"{s.median_abs:.4g}", f"{s.ratio:.4g}", f"{s.sequence}:{s.position}",
-            str(s.channel), repr(s.token), "yes" if is_outlier(s, report.config) else "",
-            "★" if i == report.pick.layer else "",
+            str(i), f"{s.max_abs:.1f}", f"{s.median_abs:.3g}", f"{s.ratio:.1f}", f"{s.sequence}:{s.position}",
+            str(s.channel), token if len(token) <= 12 else token[:11] + "…",
+            "yes" if is_outlier(s, report.config) else "", "★" if i == report.pick.layer else "",
         )
     err_console.print(table)
     colour = "green" if report.pick.confidence == "high" else "yellow"

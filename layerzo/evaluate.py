@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
-from .errors import BaseMismatchError, EvalError, PatchError
+from .errors import EvalError
 from .eval_report import PER_TOKEN_METRIC, EvalReport, Metric, TaskResult
 from .eval_tasks import TaskSelection, check_data_dir, check_harness_tasks, parse_tasks, write_task_dir
 
@@ -217,57 +217,34 @@ def run_harness(lm, tokenizer, selection: TaskSelection, manager, config: EvalCo
 # ------------------------------------------------------------------ patch in place
 
 
-def check_base(model, patch, *, base_name: str = "the base model") -> None:
-    """Refuse a patch made for another base: every tensor it replaces must match its fingerprint."""
-    from .hashing import tensor_sha256
+def check_base(model, patch) -> None:
+    """Refuse (BaseMismatchError) a patch whose base tensors (keys, shapes, fingerprints) differ from ``model``'s.
 
-    state = model.state_dict()
-    m = patch.manifest
-    for key, sha in sorted(m.base_fingerprint.items()):
-        if key not in state:
-            raise BaseMismatchError(f"patch for {m.base_model} does not fit {base_name}: it has no tensor {key}",
-                                    "pass the patch's base with --model")
-        if tensor_sha256(state[key]) != sha:
-            raise BaseMismatchError(
-                f"patch was made for {m.base_model}, but {base_name} differs from that base at {key} "
-                "(fingerprint mismatch)", "pass the patch's base with --model")
-
-
-def apply_patch_in_place(model, patch) -> None:
-    """Write the patch into ``model``'s own tensors (kind "layers": copy; "lora": W += scale * B @ A).
-
-    Call :func:`check_base` first. The tensors of ``model.state_dict()``
-    share storage with the parameters, so ``copy_`` edits the model itself.
+    Runs ``layerzo.merge``'s checks without touching the model, so a wrong
+    base is reported before the first slow harness run.
     """
-    import torch
+    from .layers import find_layer_layout
+    from .merge import check_model_identity, merge_tensors
 
-    from .patch import lora_base_key
-
-    m = patch.manifest
-    state = model.state_dict()
-    with torch.no_grad():
-        if m.kind == "layers":
-            for key, t in patch.tensors.items():
-                if state[key].shape != t.shape:
-                    raise PatchError(f"patch tensor {key} has shape {tuple(t.shape)}, the model {tuple(state[key].shape)}")
-                state[key].copy_(t.to(device=state[key].device, dtype=state[key].dtype))
-        elif m.kind == "lora":
-            for key, a in patch.tensors.items():
-                if not key.endswith(".lora_A.weight"):
-                    continue
-                b = patch.tensors[key[: -len(".lora_A.weight")] + ".lora_B.weight"]
-                w = state[lora_base_key(key)]
-                w.add_((m.lora_scale * (b.float() @ a.float())).to(device=w.device, dtype=w.dtype))
-        else:  # PatchManifest validates kind; this guards a future kind
-            raise PatchError(f"cannot apply a patch of kind {m.kind!r}")
+    config = getattr(model, "config", None)
+    check_model_identity(patch, [type(model).__name__, *(getattr(config, "architectures", None) or [])],
+                         find_layer_layout(model).num_layers)
+    merge_tensors(patch, dict(model.named_parameters()))
 
 
-def describe_patch(patch, source: str) -> dict[str, Any]:
+def load_patch(patch: Any, *, token: str | None = None):
+    """A ``LayerPatch`` from a folder / Hub repo id (a ``LayerPatch`` is returned as is)."""
+    from .patch import LayerPatch
+
+    return patch if isinstance(patch, LayerPatch) else LayerPatch.from_pretrained(patch, token=token)
+
+
+def describe_patch(patch) -> dict[str, Any]:
     from .hashing import combine_sha256
 
     m = patch.manifest
     return {
-        "source": source,
+        "source": getattr(patch, "source", None),
         "revision": getattr(patch, "source_revision", None),
         "base_model": m.base_model,
         "base_revision": m.base_revision,
@@ -287,7 +264,7 @@ def evaluate(
     config: EvalConfig,
     *,
     model: str | None = None,
-    patch: str | None = None,
+    patch: Any = None,
     dtype: str = "float32",
     device: str = "cpu",
     revision: str | None = None,
@@ -298,16 +275,14 @@ def evaluate(
 ) -> EvalReport:
     """Evaluate the base (``model`` spec, or an already ``loaded`` LoadedModel) and base + ``patch``.
 
+    ``patch``: a patch folder / Hub repo id, or a loaded ``LayerPatch``.
+
     Order matters for the user: every cheap check (task names, data files,
     patch files, base fingerprint) runs before the first slow harness run.
     """
     say = progress or (lambda _msg: None)
     selection = validate_tasks(config)
-    layer_patch = None
-    if patch is not None:
-        from .patch import LayerPatch
-
-        layer_patch = LayerPatch.from_pretrained(patch, token=token)
+    layer_patch = load_patch(patch, token=token) if patch is not None else None
     with task_manager(selection, config) as manager:
         if loaded is None:
             from .models import load_model
@@ -317,13 +292,15 @@ def evaluate(
                                 trust_remote_code=trust_remote_code)
         base_name = loaded.source.name
         if layer_patch is not None:
-            check_base(loaded.model, layer_patch, base_name=base_name)
+            check_base(loaded.model, layer_patch)
         lm = make_lm(loaded.model, loaded.tokenizer, batch_size=config.batch_size)
         say(f"lm-eval on the base model: {', '.join(selection.harness_names)}")
         base = run_harness(lm, loaded.tokenizer, selection, manager, config).results
         patched = None
         if layer_patch is not None:
-            apply_patch_in_place(loaded.model, layer_patch)
+            from .merge import apply_to_model
+
+            apply_to_model(loaded.model, layer_patch)  # copy_ into the same parameters the harness holds
             say(f"lm-eval on base + patch (layers {list(layer_patch.manifest.layers)})")
             patched = run_harness(lm, loaded.tokenizer, selection, manager, config).results
     tasks = tuple(selection.display_name(n) for n in selection.harness_names)
@@ -337,17 +314,27 @@ def evaluate(
                   "data_dir": str(Path(config.data_dir).expanduser().resolve()) if config.data_dir else None},
         lm_eval_version=lm_eval_version(),
         layerzo_version=__version__,
-        patch=describe_patch(layer_patch, str(patch)) if layer_patch is not None else None,
-        notes=_notes(selection, config),
+        patch=describe_patch(layer_patch) if layer_patch is not None else None,
+        notes=_notes(selection, config, layer_patch),
     )
 
 
-def _notes(selection: TaskSelection, config: EvalConfig) -> tuple[str, ...]:
+def _notes(selection: TaskSelection, config: EvalConfig, patch) -> tuple[str, ...]:
+    """Plain-language caveats for comparing these numbers with ``layerzo tune``'s."""
     notes = []
     if selection.offline:
         notes.append(
             f"layerzo tasks ({', '.join(selection.offline)}) evaluate load_task(num_test={config.num_test}, "
             f"seed={config.seed}).test: the rows `layerzo tune --num-test {config.num_test} --seed {config.seed}` "
-            "reports its test accuracy on; acc_per_token is that accuracy's scoring rule"
+            "reports its test accuracy on; acc_per_token is tune's scoring rule (mean per-token log-likelihood), "
+            "equal to tune's test accuracy for prompts within tune's --max-length (the harness truncates only "
+            "at the model's context length)"
         )
+    recipe = patch.manifest.recipe if patch is not None else {}
+    tuned = {k: recipe.get(k) for k in ("task", "seed", "num_test") if k in recipe}
+    if tuned and selection.offline:
+        differs = [k for k in ("seed", "num_test") if k in tuned and tuned[k] != getattr(config, k)]
+        if differs:
+            notes.append(f"the patch was tuned and tested with {', '.join(f'{k}={tuned[k]}' for k in differs)}; "
+                         "pass the same --seed and --limit to evaluate the same rows")
     return tuple(notes)

@@ -85,8 +85,12 @@ def merge_tensors(patch: LayerPatch, base: Mapping, *, force: bool = False) -> t
     for key in sorted(m.base_fingerprint):
         if tensor_sha256(base[key]) != m.base_fingerprint[key]:
             if not force:
+                base_dtype = str(base[key].dtype).removeprefix("torch.")
+                hint = (f"the base is loaded as {base_dtype} but the patch was made from {m.dtype} values: load it "
+                        f"as {m.dtype}" if base_dtype != m.dtype and m.kind == "layers" else
+                        "use the patch's base model, or --force to apply anyway")
                 raise BaseMismatchError(f"base tensor {key} differs from the one the patch was made from "
-                                        f"({m.base_model})", "use the patch's base model, or --force to apply anyway")
+                                        f"({m.base_model})", hint)
             notes.append(f"--force: base tensor {key} does not match the patch's fingerprint; applied anyway")
     merged: dict = {}
     casts: set[str] = set()

@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 from .errors import OutputExistsError, PatchError, PatchFormatError
 from .layers import KNOWN_LAYER_PATHS
 from .patch_card import build_model_card
-from .safetensors_io import FLOAT_DTYPES, check_file_name, read_header
+from .safetensors_io import FLOAT_DTYPES, check_file_name, read_header, write_shard
 
 WEIGHTS_NAME = "layer_patch.safetensors"
 MANIFEST_NAME = "layerzo_patch.json"
@@ -211,7 +211,10 @@ class TrajectoryStep:
             raise PatchFormatError(f"{where}: a trajectory line needs exactly step, seeds, grads, lr")
         if not isinstance(data["seeds"], list) or not isinstance(data["grads"], list):
             raise PatchFormatError(f"{where}: seeds and grads must be lists")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except PatchFormatError as exc:
+            raise PatchFormatError(f"{where}: {exc}") from None
 
 
 def infer_layer_path(keys: Sequence[str]) -> str:
@@ -365,8 +368,6 @@ class LayerPatch:
     # ---- writing -------------------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the four patch files atomically (temp dir in the same parent, then rename)."""
-        from safetensors.torch import save_file
-
         out = Path(out_dir).expanduser().absolute()
         if out.exists() and not overwrite:
             raise OutputExistsError(f"{out} already exists", "pass overwrite=True (--overwrite) or choose another folder")
@@ -374,7 +375,9 @@ class LayerPatch:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         try:
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in sorted(self.tensors.items())}
-            save_file(tensors, tmp / WEIGHTS_NAME, metadata=_weights_metadata(self.manifest))
+            # our writer, not safetensors' save_file: that one orders metadata by a Rust HashMap,
+            # so the same patch would not give the same bytes twice
+            write_shard(tmp / WEIGHTS_NAME, tensors, _weights_metadata(self.manifest))
             (tmp / TRAJECTORY_NAME).write_text("".join(s.to_json() + "\n" for s in self.trajectory), encoding="utf-8")
             files = {n: _sha256_file(tmp / n) for n in (WEIGHTS_NAME, TRAJECTORY_NAME)}
             self.manifest = dataclasses.replace(self.manifest, files=files)

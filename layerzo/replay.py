@@ -25,12 +25,15 @@ class ReplayResult:
 
 
 def zo_config_from_recipe(recipe: dict):
-    """The ZOConfig the run used: the recipe's keys that are ZOConfig fields (one to one, by name)."""
+    """The ZOConfig the run used: the recipe's keys that are ZOConfig fields (one to one, by name;
+    train.TuneConfig calls the run length ``steps``). Only lr/momentum/wd matter to a replay:
+    each step's lr is recorded."""
     from .zo import ZOConfig
 
     names = {f.name for f in dataclasses.fields(ZOConfig)}
-    source = recipe.get("zo") if isinstance(recipe.get("zo"), dict) else recipe
-    values = {k: v for k, v in source.items() if k in names}
+    values = {k: v for k, v in recipe.items() if k in names}
+    if "total_steps" not in values and isinstance(recipe.get("steps"), int) and recipe["steps"] >= 1:
+        values["total_steps"] = recipe["steps"]
     if "lr" not in values:
         raise PatchError("the patch recipe records no lr, so its trajectory cannot be replayed")
     return ZOConfig(**values)
@@ -55,17 +58,20 @@ def replay_patch(base: str | os.PathLike | None, patch: LayerPatch, *, revision:
     if not patch.trajectory:
         raise PatchError("the patch has no trajectory.jsonl steps to replay")
     config = zo_config_from_recipe(m.recipe)
-    loaded = load_model(base, dtype=m.dtype, revision=revision)
+    info = m.metrics.get("replay") if isinstance(m.metrics.get("replay"), dict) else {}
+    # the run loaded the model in recipe dtype and tuned an fp32 (master) copy of the layer
+    loaded = load_model(base, dtype=m.recipe.get("dtype", m.dtype), revision=revision)
     # identity + fingerprints first: replaying on the wrong base proves nothing
-    probe = LayerPatch(m, {k: loaded.model.get_parameter(k).detach().clone() for k in m.base_fingerprint},
-                       patch.trajectory)
-    apply_to_model(loaded.model, probe)
-    order = [n for i in m.layers for n in layer_parameter_names(loaded.model, loaded.layout, i)]
-    if set(order) != set(patch.tensors):
+    apply_to_model(loaded.model, LayerPatch(m, {k: loaded.model.get_parameter(k).detach().to(getattr(torch, m.dtype))
+                                                for k in m.base_fingerprint}))
+    order = info.get("tensor_order") or [n for i in m.layers for n in layer_parameter_names(loaded.model, loaded.layout, i)]
+    if sorted(order) != sorted(patch.tensors):
         missing = sorted(set(patch.tensors) ^ set(order))
-        raise PatchError(f"the patch's tensors are not exactly the parameters of layer(s) {list(m.layers)}: {missing[0]}")
-    tensors = {n: loaded.model.get_parameter(n).detach().clone() for n in order}
+        raise PatchError(f"the patch's tensors are not exactly the replayed parameters: {missing[0] if missing else order}")
+    master = getattr(torch, info.get("master_dtype", m.dtype))
+    tensors = {n: loaded.model.get_parameter(n).detach().to(master, copy=True) for n in order}
     replay_trajectory(tensors, patch.trajectory, config)
+    tensors = {n: t.to(patch.tensors[n].dtype) for n, t in tensors.items()}
     diff = 0.0
     for name in order:
         delta = (tensors[name].to(torch.float64) - patch.tensors[name].to(torch.float64)).abs().max()

@@ -257,7 +257,7 @@ def write_shard(path: str | os.PathLike, tensors: Mapping, metadata: Mapping[str
     path = Path(path)
     specs = {name: _spec(tensors, name) for name in tensors}
     order = sorted(specs, key=lambda n: (-DTYPE_BITS[specs[n][0]], n))
-    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     offset = 0
     for name in order:
         dtype, shape = specs[name]

@@ -188,18 +188,19 @@ def kept_logits(model, batch: ScoringBatch) -> torch.Tensor:
 
 def scores_from_logits(logits: torch.Tensor, batch: ScoringBatch) -> torch.Tensor:
     """Mean candidate log-likelihoods ``[E, C]`` (−inf where an example has fewer candidates)."""
-    logits = logits.float()
+    if logits.dtype != torch.float64:  # float64 models (gradient checks) keep their precision
+        logits = logits.float()
     rows, pos = batch.tok_row.to(logits.device), batch.tok_pos.to(logits.device)
     picked = logits[rows, pos]  # [M, V]
     token_logp = picked.gather(-1, batch.tok_id.to(logits.device)[:, None])[:, 0] - picked.logsumexp(-1)
     num_pairs = int(batch.pair_example.shape[0])
     pair = batch.tok_pair.to(logits.device)
-    sums = torch.zeros(num_pairs, dtype=torch.float32, device=logits.device).index_add_(0, pair, token_logp)
-    counts = torch.zeros(num_pairs, dtype=torch.float32, device=logits.device).index_add_(
+    sums = torch.zeros(num_pairs, dtype=logits.dtype, device=logits.device).index_add_(0, pair, token_logp)
+    counts = torch.zeros(num_pairs, dtype=logits.dtype, device=logits.device).index_add_(
         0, pair, torch.ones_like(token_logp)
     )
     scores = torch.full(
-        (batch.num_examples, batch.num_candidates), float("-inf"), dtype=torch.float32, device=logits.device
+        (batch.num_examples, batch.num_candidates), float("-inf"), dtype=logits.dtype, device=logits.device
     )
     scores[batch.pair_example.to(logits.device), batch.pair_candidate.to(logits.device)] = sums / counts
     return scores
@@ -207,7 +208,7 @@ def scores_from_logits(logits: torch.Tensor, batch: ScoringBatch) -> torch.Tenso
 
 @torch.no_grad()
 def candidate_scores(model, batch: ScoringBatch) -> torch.Tensor:
-    """Mean per-token log-likelihood of every candidate: ``[E, C]`` float32, −inf padding."""
+    """Mean per-token log-likelihood of every candidate: ``[E, C]`` float32 (float64 for a float64 model), −inf padding."""
     return scores_from_logits(kept_logits(model, batch), batch)
 
 

@@ -125,7 +125,9 @@ class FakeHub:
     def _create_repo(self, h, payload: dict) -> None:
         repo_id = f"{payload['organization']}/{payload['name']}"
         if repo_id in self.repos:
-            return self._send(h, 409, {"error": "You already created this model repo"}, "POST")
+            # the real Hub answers 409 with the url too; create_repo(exist_ok=True) reads it
+            return self._send(h, 409, {"error": "You already created this model repo",
+                                       "url": f"{self.endpoint}/{repo_id}"}, "POST")
         self.repos[repo_id] = Repo(private=payload.get("visibility") == "private")
         self.repos[repo_id].branches["main"] = self._commit(self.repos[repo_id], {})
         return self._send(h, 200, {"url": f"{self.endpoint}/{repo_id}", "name": repo_id}, "POST")

@@ -1,0 +1,226 @@
+"""Benchmark: ``profile_model`` vs a bare forward over the same tokens.
+
+Time: one process, the variants interleaved ``--repeats`` times, median
+wall time of each (so machine-load drift hits every variant alike):
+
+* ``bare``    ``model(input_ids, attention_mask, use_cache=False)`` - the whole model, LM head included;
+* ``trunk``   the same forward stopped after the last decoder layer (what profile runs, minus statistics);
+* ``profile`` ``layerzo.profile.profile_model`` end to end (tokenize, hooked forward, stats, fingerprint).
+
+Peak memory: torch's CPU allocations are invisible to tracemalloc, so each
+variant runs once in its OWN subprocess that loads the model, trims the heap
+(``malloc_trim``), records the RSS, then runs the variant while a thread
+samples RSS every 1 ms (psutil); the reported figure is peak RSS minus the
+baseline. Sampling can miss a spike shorter than 1 ms, but the big buffers
+here (attention scores, logits) live for a whole layer or head. ``ru_maxrss``
+deltas are reported too; they read 0 when loading already set a higher mark.
+
+    python benchmarks/bench_profile.py --quick         # 4 x 128 tokens, 3 repeats (CPU)
+    python benchmarks/bench_profile.py                 # 8 x 512 tokens, 5 repeats
+
+Writes benchmarks/results/profile.json and profile.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from layerzo.models import load_model
+from layerzo.profile import DEFAULT_CALIBRATION_TEXTS, ProfileConfig, _encode, _pad, _StopForward, profile_model
+from layerzo.layers import get_layers
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = ("bare", "trunk", "profile")
+
+
+def long_texts(n: int) -> list[str]:
+    """n distinct texts, each long enough to fill max_length tokens (the built-in sentences, rotated)."""
+    base = list(DEFAULT_CALIBRATION_TEXTS)
+    return [" ".join((base[i:] + base[:i]) * 12) for i in range(n)]
+
+
+def make_runner(loaded, texts: list[str], config: ProfileConfig, variant: str):
+    model, tok = loaded.model, loaded.tokenizer
+    ids, mask = _pad(_encode(tok, texts, config.max_length), tok.pad_token_id or 0, "cpu")
+    if variant == "bare":
+        return lambda: model(input_ids=ids, attention_mask=mask, use_cache=False)
+    if variant == "trunk":
+        last = get_layers(model, loaded.layout)[-1]
+
+        def stop(*_):
+            raise _StopForward
+
+        def run():
+            handle = last.register_forward_hook(stop)
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _StopForward:
+                pass
+            finally:
+                handle.remove()
+
+        return run
+    return lambda: profile_model(model, tok, texts, config, loaded.layout)
+
+
+def child(args) -> None:
+    import psutil
+
+    loaded = load_model(args.model_dir)
+    config = ProfileConfig(num_sequences=args.num_sequences, max_length=args.max_length,
+                           batch_size=args.num_sequences)
+    run = make_runner(loaded, long_texts(args.num_sequences), config, args.child)
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed load-time memory back so the baseline is honest
+    except OSError:
+        pass
+    proc = psutil.Process()
+    base_rss = proc.memory_info().rss
+    base_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = [base_rss]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    with torch.no_grad():
+        run()
+    done.set()
+    sampler.join()
+    max_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"variant": args.child, "baseline_rss_mb": base_rss / 2**20,
+                      "peak_rss_delta_mb": (peak[0] - base_rss) / 2**20,
+                      "ru_maxrss_delta_mb": (max_after - base_max) / 2**20}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="checkpoint dir / .gguf / Hub id (default: the demo)")
+    p.add_argument("--quick", action="store_true", help="4 sequences x 128 tokens, 3 repeats")
+    p.add_argument("--num-sequences", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.num_sequences = args.num_sequences or (4 if args.quick else 8)
+    args.max_length = args.max_length or (128 if args.quick else 512)
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        return child(args)
+
+    loaded = load_model(args.model)
+    config = ProfileConfig(num_sequences=args.num_sequences, max_length=args.max_length,
+                           batch_size=args.num_sequences)
+    texts = long_texts(args.num_sequences)
+    runners = {v: make_runner(loaded, texts, config, v) for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    with torch.no_grad():
+        for v in VARIANTS:  # warm-up, untimed
+            runners[v]()
+        for _ in range(args.repeats):
+            for v in VARIANTS:
+                t0 = time.perf_counter()
+                runners[v]()
+                times[v].append(time.perf_counter() - t0)
+    report = profile_model(loaded.model, loaded.tokenizer, texts, config, loaded.layout)
+    from layerzo.profile import model_fingerprint
+
+    t0 = time.perf_counter()
+    model_fingerprint(loaded.model, loaded.layout)
+    fingerprint_s = time.perf_counter() - t0
+
+    memory = {}
+    with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
+        loaded.model.save_pretrained(tmp)  # children load safetensors: quicker than dequantizing the GGUF again
+        loaded.tokenizer.save_pretrained(tmp)
+        for v in VARIANTS:
+            cmd = [sys.executable, __file__, "--child", v, "--model-dir", tmp,
+                   "--num-sequences", str(args.num_sequences), "--max-length", str(args.max_length)]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            memory[v] = json.loads(out.strip().splitlines()[-1])
+
+    med = {v: statistics.median(times[v]) for v in VARIANTS}
+    result = {
+        "command": "python benchmarks/bench_profile.py " + " ".join(sys.argv[1:]),
+        "model": loaded.source.name,
+        "num_layers": loaded.num_layers,
+        "num_sequences": args.num_sequences,
+        "tokens": report.num_tokens,
+        "repeats": args.repeats,
+        "median_s": med,
+        "all_s": times,
+        "ratio_profile_vs_bare": med["profile"] / med["bare"],
+        "ratio_profile_vs_trunk": med["profile"] / med["trunk"],
+        "fingerprint_s": fingerprint_s,
+        "target_ratio": 1.2,
+        "memory": memory,
+        "pick": report.to_dict()["pick"],
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    _write_atomic(RESULTS / "profile.json", json.dumps(result, indent=2) + "\n")
+    _write_atomic(RESULTS / "profile.md", _markdown(result))
+    print(_markdown(result))
+
+
+def _markdown(r: dict) -> str:
+    rows = "\n".join(
+        f"| {v} | {r['median_s'][v]:.3f} | {r['median_s'][v] / r['median_s']['bare']:.2f}x | "
+        f"{r['memory'][v]['peak_rss_delta_mb']:.1f} | {r['memory'][v]['ru_maxrss_delta_mb']:.1f} |"
+        for v in VARIANTS
+    )
+    return (
+        f"# profile benchmark\n\n`{r['command']}`\n\n"
+        f"{r['model']} ({r['num_layers']} layers), {r['num_sequences']} sequences, {r['tokens']} tokens, "
+        f"median of {r['repeats']} interleaved repeats; {r['machine']['platform']}, {r['machine']['cpus']} CPUs, "
+        f"{r['machine']['torch_threads']} torch threads, torch {r['versions']['torch']}, "
+        f"transformers {r['versions']['transformers']}.\n\n"
+        "| variant | median s | vs bare | peak RSS delta MB (1 ms sampling) | ru_maxrss delta MB |\n"
+        "|---|---|---|---|---|\n"
+        f"{rows}\n\n"
+        f"profile / bare = **{r['ratio_profile_vs_bare']:.2f}x** (target <= {r['target_ratio']}x); "
+        f"profile / trunk (hook + stats overhead) = {r['ratio_profile_vs_trunk']:.2f}x; "
+        f"of which the model fingerprint takes {r['fingerprint_s']:.3f} s.\n\n"
+        "bare = full forward incl. LM head; trunk = forward stopped after the last decoder layer; "
+        "profile = profile_model end to end. Memory: one subprocess per variant, RSS above the post-load, "
+        "malloc_trim'd baseline.\n"
+    )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()
