@@ -153,12 +153,12 @@ def main() -> None:
     model_fingerprint(loaded.model, loaded.layout)
     fingerprint_s = time.perf_counter() - t0
 
+    print(json.dumps({"median_s": {v: statistics.median(t) for v, t in times.items()}}), file=sys.stderr)
     memory = {}
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
-        loaded.model.save_pretrained(tmp)  # children load safetensors: quicker than dequantizing the GGUF again
-        loaded.tokenizer.save_pretrained(tmp)
+        model_dir = _save_plain(loaded, Path(tmp))
         for v in VARIANTS:
-            cmd = [sys.executable, __file__, "--child", v, "--model-dir", tmp,
+            cmd = [sys.executable, __file__, "--child", v, "--model-dir", model_dir,
                    "--num-sequences", str(args.num_sequences), "--max-length", str(args.max_length)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
@@ -189,6 +189,23 @@ def main() -> None:
     _write_atomic(RESULTS / "profile.json", json.dumps(result, indent=2) + "\n")
     _write_atomic(RESULTS / "profile.md", _markdown(result))
     print(_markdown(result))
+
+
+def _save_plain(loaded, out: Path) -> str:
+    """Save the (dequantized) model as safetensors so children load fast; else they reload the source."""
+    from safetensors.torch import save_model
+
+    try:
+        save_model(loaded.model, str(out / "model.safetensors"))  # handles tied embeddings
+        config = loaded.model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # GGUF weights were dequantized on load
+        config.save_pretrained(out)
+        loaded.tokenizer.save_pretrained(out)
+        return str(out)
+    except (ValueError, OSError, AttributeError) as exc:
+        print(f"cannot save a plain copy ({exc}); children reload {loaded.source.location}", file=sys.stderr)
+        return loaded.source.location
 
 
 def _markdown(r: dict) -> str:

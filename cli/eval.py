@@ -55,6 +55,7 @@ def eval_command(
     revision: RevisionOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     token: TokenOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Apply the patch even if the base fingerprint differs.")] = False,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Save the report as JSON here.")] = None,
     write_card: Annotated[bool, typer.Option("--write-card", help="Add/replace the 'lm-eval results' section of "
                                              "the patch's README.md (local patch folders only).")] = False,
@@ -80,7 +81,7 @@ def eval_command(
     config = EvalConfig(tasks=(tasks,), data_dir=str(data_dir) if data_dir is not None else None, limit=limit,
                         num_fewshot=num_fewshot, batch_size=batch_size, seed=seed)
     report = evaluate(config, model=model, patch=layer_patch, dtype=dtype, device=device, revision=revision,
-                      trust_remote_code=trust_remote_code, token=token,
+                      trust_remote_code=trust_remote_code, token=token, force=force,
                       progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
     if output is not None:
         err_console.print(f"results: {save_json(report, output)}")

@@ -54,8 +54,7 @@ def export_onnx(
     verify_batch: VerifyBatchOpt = 3,
     verify_len: VerifyLenOpt = 23,
     runs: RunsOpt = 5,
-    overwrite: DtypeOpt = Annotated[str, typer.Option("--dtype", help="Model precision for export: float32 (ORT CPU needs it).")]
-OverwriteOpt = False,
+    overwrite: OverwriteOpt = False,
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
@@ -78,8 +77,7 @@ def export(
     verify_batch: VerifyBatchOpt = 3,
     verify_len: VerifyLenOpt = 23,
     runs: RunsOpt = 5,
-    overwrite: DtypeOpt = Annotated[str, typer.Option("--dtype", help="Model precision for export: float32 (ORT CPU needs it).")]
-OverwriteOpt = False,
+    overwrite: OverwriteOpt = False,
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,

@@ -109,8 +109,8 @@ def _print_table(report) -> None:
     table = Table(title=f"{report.model} — {report.num_sequences} sequences, {report.num_tokens} tokens "
                   f"({report.calibration})", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     # short headers and fixed-point numbers so the table fits an 80-column (non-TTY) stderr
-    for name in ("layer", "max|h|", "med|h|", "ratio", "seq:pos", "chan", "token", "outlier", "pick"):
-        table.add_column(name, justify="left" if name in ("token", "outlier", "pick") else "right", no_wrap=True)
+    for name in ("layer", "max|h|", "med|h|", "ratio", "seq:pos", "chan", "token", "out", "pick"):
+        table.add_column(name, justify="left" if name in ("token", "out", "pick") else "right", no_wrap=True)
     for i, s in enumerate(report.layers):
         token = repr(s.token) if s.token is not None else ""
         table.add_row(

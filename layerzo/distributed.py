@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import zo
-from .errors import ConfigError
+from .errors import ConfigError, DivergenceError
 from .hashing import combine_sha256, tensor_sha256
 
 LossFn = Callable[[], float]
@@ -52,6 +53,11 @@ LossFn = Callable[[], float]
 def env_world_size() -> int:
     """``WORLD_SIZE`` set by torchrun (1 when not launched by torchrun)."""
     return _env_int("WORLD_SIZE", 1)
+
+
+def is_main_process() -> bool:
+    """True unless torchrun launched this process as a rank other than 0 (for CLI printing)."""
+    return _env_int("RANK", 0) == 0
 
 
 def _env_int(name: str, default: int) -> int:
@@ -158,23 +164,44 @@ class DataParallel:
         # Integer counts summed as float64 stay exact far beyond any dev-set size.
         return sum(self.all_gather_floats([correct])) / len(examples)
 
-    def all_gather_strings(self, value: str) -> list[str]:
-        """Every rank's ``value`` in rank order (used once per run, not per step)."""
+    def all_gather_sha256(self, hex_digest: str) -> list[str]:
+        """Every rank's sha256 hex digest in rank order (32 bytes per rank as a uint8 tensor, no pickle)."""
         if not self.active:
-            return [value]
+            return [hex_digest]
         import torch.distributed as dist
 
-        out: list = [None] * self.world_size
-        dist.all_gather_object(out, value, group=self.group)
-        return [str(v) for v in out]
+        mine = torch.frombuffer(bytearray(bytes.fromhex(hex_digest)), dtype=torch.uint8)
+        parts = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(parts, mine, group=self.group)
+        return [bytes(p.tolist()).hex() for p in parts]
 
     def check_same(self, what: str, value: str) -> None:
         """Raise ConfigError on every rank if the ranks disagree on ``value`` (a config, a weight hash)."""
-        values = self.all_gather_strings(value)
-        bad = [r for r, v in enumerate(values) if v != values[0]]
+        digests = self.all_gather_sha256(hashlib.sha256(value.encode()).hexdigest())
+        bad = [r for r, d in enumerate(digests) if d != digests[0]]
         if bad:
             raise ConfigError(f"ranks disagree on the {what}: rank {bad[0]} differs from rank 0",
                               "launch every rank with the same options, model and data")
+
+    def check_final_weights(self, params: zo.TunedParams) -> list[str]:
+        """Every rank's :func:`weights_digest` (rank order); DivergenceError if any differs from rank 0's.
+
+        Ranks apply identical updates, so a mismatch means non-deterministic
+        forwards across ranks (different GPU models, kernels or library versions).
+        """
+        digests = self.all_gather_sha256(weights_digest(params))
+        bad = [r for r, d in enumerate(digests) if d != digests[0]]
+        if bad:
+            raise DivergenceError(f"rank {bad[0]} ended with different tuned weights than rank 0",
+                                  "run every rank on the same GPU model, driver and library versions")
+        return digests
+
+    def summary(self, q: int) -> dict[str, Any] | None:
+        """What the manifest records about the data-parallel run (None single-process)."""
+        if not self.active:
+            return None
+        return {"world_size": self.world_size, "directions_per_step": q * self.world_size,
+                "shard_batch": self.shard_batch, "bytes_per_step": bytes_per_step(self.world_size, q)}
 
     def barrier(self) -> None:
         if self.active:
@@ -300,24 +327,28 @@ def placement(dp: DataParallel, device: str, device_map: str | None) -> tuple[st
     return dp.device(device), parsed
 
 
-def check_tuned_placement(params: zo.TunedParams) -> str:
-    """The device type ("cuda", "cpu") of the tuned tensors; ConfigError if one is offloaded or types mix.
+def check_tuned_placement(model: torch.nn.Module, layout, layers: Sequence[int]) -> str:
+    """The device type ("cuda", "cpu") of the tuned layers; ConfigError if one is offloaded or types mix.
 
-    ZO perturbs and updates the tuned tensors in place, so they must be real
-    resident tensors: accelerate's CPU/disk offload keeps a ``meta`` stand-in
-    and reloads the weights at each forward, which would discard the update.
-    Several tuned layers may sit on different GPUs, but not on CPU and GPU at
-    once: z is drawn per device type, and the recorded trajectory replays on one.
+    Called right after loading, before anything reads the tuned weights. ZO
+    perturbs and updates them in place, so they must be real resident tensors:
+    accelerate's CPU/disk offload keeps a ``meta`` stand-in and reloads the
+    weights at each forward, which would discard every update. Tuned layers
+    may sit on different GPUs, but not on CPU and GPU at once: z is drawn per
+    device type, and the recorded trajectory replays on one.
     """
-    offloaded = [n for n, t in zip(params.names, params.tensors) if t.device.type == "meta"]
+    from .layers import get_layer
+
+    named = [(layout.key_prefix(i) + n, p) for i in layers for n, p in get_layer(model, layout, i).named_parameters()]
+    offloaded = [n for n, p in named if p.device.type == "meta"]
     if offloaded:
         raise ConfigError(f"tuned tensor {offloaded[0]} is offloaded by the device map (on the meta device)",
                           "map the tuned layer to a GPU (or to 'cpu' on a machine without GPUs) in --device-map")
-    types = sorted({t.device.type for t in params.tensors})
+    types = sorted({p.device.type for _, p in named})
     if len(types) > 1:
-        raise ConfigError(f"tuned tensors are spread over device types {', '.join(types)}",
+        raise ConfigError(f"tuned layers are spread over device types {', '.join(types)}",
                           "map every tuned layer to a GPU, or every one to the CPU, in --device-map")
-    return types[0]
+    return types[0] if types else "cpu"
 
 
 # ----------------------------------------------------------------------------- setup / teardown

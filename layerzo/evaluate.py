@@ -217,7 +217,7 @@ def run_harness(lm, tokenizer, selection: TaskSelection, manager, config: EvalCo
 # ------------------------------------------------------------------ patch in place
 
 
-def check_base(model, patch) -> None:
+def check_base(model, patch, *, force: bool = False) -> None:
     """Refuse (BaseMismatchError) a patch whose base tensors (keys, shapes, fingerprints) differ from ``model``'s.
 
     Runs ``layerzo.merge``'s checks without touching the model, so a wrong
@@ -229,7 +229,7 @@ def check_base(model, patch) -> None:
     config = getattr(model, "config", None)
     check_model_identity(patch, [type(model).__name__, *(getattr(config, "architectures", None) or [])],
                          find_layer_layout(model).num_layers)
-    merge_tensors(patch, dict(model.named_parameters()))
+    merge_tensors(patch, dict(model.named_parameters()), force=force)
 
 
 def load_patch(patch: Any, *, token: str | None = None):
@@ -270,12 +270,14 @@ def evaluate(
     revision: str | None = None,
     trust_remote_code: bool = False,
     token: str | None = None,
+    force: bool = False,
     loaded=None,
     progress: Progress | None = None,
 ) -> EvalReport:
     """Evaluate the base (``model`` spec, or an already ``loaded`` LoadedModel) and base + ``patch``.
 
-    ``patch``: a patch folder / Hub repo id, or a loaded ``LayerPatch``.
+    ``patch``: a patch folder / Hub repo id, or a loaded ``LayerPatch``;
+    ``force`` applies it even if the base fingerprint differs (noted in the report).
 
     Order matters for the user: every cheap check (task names, data files,
     patch files, base fingerprint) runs before the first slow harness run.
@@ -292,15 +294,16 @@ def evaluate(
                                 trust_remote_code=trust_remote_code)
         base_name = loaded.source.name
         if layer_patch is not None:
-            check_base(loaded.model, layer_patch)
+            check_base(loaded.model, layer_patch, force=force)
         lm = make_lm(loaded.model, loaded.tokenizer, batch_size=config.batch_size)
         say(f"lm-eval on the base model: {', '.join(selection.harness_names)}")
         base = run_harness(lm, loaded.tokenizer, selection, manager, config).results
-        patched = None
+        patched, patch_notes = None, []
         if layer_patch is not None:
             from .merge import apply_to_model
 
-            apply_to_model(loaded.model, layer_patch)  # copy_ into the same parameters the harness holds
+            # copy_ into the very parameters the harness holds: no second load, no merged copy on disk
+            patch_notes = apply_to_model(loaded.model, layer_patch, force=force)
             say(f"lm-eval on base + patch (layers {list(layer_patch.manifest.layers)})")
             patched = run_harness(lm, loaded.tokenizer, selection, manager, config).results
     tasks = tuple(selection.display_name(n) for n in selection.harness_names)
@@ -315,7 +318,7 @@ def evaluate(
         lm_eval_version=lm_eval_version(),
         layerzo_version=__version__,
         patch=describe_patch(layer_patch) if layer_patch is not None else None,
-        notes=_notes(selection, config, layer_patch),
+        notes=_notes(selection, config, layer_patch) + tuple(patch_notes),
     )
 
 

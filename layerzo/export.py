@@ -181,6 +181,10 @@ def export_model(
     A failed verification raises :class:`ExportError` and leaves no ``out_dir``.
     """
     config = config or ExportConfig()
+    model_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if model_dtype != config.dtype:
+        raise ConfigError(f"the model is {model_dtype} but the export dtype is {config.dtype}",
+                          f"load the model with dtype={config.dtype!r}")
     out = Path(out_dir)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         start = time.perf_counter()

@@ -21,7 +21,8 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     t = t.contiguous()
     h = hashlib.sha256()
     h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if t.numel():
+        h.update(t.view(torch.uint8).numpy())  # buffer protocol: hashes without an extra copy
     return h.hexdigest()
 
 

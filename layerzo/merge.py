@@ -23,7 +23,7 @@ from typing import Callable, Mapping
 from .errors import BaseMismatchError, ModelLoadError, OfflineError, OutputExistsError, PatchError
 from .hashing import tensor_sha256
 from .models import is_offline, resolve_source
-from .patch import LayerPatch, lora_base_key
+from .patch import LayerPatch, all_finite, lora_base_key
 from .safetensors_io import INDEX_NAME, CheckpointReader, ShardView, write_shard
 
 PROVENANCE_NAME = "layerzo_apply.json"
@@ -106,8 +106,9 @@ def merge_tensors(patch: LayerPatch, base: Mapping, *, force: bool = False) -> t
             value = target.to(torch.float32) + m.lora_scale * (b.to(torch.float32) @ a.to(torch.float32))
         if value.dtype != target.dtype:
             casts.add(f"{str(value.dtype).removeprefix('torch.')} -> {str(target.dtype).removeprefix('torch.')}")
+        changed = m.kind == "lora" or value.dtype != target.dtype  # a cast down can overflow to inf
         value = value.to(dtype=target.dtype, device="cpu").contiguous()
-        if not bool(torch.isfinite(value).all()):
+        if changed and not all_finite(value):
             raise PatchError(f"patched tensor {key} would contain NaN or infinite values")
         merged[key] = value
     notes += [f"cast patch tensors {c} to match the base" for c in sorted(casts)]
@@ -195,7 +196,7 @@ def _apply_to_dir(base_dir: Path, patch: LayerPatch, tmp: Path, report: ApplyRep
     reader = CheckpointReader(base_dir)
     config = _read_config(base_dir)
     check_model_identity(patch, list(config.get("architectures") or []), _config_layers(config))
-    key_map = map_keys(list(patch.manifest.base_fingerprint), reader.weight_map, _base_model_prefix(config))
+    key_map = map_keys(list(patch.manifest.base_fingerprint), reader.weight_map, lambda: _base_model_prefix(config))
     base = reader.tensors([key_map[k] for k in key_map])  # only the patched tensors are read
     merged, notes = merge_tensors(patch, {k: base[key_map[k]] for k in key_map}, force=force)
     del base
@@ -257,13 +258,23 @@ def _tied_keys(model) -> set[str]:
     return set(tied) if not isinstance(tied, dict) else set(tied)
 
 
-def map_keys(patch_keys: list[str], checkpoint_keys: Mapping[str, str] | list[str], prefix: str | None) -> dict[str, str]:
+def map_keys(patch_keys: list[str], checkpoint_keys: Mapping[str, str] | list[str],
+             prefix: str | None | Callable[[], str | None]) -> dict[str, str]:
     """Patch (state-dict) key -> checkpoint key: exact match, else with the base_model_prefix
-    stripped or added (old GPT-2 checkpoints store ``h.0...`` for ``transformer.h.0...``)."""
+    stripped or added (old GPT-2 checkpoints store ``h.0...`` for ``transformer.h.0...``).
+
+    ``prefix`` may be a callable, asked only when some key has no exact match
+    (finding it imports the model class, which costs seconds).
+    """
     keys = set(checkpoint_keys)
     mapping = {}
     for key in patch_keys:
-        candidates = [key]
+        if key in keys:
+            mapping[key] = key
+            continue
+        if callable(prefix):
+            prefix = prefix()
+        candidates = []
         if prefix:
             if key.startswith(prefix + "."):
                 candidates.append(key[len(prefix) + 1:])

@@ -151,7 +151,9 @@ def resolve_layers(config: TuneConfig, loaded) -> tuple[tuple[int, ...], dict | 
 
 
 def _json_line(obj: dict) -> str:
-    return json.dumps(obj, allow_nan=False, default=lambda v: None) + "\n"
+    """One strict-JSON line; a non-finite loss/grad of a rejected step is written as null."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in obj.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
 
 
 # ----------------------------------------------------------------------------- the loop

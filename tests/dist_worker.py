@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from layerzo.distributed import DataParallel, emulate_step, init_data_parallel, shutdown
+from layerzo.errors import ConfigError
 from layerzo.layers import layer_parameter_names
 from layerzo.lower_cache import cached_lower_layers
 from layerzo.models import load_model
@@ -50,6 +51,12 @@ def main() -> None:
     torch.set_num_threads(1)  # same kernels and reduction order in every process
 
     dp = init_data_parallel(shard_batch=args.shard) if args.mode == "dist" else DataParallel()
+    dp.check_same("probe", "identical on every rank")
+    try:  # must fail on every rank, naming rank 1
+        dp.check_same("rank id", str(dp.rank if args.mode == "dist" else "virtual"))
+        mismatch = ""
+    except ConfigError as exc:
+        mismatch = str(exc)
     loaded = load_model(args.model)
     model, tok, layout = loaded.model, loaded.tokenizer, loaded.layout
     train = load_task("sst2", args.data_dir, num_train=16, num_dev=0, num_test=0, seed=0).train
@@ -90,12 +97,15 @@ def main() -> None:
             if result.applied:
                 trajectory.append({"seeds": list(result.seeds), "grads": list(result.grads), "lr": result.lr})
 
+    with torch.no_grad():  # dist: each rank scores half the examples, the counts are summed
+        acc = dp.accuracy(model, tok, train[:7], batch_size=4, max_length=64)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({n: t.contiguous() for n, t in zip(params.names, params.tensors)}, out / f"rank{dp.rank}.safetensors")
     if dp.is_main:
         (out / "trajectory.json").write_text(json.dumps(trajectory))
-        (out / "results.json").write_text(json.dumps({"applied": applied, "names": list(params.names)}))
+        (out / "results.json").write_text(json.dumps({"applied": applied, "names": list(params.names), "accuracy": acc,
+                                                        "mismatch": mismatch}))
     shutdown(dp)
 
 

@@ -31,6 +31,18 @@ from layerzo.layers import find_layer_layout, layer_parameter_names
 from layerzo.zo import TunedParams, ZOConfig, ZOState, direction_seeds, replay_trajectory, zo_step
 
 WORKER = Path(__file__).with_name("dist_worker.py")
+
+
+def _tune_is_wired() -> bool:
+    """True once layerzo.train / the tune CLI use layerzo.distributed (--shard-batch, --device-map)."""
+    import dataclasses
+
+    from layerzo.train import TuneConfig
+
+    return {"shard_batch", "device_map"} <= {f.name for f in dataclasses.fields(TuneConfig)}
+
+
+needs_wired_tune = pytest.mark.skipif(not _tune_is_wired(), reason="layerzo tune is not wired to layerzo.distributed")
 TORCHRUN_TIMEOUT_S = 180
 
 
@@ -53,13 +65,12 @@ def _free_port() -> int:
 
 
 def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join([str(WORKER.parent.parent), env.get("PYTHONPATH", "")])
-    return env
+    # One thread everywhere: same kernels and reduction order in the ranks and the reference process.
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
-def _run(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S)
+def _run(cmd: list[str], cwd: Path) -> None:
+    proc = subprocess.run(cmd, env=_env(), cwd=cwd, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
 
 
@@ -118,7 +129,8 @@ def test_one_rank_group_collectives(one_process_group, tiny_llama):
     dp = one_process_group
     assert dp.all_gather_floats([1.5, math.nan, math.inf])[0] == 1.5
     assert math.isnan(dp.all_gather_floats([math.nan])[0])
-    assert dp.all_gather_strings("abc") == ["abc"]
+    digest = hashlib.sha256(b"abc").hexdigest()
+    assert dp.all_gather_sha256(digest) == [digest]
     dp.check_same("config", "x")  # one rank always agrees
     dp.barrier()
 
@@ -169,6 +181,18 @@ def test_shard_and_device_and_payload():
         DataParallel(rank=2, world_size=2)
 
 
+def test_init_without_torchrun_is_single_process(monkeypatch):
+    from layerzo.distributed import init_data_parallel
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    dp = init_data_parallel(shard_batch=True)
+    assert not dp.active and dp.is_main and dp.world_size == 1
+    assert dp.shard([1, 2, 3]) == [1, 2, 3]  # sharding is a no-op for one process
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ConfigError, match="WORLD_SIZE must be an integer"):
+        init_data_parallel()
+
+
 def test_weights_digest_tracks_values():
     _, pa = _tiny_params()
     _, pb = _tiny_params()
@@ -210,8 +234,8 @@ def _disk_map(offloaded_layer: int) -> dict:
 
 
 def _steps_on(loaded, layer: int, steps: int = 2) -> dict:
+    assert check_tuned_placement(loaded.model, loaded.layout, [layer]) == "cpu"
     params = TunedParams.from_model(loaded.model, layer_parameter_names(loaded.model, loaded.layout, layer))
-    assert check_tuned_placement(params) == "cpu"
     ids = torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
     loss = lambda: float(loaded.model(input_ids=ids).logits.float().pow(2).mean())  # noqa: E731
     config, state = ZOConfig(lr=0.05, q=2, total_steps=steps), ZOState()
@@ -238,9 +262,9 @@ def test_offloaded_tuned_layer_is_refused(tiny_llama_dir):
     from layerzo.models import load_model
 
     loaded = load_model(str(tiny_llama_dir), device_map=_disk_map(2))
-    params = TunedParams.from_model(loaded.model, layer_parameter_names(loaded.model, loaded.layout, 2))
-    with pytest.raises(ConfigError, match="offloaded by the device map"):
-        check_tuned_placement(params)
+    assert check_tuned_placement(loaded.model, loaded.layout, [1, 3]) == "cpu"
+    with pytest.raises(ConfigError, match=r"tuned tensor model\.layers\.2\..* is offloaded by the device map"):
+        check_tuned_placement(loaded.model, loaded.layout, [1, 2])
 
 
 # ----------------------------------------------------------------------------- torchrun (2 ranks, gloo, CPU)
@@ -257,8 +281,8 @@ def _base_and_replayed(model_dir: Path, out: Path, names: list[str], config: ZOC
 def test_torchrun_two_ranks_match_single_process_q2(tiny_llama_dir, data_dir, tmp_path):
     """(a) both ranks end byte-identical; (b) == one process with q=2 on the same batches; the trajectory replays."""
     dist_out, ref_out = tmp_path / "dist", tmp_path / "ref"
-    _run(torchrun(2, *_worker("dist", tiny_llama_dir, data_dir, dist_out)))
-    _run([sys.executable, *_worker("zo", tiny_llama_dir, data_dir, ref_out, "--world", "2")])
+    _run(torchrun(2, *_worker("dist", tiny_llama_dir, data_dir, dist_out)), tmp_path)
+    _run([sys.executable, *_worker("zo", tiny_llama_dir, data_dir, ref_out, "--world", "2")], tmp_path)
 
     assert _sha(dist_out / "rank0.safetensors") == _sha(dist_out / "rank1.safetensors")
     dist_w, ref_w = load_file(dist_out / "rank0.safetensors"), load_file(ref_out / "rank0.safetensors")
@@ -266,6 +290,10 @@ def test_torchrun_two_ranks_match_single_process_q2(tiny_llama_dir, data_dir, tm
     trajectory = json.loads((dist_out / "trajectory.json").read_text())
     assert trajectory == json.loads((ref_out / "trajectory.json").read_text())
     assert len(trajectory) == 3 and all(len(t["seeds"]) == 2 for t in trajectory)
+    dist_results, ref_results = (json.loads((o / "results.json").read_text()) for o in (dist_out, ref_out))
+    assert dist_results["accuracy"] == ref_results["accuracy"]  # sharded scoring + summed counts
+    assert dist_results["mismatch"].startswith("ranks disagree on the rank id: rank 1 differs from rank 0")
+    assert ref_results["mismatch"] == ""
 
     names = json.loads((dist_out / "results.json").read_text())["names"]
     base, replayed = _base_and_replayed(tiny_llama_dir, dist_out, names,
@@ -278,10 +306,57 @@ def test_torchrun_sharded_batch_and_rejected_step(tiny_llama_dir, data_dir, tmp_
     """Sharded batches + a NaN on rank 1 only: both ranks reject that step and match the emulation."""
     dist_out, ref_out = tmp_path / "dist", tmp_path / "ref"
     extra = ("--shard", "--nan-rank", "1", "--nan-step", "1", "--steps", "3")
-    _run(torchrun(2, *_worker("dist", tiny_llama_dir, data_dir, dist_out, *extra)))
-    _run([sys.executable, *_worker("emulate", tiny_llama_dir, data_dir, ref_out, "--world", "2", *extra)])
+    _run(torchrun(2, *_worker("dist", tiny_llama_dir, data_dir, dist_out, *extra)), tmp_path)
+    _run([sys.executable, *_worker("emulate", tiny_llama_dir, data_dir, ref_out, "--world", "2", *extra)], tmp_path)
 
     assert _sha(dist_out / "rank0.safetensors") == _sha(dist_out / "rank1.safetensors")
     _assert_same_tensors(load_file(dist_out / "rank0.safetensors"), load_file(ref_out / "rank0.safetensors"))
     assert json.loads((dist_out / "results.json").read_text())["applied"] == [True, False, True]
     assert len(json.loads((dist_out / "trajectory.json").read_text())) == 2
+
+
+@needs_wired_tune
+def test_torchrun_layerzo_tune_matches_single_process_q2(tiny_llama_dir, data_dir, tmp_path):
+    """The real ``layerzo tune`` under torchrun: rank 0's patch == a one-process ``--q 2`` patch, bit for bit."""
+    from layerzo.patch import LayerPatch
+
+    common = ["-m", "layerzo.cli.main", "tune", "--model", str(tiny_llama_dir), "--task", "sst2", "--data-dir",
+              str(data_dir), "--layers", "2", "--steps", "3", "--batch-size", "4", "--num-train", "16", "--num-dev", "0",
+              "--num-test", "0", "--max-length", "64", "--lr", "1e-2", "--weight-decay", "0.01", "--quiet"]
+    _run(torchrun(2, *common, "--out", str(tmp_path / "dist")), tmp_path)
+    _run([sys.executable, *common, "--q", "2", "--out", str(tmp_path / "ref")], tmp_path)
+
+    dist_patch, ref_patch = LayerPatch.from_pretrained(tmp_path / "dist"), LayerPatch.from_pretrained(tmp_path / "ref")
+    _assert_same_tensors(dist_patch.tensors, ref_patch.tensors)
+    assert dist_patch.trajectory == ref_patch.trajectory and len(dist_patch.trajectory) == 3
+    assert all(len(step.seeds) == 2 for step in dist_patch.trajectory)
+    info = dist_patch.manifest.metrics["distributed"]
+    assert info["world_size"] == 2 and info["directions_per_step"] == 2 and info["bytes_per_step"] == 32
+    assert len(set(info["rank_weights_sha256"])) == 1 and len(info["rank_weights_sha256"]) == 2
+    assert "distributed" not in ref_patch.manifest.metrics
+
+
+@needs_wired_tune
+def test_tune_cli_device_map_offloading_a_frozen_layer(tiny_llama_dir, data_dir, tmp_path):
+    """``layerzo tune --device-map`` with frozen layer 1 on disk == the plain run; an offloaded tuned layer is refused."""
+    from typer.testing import CliRunner
+
+    from layerzo.cli.main import app
+    from layerzo.patch import LayerPatch
+
+    args = ["tune", "--model", str(tiny_llama_dir), "--task", "sst2", "--data-dir", str(data_dir), "--layers", "2",
+            "--steps", "2", "--batch-size", "2", "--num-train", "4", "--num-dev", "0", "--num-test", "0",
+            "--max-length", "32", "--lr", "1e-2", "--quiet"]
+    runner = CliRunner()
+    mapped = runner.invoke(app, [*args, "--device-map", json.dumps(_disk_map(1)), "--out", str(tmp_path / "mapped")])
+    assert mapped.exit_code == 0, mapped.output
+    plain = runner.invoke(app, [*args, "--out", str(tmp_path / "plain")])
+    assert plain.exit_code == 0, plain.output
+    mapped_patch, plain_patch = (LayerPatch.from_pretrained(tmp_path / d) for d in ("mapped", "plain"))
+    _assert_same_tensors(mapped_patch.tensors, plain_patch.tensors)
+    assert mapped_patch.manifest.recipe["device_map"] == json.dumps(_disk_map(1))
+
+    refused = runner.invoke(app, [*args, "--device-map", json.dumps(_disk_map(2)), "--out", str(tmp_path / "bad")])
+    assert refused.exit_code == 1
+    assert "model.layers.2." in refused.output and "offloaded by the device map" in refused.output
+    assert not (tmp_path / "bad").exists()

@@ -180,9 +180,9 @@ def _cli(*args: str):
 
 def _one_error_line(result) -> str:
     assert result.exit_code == 1, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    return lines[0]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0]), result.stderr  # one line, and last
+    return errors[0]
 
 
 def test_cli_base_and_patch_one_command(tmp_path, tiny_llama_dir, small_data_dir):

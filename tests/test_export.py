@@ -24,7 +24,7 @@ from layerzo.export import ExportConfig, export_model, export_onnx, verify_onnx
 @pytest.fixture(scope="module")
 def llama_export(tmp_path_factory, tokenizer):
     """(model, tokenizer, report) of a dynamo export of a tiny Llama at the default shapes."""
-    model = make_tiny_model("llama", seed=3)
+    model = make_tiny_model("llama", num_layers=2, seed=3)  # the dynamo exporter's time grows with depth
     out = tmp_path_factory.mktemp("onnx") / "llama-onnx"
     report = export_model(model, tokenizer, out, ExportConfig(exporter="dynamo", latency_runs=2))
     return model, tokenizer, report
@@ -95,7 +95,7 @@ def test_left_padding_matches_unpadded_row(llama_export):
 
 def test_changed_weights_fail_verification(llama_export):
     model, tokenizer, report = llama_export
-    tampered = make_tiny_model("llama", seed=3)
+    tampered = make_tiny_model("llama", num_layers=2, seed=3)
     with torch.no_grad():
         tampered.model.layers[1].mlp.down_proj.weight.mul_(3.0)
     with pytest.raises(ExportError, match=r"max \|dlogits\|"):
@@ -149,11 +149,12 @@ def test_output_exists_and_overwrite(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    with pytest.raises(OutputExistsError) as info:
         export_onnx(make_tiny_model("llama"), out, exporter="torchscript")
+    assert str(out) in info.value.one_line() and "--overwrite" in info.value.one_line()
     assert (out / "keep.txt").is_file()
     export_onnx(make_tiny_model("llama"), out, exporter="torchscript", overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == [ex.ONNX_DATA_NAME, ex.ONNX_FILE_NAME]
+    assert sorted(p.name for p in out.iterdir()) == sorted([ex.ONNX_FILE_NAME, ex.ONNX_DATA_NAME])
 
 
 @pytest.mark.parametrize(

@@ -409,3 +409,22 @@ def test_demo_gguf_base_round_trip(demo_model, tmp_path):
         assert (out / "tokenizer.json").is_file() or (out / "tokenizer.model").is_file()
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def test_patch_from_layerzo_tune_applies_and_replays(tiny_llama_dir, data_dir, tmp_path):
+    """End to end through the tune engineer's train.py: tune -> patch -> apply -> same logits; replay exact."""
+    from layerzo.replay import replay_patch
+    from layerzo.train import TuneConfig, tune
+
+    config = TuneConfig(task="sst2", model=str(tiny_llama_dir), data_dir=str(data_dir), layers="2", steps=3,
+                        batch_size=2, lr=1e-2, num_train=8, num_dev=0, num_test=4, eval_every=3, max_length=64,
+                        cache_lower_layers=False)
+    patch_dir = tmp_path / "tuned"
+    tune(config, patch_dir, progress=False)
+    patch = LayerPatch.from_pretrained(patch_dir)
+    assert patch.manifest.layers == (2,) and patch.trajectory
+    report = apply_patch(tiny_llama_dir, patch_dir, tmp_path / "out")
+    assert len(report.rewritten) == 2  # layer 2 straddles two shards
+    assert torch.equal(logits(load_dir(tmp_path / "out")), logits(layerzo.load(tiny_llama_dir, patch_dir)[0]))
+    replayed = replay_patch(tiny_llama_dir, patch)
+    assert replayed.bit_exact and replayed.max_abs_diff == 0.0

@@ -1,0 +1,177 @@
+"""Benchmark: ``layerzo export-onnx`` on the demo model + a one-layer patch; ORT vs PyTorch.
+
+1. Makes (once, cached in ``--work``) a patch of the demo SmolLM2-135M's middle
+   layer: base weights + 1e-3 · N(0, 1) noise, seed 0 — a stand-in for a tuned
+   layer with the real file format and fingerprints.
+2. Runs the CLI exactly as a user would, in a subprocess:
+   ``layerzo export-onnx --patch PATCH -o OUT --json --overwrite`` (export,
+   verification at 3x23 with padded rows, latency) and keeps its JSON report.
+3. In this process, loads the same patched model and the exported graph and,
+   at fixed shapes, measures max |Δlogits| over real positions and the median
+   forward time of ONNX Runtime and PyTorch (interleaved, same inputs).
+
+Writes ``benchmarks/results/export.json`` and ``export.md``.
+
+    python benchmarks/bench_export.py [--out /tmp/smol-onnx] [--work DIR] [--shapes 1x128,4x64] [--runs 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def prepare_patch(work: Path) -> Path:
+    """A float32 patch of the demo's middle layer (cached: reused when present)."""
+    import torch
+
+    from layerzo import __version__
+    from layerzo.hashing import tensor_sha256
+    from layerzo.layers import layer_parameter_names
+    from layerzo.models import load_model
+    from layerzo.patch import FORMAT_VERSION, MANIFEST_NAME, LayerPatch, PatchManifest
+
+    patch_dir = work / "patch"
+    if (patch_dir / MANIFEST_NAME).is_file():
+        return patch_dir
+    loaded = load_model(None)
+    layer = loaded.num_layers // 2
+    names = layer_parameter_names(loaded.model, loaded.layout, layer)
+    state = loaded.model.state_dict()
+    gen = torch.Generator().manual_seed(0)
+    tensors = {n: state[n] + 1e-3 * torch.randn(state[n].shape, generator=gen) for n in names}
+    manifest = PatchManifest(
+        format_version=FORMAT_VERSION, layerzo_version=__version__, base_model=loaded.source.name,
+        base_revision=None, architecture=type(loaded.model).__name__, num_layers=loaded.num_layers,
+        layers=(layer,), kind="layers", dtype="float32",
+        base_fingerprint={n: tensor_sha256(state[n]) for n in names}, recipe={"benchmark": "export"},
+        profile=None, metrics={},
+    )
+    LayerPatch(manifest, tensors).save_pretrained(patch_dir, overwrite=True)
+    return patch_dir
+
+
+def run_cli(patch: Path | None, out: Path, opset: int) -> tuple[dict, float, list[str]]:
+    """The user-facing command in a fresh process; returns (its JSON report, wall seconds, argv)."""
+    argv = ["layerzo", "export-onnx", "-o", str(out), "--opset", str(opset), "--json", "--overwrite"]
+    if patch is not None:
+        argv[2:2] = ["--patch", str(patch)]
+    cli = [sys.executable, "-c", "from layerzo.cli.main import main; main()", *argv[1:]]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cli, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"export failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout), seconds, argv
+
+
+def measure(out: Path, patch: Path | None, shapes: list[tuple[int, int]], runs: int, atol: float) -> list[dict]:
+    """max |Δlogits| and ORT/PyTorch latency at each padded shape, same model the CLI exported."""
+    from layerzo.export import ONNX_FILE_NAME, _session, make_verification_inputs, measure_latency, verify_onnx
+
+    if patch is not None:
+        from layerzo.api import load
+
+        model, tokenizer = load(None, patch)
+    else:
+        from layerzo.models import load_model
+
+        loaded = load_model(None)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    session = _session(out / ONNX_FILE_NAME)
+    rows = []
+    for batch, seq_len in shapes:
+        inputs = make_verification_inputs(model, tokenizer, batch, seq_len, seed=1)
+        check = verify_onnx(session, model, inputs=inputs, atol=atol)
+        lat = measure_latency(session, model, *inputs, runs=runs)
+        rows.append({"shape": [batch, seq_len], "padded_rows": check.padded_rows,
+                     "max_abs_diff": check.max_abs_diff, "argmax_mismatches": check.argmax_mismatches,
+                     "ort_ms": lat.ort_ms, "torch_ms": lat.torch_ms, "ratio": lat.ratio, "runs": runs})
+    return rows
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+    import onnxscript
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "onnxscript": onnxscript.__version__,
+            "torch_threads": torch.get_num_threads()}
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    rep, m = result["cli_report"], result["machine"]
+    v = rep["verify"]
+    lines = [
+        "# layerzo export-onnx: demo model + one-layer patch", "",
+        f"Command: `{result['command']}`  ",
+        f"Export command (run by the benchmark): `{result['export_command']}`  ",
+        f"Machine: {m['platform']}, {m['cpus']} CPUs; " + ", ".join(f"{k} {v_}" for k, v_ in result["versions"].items()),
+        "",
+        f"Model: {rep['source'].get('base_model')} + patch {result['patch_desc']}; exporter **{rep['exporter']}** "
+        f"(opset {rep['opset']}, {rep['dtype']}), export {rep['export_seconds']:.0f} s, whole CLI run "
+        f"{result['cli_seconds']:.0f} s.", "",
+        f"Size: **{rep['size_bytes'] / 2**20:.1f} MiB** ({rep['size_bytes']} bytes: "
+        + ", ".join(f"{k} {b}" for k, b in rep["files"].items()) + ").", "",
+        f"CLI verification at {v['batch']}x{v['seq_len']} ({v['padded_rows']} padded rows, {v['real_positions']} real "
+        f"positions): max |Δlogits| {v['max_abs_diff']:.2e} (atol {v['atol']:g}), argmax mismatches "
+        f"{v['argmax_mismatches']}. Export example shape {rep['example_shape'][0]}x{rep['example_shape'][1]}.", "",
+        "| shape (padded rows) | max abs Δlogits | argmax mismatches | ORT ms | PyTorch ms | ORT / PyTorch |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["fixed_shapes"]:
+        lines.append(f"| {r['shape'][0]}x{r['shape'][1]} ({r['padded_rows']}) | {r['max_abs_diff']:.2e} | "
+                     f"{r['argmax_mismatches']} | {r['ort_ms']:.1f} | {r['torch_ms']:.1f} | **{r['ratio']:.2f}x** |")
+    lines += ["", f"Latency: median of {result['runs']} interleaved forward passes per runtime (one warm-up each), "
+              "same padded inputs, ONNX Runtime CPUExecutionProvider with default threads vs PyTorch eager "
+              f"(sdpa, {result['versions']['torch_threads']} threads). The machine is shared, so absolute times are "
+              "noisy; the ratio, measured side by side, is the number to read.", ""]
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/smol-onnx"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/layerzo-bench-export"))
+    parser.add_argument("--no-patch", action="store_true", help="Export the base model only.")
+    parser.add_argument("--opset", type=int, default=18)
+    parser.add_argument("--shapes", default="1x128,4x64")
+    parser.add_argument("--runs", type=int, default=10)
+    args = parser.parse_args()
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    patch = None if args.no_patch else prepare_patch(args.work)
+    report, cli_seconds, argv = run_cli(patch, args.out, args.opset)
+    rows = measure(args.out, patch, shapes, args.runs, report["verify"]["atol"])
+    result = {
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "export_command": " ".join(argv),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "versions": versions(),
+        "patch_desc": "none (base only)" if patch is None else
+        "of the middle layer (base + 1e-3·N(0,1), seed 0; made by this benchmark)",
+        "cli_seconds": round(cli_seconds, 1),
+        "cli_report": report,
+        "runs": args.runs,
+        "fixed_shapes": rows,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "export.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, RESULTS / "export.md")
+    print((RESULTS / "export.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""LoRA-ZO: adapters start at the base model, use patch key names, merge exactly, tune with the engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from layerzo import zo
+from layerzo.errors import ArchitectureError, ConfigError
+from layerzo.layers import find_layer_layout
+from layerzo.lora import LoRALinear, add_lora, lora_base_names, lora_delta, remove_lora
+
+IDS = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def test_adapters_start_at_the_base_model_with_patch_key_names():
+    model = make_tiny_model("llama")
+    before = model(input_ids=IDS).logits
+    names = add_lora(model, find_layer_layout(model), [1], r=4, alpha=8)
+    assert names == [f"model.layers.1.self_attn.{p}_proj.lora_{m}.weight" for p in "qv" for m in "AB"]
+    params = dict(model.named_parameters())
+    assert params[names[0]].shape == (4, 32) and params[names[1]].shape[1] == 4
+    assert all(params[n].dtype == torch.float32 for n in names)
+    assert torch.equal(model(input_ids=IDS).logits, before)  # B = 0
+    assert lora_base_names(names) == [f"model.layers.1.self_attn.{p}_proj.weight" for p in "qv"]
+
+
+def test_merged_delta_equals_the_wrapped_forward():
+    model = make_tiny_model("llama")
+    reference = make_tiny_model("llama")
+    add_lora(model, find_layer_layout(model), [0, 2], r=2, alpha=6)
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.lora_B.weight.normal_(generator=torch.Generator().manual_seed(1))
+    wrapped = model(input_ids=IDS).logits
+    ref_params = dict(reference.named_parameters())
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            ref_params[name + ".weight"].add_(lora_delta(module.lora_A.weight, module.lora_B.weight, module.scaling))
+    torch.testing.assert_close(reference(input_ids=IDS).logits, wrapped, atol=1e-5, rtol=1e-4)
+    remove_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert torch.equal(model(input_ids=IDS).logits, make_tiny_model("llama")(input_ids=IDS).logits)
+
+
+def test_zo_step_moves_adapters_only_and_restores_exactly():
+    model = make_tiny_model("llama")
+    names = add_lora(model, find_layer_layout(model), [2])
+    frozen = {n: p.clone() for n, p in model.named_parameters() if "lora_" not in n}
+    params = zo.TunedParams.from_model(model, names)
+    snap = [t.clone() for t in params.tensors]
+
+    def loss():
+        return float(model(input_ids=IDS).logits.float().pow(2).mean())
+
+    zo.zo_step(params, loss, 0, zo.ZOConfig(lr=0.0, eps=1e-2), zo.ZOState())
+    assert all(torch.equal(t, s) for t, s in zip(params.tensors, snap))
+    zo.zo_step(params, loss, 1, zo.ZOConfig(lr=1e-2, eps=1e-2), zo.ZOState())
+    assert not all(torch.equal(t, s) for t, s in zip(params.tensors, snap))
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_bf16_model_keeps_fp32_adapters():
+    model = make_tiny_model("llama").to(torch.bfloat16)
+    names = add_lora(model, find_layer_layout(model), [1])
+    params = dict(model.named_parameters())
+    assert params[names[0]].dtype == torch.float32
+    assert model(input_ids=IDS).logits.dtype == torch.bfloat16
+
+
+def test_same_seed_same_init():
+    a, b = make_tiny_model("llama"), make_tiny_model("llama")
+    na = add_lora(a, find_layer_layout(a), [1], seed=5)
+    add_lora(b, find_layer_layout(b), [1], seed=5)
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert all(torch.equal(pa[n], pb[n]) for n in na)
+
+
+def test_fused_attention_and_bad_rank_are_refused():
+    gpt2 = make_tiny_model("gpt2")
+    with pytest.raises(ArchitectureError, match="q_proj/v_proj"):
+        add_lora(gpt2, find_layer_layout(gpt2), [0])
+    llama = make_tiny_model("llama")
+    with pytest.raises(ConfigError, match="lora_rank"):
+        add_lora(llama, find_layer_layout(llama), [0], r=0)
+    with pytest.raises(ConfigError, match="lora_alpha"):
+        add_lora(llama, find_layer_layout(llama), [0], alpha=-1)

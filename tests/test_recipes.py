@@ -1,0 +1,80 @@
+"""Recipes: YAML keys map one to one onto TuneConfig fields; options override recipes."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from layerzo.errors import ConfigError
+from layerzo.recipes import build_config, dump_recipe, load_recipe, recipe_fields, validate_recipe
+from layerzo.train import TuneConfig
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def test_recipe_fields_are_the_config_fields():
+    assert recipe_fields() == tuple(f.name for f in dataclasses.fields(TuneConfig))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_load_into_a_config(path):
+    data = load_recipe(path)
+    config = build_config(data)
+    assert config.layers == "dominant" and config.task == "sst2"
+    for key, value in data.items():
+        assert getattr(config, key) == value
+
+
+def test_shipped_recipes_cover_the_three_models():
+    assert {p.name for p in RECIPES} >= {"smollm2-135m.yaml", "llama2-7b.yaml", "qwen3-8b.yaml"}
+
+
+def test_unknown_key_is_refused_with_a_suggestion(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("stepz: 10\n")
+    with pytest.raises(ConfigError, match="unknown key 'stepz'") as info:
+        load_recipe(path)
+    assert "steps" in info.value.one_line()
+
+
+def test_loose_yaml_values_are_coerced(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("lr: 1e-4\nlayers: [7, 3]\nsteps: 20.0\nmax_abs_grad: null\n")
+    data = load_recipe(path)
+    assert data == {"lr": 1e-4, "layers": "7,3", "steps": 20, "max_abs_grad": None}
+    assert build_config(data).layers == "7,3"
+
+
+@pytest.mark.parametrize("data, match", [({"lora": "yes"}, "lora"), ({"steps": 1.5}, "steps"),
+                                         ({"lr": "fast"}, "lr"), ({"task": None}, "task"),
+                                         ({"lr": True}, "lr")])
+def test_bad_values_are_named(data, match):
+    with pytest.raises(ConfigError, match=match):
+        validate_recipe(data)
+
+
+def test_options_override_recipe_override_defaults():
+    config = build_config({"steps": 50, "lr": 1e-3}, {"steps": 7, "eps": None})
+    assert (config.steps, config.lr, config.eps) == (7, 1e-3, TuneConfig().eps)
+
+
+def test_dump_and_load_round_trip(tmp_path):
+    config = TuneConfig(steps=12, lr=3e-4, layers="3,7", lora=True, model="org/name", max_abs_grad=None)
+    path = dump_recipe(config, tmp_path / "sub" / "r.yaml")
+    assert build_config(load_recipe(path)) == config
+    assert not list(path.parent.glob(".*tmp"))
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_recipe(listy)

@@ -1,0 +1,165 @@
+"""The tune loop end to end on a tiny checkpoint, plus the CLI and the demo smoke test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from layerzo.errors import ConfigError, DivergenceError, LayerIndexError, OutputExistsError
+from layerzo.hashing import tensor_sha256
+from layerzo.models import load_model
+from layerzo.patch import MANIFEST_NAME, TRAJECTORY_NAME, WEIGHTS_NAME, LayerPatch
+from layerzo.train import METRICS_NAME, TuneConfig, train_batches, tune
+from layerzo.zo import TunedParams, replay_trajectory
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(tiny_llama_dir, data_dir, **kw) -> TuneConfig:
+    base = dict(model=str(tiny_llama_dir), data_dir=str(data_dir), layers="2", steps=4, batch_size=4,
+                eval_every=2, num_train=16, num_dev=8, num_test=8, lr=1e-3, eps=1e-2)
+    return TuneConfig(**{**base, **kw})
+
+
+def _keys(patch_dir: Path) -> list[str]:
+    with safe_open(patch_dir / WEIGHTS_NAME, "pt") as f:
+        return list(f.keys())
+
+
+def test_tune_writes_a_one_layer_patch_with_manifest_and_metrics(tiny_llama_dir, data_dir, tmp_path):
+    out = tmp_path / "patch"
+    result = tune(_config(tiny_llama_dir, data_dir), out, progress=False)
+    assert result.layers == (2,)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [WEIGHTS_NAME, MANIFEST_NAME, TRAJECTORY_NAME, "README.md", METRICS_NAME])
+    keys = _keys(out)
+    assert keys and all(k.startswith("model.layers.2.") for k in keys)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    base = dict(load_model(str(tiny_llama_dir)).model.named_parameters())
+    assert manifest["base_fingerprint"] == {k: tensor_sha256(base[k]) for k in keys}
+    assert manifest["kind"] == "layers" and manifest["layers"] == [2] and manifest["recipe"]["lr"] == 1e-3
+    for name in ("zero_shot_dev_acc", "zero_shot_test_acc", "best_dev_acc", "test_acc", "steps_per_second"):
+        assert name in manifest["metrics"]
+    rows = [json.loads(line) for line in (out / METRICS_NAME).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert {"loss_plus", "loss_minus", "grad", "lr", "seconds"} <= set(rows[0]) and "dev_acc" in rows[1]
+
+
+def test_same_seed_gives_byte_identical_patch_and_replay_rebuilds_it(tiny_llama_dir, data_dir, tmp_path):
+    cfg = _config(tiny_llama_dir, data_dir, num_dev=0, q=2, momentum=0.5, weight_decay=0.01)  # no dev: final weights
+    a, b = tmp_path / "a", tmp_path / "b"
+    tune(cfg, a, progress=False)
+    tune(cfg, b, progress=False)
+    for name in (WEIGHTS_NAME, TRAJECTORY_NAME):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    patch = LayerPatch.from_pretrained(a)
+    assert len(patch.trajectory) == 4
+    base = load_model(str(tiny_llama_dir)).model
+    params = TunedParams.from_model(base, patch.manifest.metrics["replay"]["tensor_order"])
+    assert not all(torch.equal(t, patch.tensors[n]) for n, t in zip(params.names, params.tensors))
+    replay_trajectory(params, patch.trajectory, cfg.zo_config())
+    for n, t in zip(params.names, params.tensors):
+        assert torch.equal(t, patch.tensors[n]), n
+
+
+def test_multi_layer_all_and_lora_share_the_format(tiny_llama_dir, data_dir, tmp_path):
+    multi = tune(_config(tiny_llama_dir, data_dir, layers="1,3", steps=2), tmp_path / "m", progress=False)
+    assert multi.layers == (1, 3)
+    assert {k.split(".")[2] for k in _keys(tmp_path / "m")} == {"1", "3"}
+    full = tune(_config(tiny_llama_dir, data_dir, layers="all", steps=2), tmp_path / "all", progress=False)
+    assert full.layers == (0, 1, 2, 3)
+    lora = tune(_config(tiny_llama_dir, data_dir, lora=True, steps=2, num_dev=0), tmp_path / "l", progress=False)
+    patch = LayerPatch.from_pretrained(lora.out_dir)
+    assert patch.manifest.kind == "lora" and patch.manifest.lora["r"] == 8
+    assert sorted(patch.tensors) == sorted(
+        f"model.layers.2.self_attn.{p}_proj.lora_{m}.weight" for p in "qv" for m in "AB")
+    assert sorted(patch.manifest.base_fingerprint) == [f"model.layers.2.self_attn.{p}_proj.weight" for p in "qv"]
+    assert any(bool(t.abs().sum() > 0) for k, t in patch.tensors.items() if "lora_B" in k)  # B moved off zero
+
+
+def test_bf16_run_keeps_fp32_master_and_moves(tiny_llama_dir, data_dir, tmp_path):
+    result = tune(_config(tiny_llama_dir, data_dir, dtype="bfloat16", num_dev=0, lr=1e-4), tmp_path / "p",
+                  progress=False)
+    patch = LayerPatch.from_pretrained(result.out_dir)
+    assert patch.manifest.dtype == "float32"
+    base = dict(load_model(str(tiny_llama_dir), dtype="bfloat16").model.named_parameters())
+    assert any(not torch.equal(t, base[k].float()) for k, t in patch.tensors.items())
+
+
+def test_existing_output_is_refused_before_any_work(tmp_path, data_dir):
+    out = tmp_path / "p"
+    out.mkdir()
+    (out / "x").write_text("x")
+    cfg = TuneConfig(model=str(tmp_path / "no-such-model"), data_dir=str(data_dir))
+    with pytest.raises(OutputExistsError, match="already exists"):
+        tune(cfg, out, progress=False)
+
+
+def test_layer_out_of_range_is_one_clear_line(tiny_llama_dir, data_dir, tmp_path):
+    with pytest.raises(LayerIndexError, match=r"out of range.*4 decoder layers") as info:
+        tune(_config(tiny_llama_dir, data_dir, layers="7"), tmp_path / "p", progress=False)
+    assert "\n" not in info.value.one_line()
+
+
+def test_divergence_raises_and_still_writes_the_best_patch(tiny_llama_dir, data_dir, tmp_path):
+    cfg = _config(tiny_llama_dir, data_dir, lr=1e30, steps=10, eval_every=100, max_bad_steps=2)
+    with pytest.raises(DivergenceError, match="diverged") as info:
+        tune(cfg, tmp_path / "p", progress=False)
+    assert "\n" not in info.value.one_line()
+    patch = LayerPatch.from_pretrained(tmp_path / "p")  # the zero-shot (best-dev) weights, all finite
+    assert patch.manifest.metrics["diverged"] and patch.trajectory == []
+
+
+def test_train_batches_are_seeded_epochs():
+    a, b = train_batches(10, 4, seed=1), train_batches(10, 4, seed=1)
+    first = [next(a) for _ in range(4)]
+    assert first == [next(b) for _ in range(4)]
+    assert len(set(first[0] + first[1])) == 8 and all(len(x) == 4 for x in first)
+    assert next(train_batches(3, 16, seed=0)) and len(next(train_batches(3, 16, seed=0))) == 3
+
+
+@pytest.mark.parametrize("kw, match", [({"steps": 0}, "steps"), ({"dtype": "int8"}, "dtype"),
+                                       ({"lr": -1.0}, "lr"), ({"lr_schedule": "cos"}, "lr_schedule"),
+                                       ({"batch_size": 1.5}, "batch_size")])
+def test_bad_config_is_named(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        TuneConfig(**kw)
+
+
+def test_cli_options_override_the_recipe(tiny_llama_dir, data_dir, tmp_path):
+    from layerzo.cli.main import app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {tiny_llama_dir}\nlayers: 1\nsteps: 5\nbatch_size: 2\nnum_train: 8\nnum_dev: 4\n"
+                      "num_test: 4\nlr: 1e-3\neval_every: 100\n")
+    out = tmp_path / "p"
+    res = CliRunner().invoke(app, ["tune", "--recipe", str(recipe), "--data-dir", str(data_dir), "--steps", "2",
+                                   "--quiet", "--json", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["metrics"]["steps"] == 2 and data["layers"] == [1]
+    again = CliRunner().invoke(app, ["tune", "--recipe", str(recipe), "--out", str(out), "--quiet"])
+    assert again.exit_code == 1 and "already exists" in again.output
+
+
+@pytest.mark.demo
+def test_demo_cli_tune_writes_a_small_one_layer_patch(data_dir, tmp_path):
+    from layerzo.cli.main import app
+
+    out = tmp_path / "P"
+    res = CliRunner().invoke(app, ["tune", "--task", "sst2", "--data-dir", str(data_dir), "--steps", "3",
+                                   "--num-train", "32", "--num-dev", "8", "--num-test", "8", "--batch-size", "4",
+                                   "--quiet", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    keys = _keys(out)
+    assert len({k.split(".")[2] for k in keys}) == 1 and all(k.startswith("model.layers.") for k in keys)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["profile"]["pick"]["layer"] == manifest["layers"][0]
+    model = load_model(None).model
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert (out / WEIGHTS_NAME).stat().st_size < 0.05 * model_bytes
