@@ -59,11 +59,14 @@ def prepare_patch(work: Path) -> Path:
     return patch_dir
 
 
+def cli_argv(patch: Path | None, out: Path, opset: int) -> list[str]:
+    argv = ["layerzo", "export-onnx", "-o", str(out), "--opset", str(opset), "--json", "--overwrite"]
+    return argv[:2] + ["--patch", str(patch)] + argv[2:] if patch is not None else argv
+
+
 def run_cli(patch: Path | None, out: Path, opset: int) -> tuple[dict, float, list[str]]:
     """The user-facing command in a fresh process; returns (its JSON report, wall seconds, argv)."""
-    argv = ["layerzo", "export-onnx", "-o", str(out), "--opset", str(opset), "--json", "--overwrite"]
-    if patch is not None:
-        argv[2:2] = ["--patch", str(patch)]
+    argv = cli_argv(patch, out, opset)
     cli = [sys.executable, "-c", "from layerzo.cli.main import main; main()", *argv[1:]]
     t0 = time.perf_counter()
     proc = subprocess.run(cli, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -73,9 +76,16 @@ def run_cli(patch: Path | None, out: Path, opset: int) -> tuple[dict, float, lis
     return json.loads(proc.stdout), seconds, argv
 
 
-def measure(out: Path, patch: Path | None, shapes: list[tuple[int, int]], runs: int, atol: float) -> list[dict]:
-    """max |Δlogits| and ORT/PyTorch latency at each padded shape, same model the CLI exported."""
-    from layerzo.export import ONNX_FILE_NAME, _session, make_verification_inputs, measure_latency, verify_onnx
+def measure(out: Path, patch: Path | None, shapes: list[tuple[int, int]], runs: int, atol: float,
+            threads: int) -> list[dict]:
+    """max |Δlogits| and ORT/PyTorch latency at each padded shape, same model the CLI exported.
+
+    Both runtimes get the same thread count: on a shared machine a 2-thread
+    PyTorch loses far more to spin-waiting than ORT does, which skews the ratio.
+    """
+    import torch
+
+    from layerzo.export import ONNX_FILE_NAME, make_verification_inputs, measure_latency, ort_session, verify_onnx
 
     if patch is not None:
         from layerzo.api import load
@@ -86,7 +96,8 @@ def measure(out: Path, patch: Path | None, shapes: list[tuple[int, int]], runs: 
 
         loaded = load_model(None)
         model, tokenizer = loaded.model, loaded.tokenizer
-    session = _session(out / ONNX_FILE_NAME)
+    torch.set_num_threads(threads)
+    session = ort_session(out / ONNX_FILE_NAME, threads=threads)
     rows = []
     for batch, seq_len in shapes:
         inputs = make_verification_inputs(model, tokenizer, batch, seq_len, seed=1)
@@ -112,16 +123,18 @@ def versions() -> dict:
 
 def write_markdown(result: dict, path: Path) -> None:
     rep, m = result["cli_report"], result["machine"]
+    cli_s = "reused" if result["cli_seconds"] is None else f"{result['cli_seconds']:.0f} s"
     v = rep["verify"]
     lines = [
         "# layerzo export-onnx: demo model + one-layer patch", "",
         f"Command: `{result['command']}`  ",
-        f"Export command (run by the benchmark): `{result['export_command']}`  ",
+        f"Export command (run by the benchmark{'; output reused from an earlier run' if result['cli_seconds'] is None else ''}): "
+        f"`{result['export_command']}`  ",
         f"Machine: {m['platform']}, {m['cpus']} CPUs; " + ", ".join(f"{k} {v_}" for k, v_ in result["versions"].items()),
         "",
         f"Model: {rep['source'].get('base_model')} + patch {result['patch_desc']}; exporter **{rep['exporter']}** "
         f"(opset {rep['opset']}, {rep['dtype']}), export {rep['export_seconds']:.0f} s, whole CLI run "
-        f"{result['cli_seconds']:.0f} s.", "",
+        f"{cli_s}.", "",
         f"Size: **{rep['size_bytes'] / 2**20:.1f} MiB** ({rep['size_bytes']} bytes: "
         + ", ".join(f"{k} {b}" for k, b in rep["files"].items()) + ").", "",
         f"CLI verification at {v['batch']}x{v['seq_len']} ({v['padded_rows']} padded rows, {v['real_positions']} real "
@@ -134,8 +147,10 @@ def write_markdown(result: dict, path: Path) -> None:
         lines.append(f"| {r['shape'][0]}x{r['shape'][1]} ({r['padded_rows']}) | {r['max_abs_diff']:.2e} | "
                      f"{r['argmax_mismatches']} | {r['ort_ms']:.1f} | {r['torch_ms']:.1f} | **{r['ratio']:.2f}x** |")
     lines += ["", f"Latency: median of {result['runs']} interleaved forward passes per runtime (one warm-up each), "
-              "same padded inputs, ONNX Runtime CPUExecutionProvider with default threads vs PyTorch eager "
-              f"(sdpa, {result['versions']['torch_threads']} threads). The machine is shared, so absolute times are "
+              "same padded inputs, ONNX Runtime CPUExecutionProvider vs PyTorch eager (sdpa), both with "
+              f"{result['threads']} intra-op thread(s). The CLI's own latency line ({rep['latency']['shape'][0]}x"
+              f"{rep['latency']['shape'][1]}, default threads): ORT {rep['latency']['ort_ms']:.1f} ms, PyTorch "
+              f"{rep['latency']['torch_ms']:.1f} ms. The machine is shared, so absolute times are "
               "noisy; the ratio, measured side by side, is the number to read.", ""]
     path.write_text("\n".join(lines))
 
@@ -148,13 +163,19 @@ def main() -> None:
     parser.add_argument("--opset", type=int, default=18)
     parser.add_argument("--shapes", default="1x128,4x64")
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="Threads for both runtimes in the fixed-shape timing.")
+    parser.add_argument("--reuse", action="store_true", help="Reuse OUT and its export_report.json (skip export).")
     args = parser.parse_args()
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
 
     args.work.mkdir(parents=True, exist_ok=True)
     patch = None if args.no_patch else prepare_patch(args.work)
-    report, cli_seconds, argv = run_cli(patch, args.out, args.opset)
-    rows = measure(args.out, patch, shapes, args.runs, report["verify"]["atol"])
+    if args.reuse:
+        report, cli_seconds, argv = (
+            json.loads((args.out / "export_report.json").read_text()), None, cli_argv(patch, args.out, args.opset))
+    else:
+        report, cli_seconds, argv = run_cli(patch, args.out, args.opset)
+    rows = measure(args.out, patch, shapes, args.runs, report["verify"]["atol"], args.threads)
     result = {
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "export_command": " ".join(argv),
@@ -162,7 +183,8 @@ def main() -> None:
         "versions": versions(),
         "patch_desc": "none (base only)" if patch is None else
         "of the middle layer (base + 1e-3·N(0,1), seed 0; made by this benchmark)",
-        "cli_seconds": round(cli_seconds, 1),
+        "cli_seconds": None if cli_seconds is None else round(cli_seconds, 1),
+        "threads": args.threads,
         "cli_report": report,
         "runs": args.runs,
         "fixed_shapes": rows,

@@ -1,9 +1,89 @@
-"""CLI command(s) for sweep."""
+"""``layerzo sweep``: ZO-tune every layer alone (same recipe, same seed) + the whole-model MeZO baseline.
+
+Options map one to one onto :class:`layerzo.sweep.SweepConfig` fields.
+"""
 
 from __future__ import annotations
 
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+
+from .common import DataDirOpt, DeviceOpt, JsonOpt, ModelOpt, SeedOpt, emit_json, err_console, handle_errors
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's command(s) to the app."""
+    """Add ``sweep`` to the app."""
+    app.command("sweep")(sweep)
+
+
+@handle_errors
+def sweep(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for sweep.jsonl/.json/.csv/.md/.png.")],
+    model: ModelOpt = None,
+    task: Annotated[str, typer.Option("--task", help="Task name (sst2, rte, ...) or task YAML.")] = "sst2",
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Several tasks, e.g. sst2,rte (overrides --task).")] = None,
+    data_dir: DataDirOpt = None,
+    layers: Annotated[str, typer.Option("--layers", help="Layers tuned one at a time: all, 0-29, 3,7 or 0-3,11.")] = "all",
+    full: Annotated[bool, typer.Option("--full/--no-full", help="Also run the whole-model MeZO baseline.")] = True,
+    steps: Annotated[int, typer.Option("--steps", help="ZO steps per run.")] = 100,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step.")] = 16,
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate of a one-layer run.")] = 1e-3,
+    full_lr: Annotated[
+        Optional[float], typer.Option("--full-lr", help="Learning rate of the whole-model run [default: lr / num_layers].")
+    ] = None,
+    eps: Annotated[float, typer.Option("--eps", help="Perturbation scale.")] = 1e-3,
+    seed: SeedOpt = 0,
+    eval_every: Annotated[int, typer.Option("--eval-every", help="Dev evaluation every N steps.")] = 50,
+    num_train: Annotated[int, typer.Option("--num-train", help="Training examples.")] = 1000,
+    num_dev: Annotated[int, typer.Option("--num-dev", help="Dev examples.")] = 200,
+    num_test: Annotated[int, typer.Option("--num-test", help="Test examples.")] = 500,
+    eval_batch_size: Annotated[int, typer.Option("--eval-batch-size", help="Batch size for dev/test.")] = 32,
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per sequence at most.")] = 128,
+    device: DeviceOpt = "cpu",
+    resume: Annotated[bool, typer.Option("--resume", help="Skip runs already in OUT/sweep.jsonl (same recipe only).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Tune each layer ALONE with one recipe, compare with whole-model MeZO, mark the profiled layer."""
+    from layerzo.sweep import SweepConfig, run_sweep
+
+    names = tuple(t.strip() for t in (tasks or task).split(",") if t.strip())
+    config = SweepConfig(
+        tasks=names, model=model, data_dir=str(data_dir) if data_dir else None, layers=layers, full=full,
+        steps=steps, batch_size=batch_size, lr=lr, full_lr=full_lr, eps=eps, seed=seed, eval_every=eval_every,
+        num_train=num_train, num_dev=num_dev, num_test=num_test, eval_batch_size=eval_batch_size,
+        max_length=max_length, device=device,
+    )
+    command = "layerzo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    doc = run_sweep(config, out, resume=resume, progress=not quiet, log=lambda m: err_console.print(m, highlight=False),
+                    command=command)
+    if json_out:
+        emit_json(doc)
+        return
+    _print_table(doc)
+    typer.echo(doc["verdict"])
+
+
+def _print_table(doc: dict) -> None:
+    from rich.table import Table
+
+    from layerzo.sweep_report import pct, rank_of
+
+    for task, s in doc["tasks"].items():
+        table = Table(title=f"{task}: each layer tuned alone", title_justify="left")
+        for col in ("layer", "dev acc", "test acc", "rank", "final loss", "wall s"):
+            table.add_column(col, justify="right")
+        for r in s["layers"]:
+            name = f"[bold red]{r['layer']} (pick)[/]" if r["is_profiled_pick"] else str(r["layer"])
+            loss = "-" if r["final_loss"] is None else f"{r['final_loss']:.4f}"
+            table.add_row(name, pct(r["dev_acc"]), pct(r["test_acc"]), str(rank_of(s["layers"], r["layer"])), loss,
+                          f"{r['wall_seconds']:.0f}")
+        if s["full"] is not None:
+            f = s["full"]
+            loss = "-" if f["final_loss"] is None else f"{f['final_loss']:.4f}"
+            table.add_row("all (MeZO)", pct(f["dev_acc"]), pct(f["test_acc"]), "-", loss, f"{f['wall_seconds']:.0f}")
+        err_console.print(table)

@@ -197,7 +197,7 @@ def export_model(
         if getattr(model, "config", None) is not None:
             model.config.save_pretrained(tmp)
         onnx_path = tmp / ONNX_FILE_NAME
-        session = _session(onnx_path)
+        session = ort_session(onnx_path)
         input_ids, attention_mask = make_verification_inputs(model, tokenizer, config.verify_batch,
                                                              config.verify_len, seed=config.seed)
         verify = verify_onnx(session, model, inputs=(input_ids, attention_mask), atol=config.atol)
@@ -346,7 +346,7 @@ def verify_onnx(
     if inputs is None:
         inputs = make_verification_inputs(model, tokenizer, batch, seq_len, seed=seed)
     input_ids, attention_mask = inputs
-    session = _session(onnx_path_or_session)
+    session = ort_session(onnx_path_or_session)
     ort_logits = _run_ort(session, input_ids, attention_mask)
     ref_logits = _run_torch(model, input_ids, attention_mask).float().numpy()
     if ort_logits.shape != ref_logits.shape:
@@ -376,7 +376,7 @@ def measure_latency(onnx_path_or_session, model, input_ids, attention_mask, *, r
     """Median forward time of ORT and PyTorch on the same inputs (one warm-up each, interleaved runs)."""
     import torch
 
-    session = _session(onnx_path_or_session)
+    session = ort_session(onnx_path_or_session)
     _run_ort(session, input_ids, attention_mask)
     _run_torch(model, input_ids, attention_mask)
     ort_times, torch_times = [], []
@@ -447,7 +447,8 @@ def _vocab_size(model) -> int:
     return int(vocab)
 
 
-def _session(onnx_path_or_session):
+def ort_session(onnx_path_or_session, *, threads: int | None = None):
+    """A CPU ONNX Runtime session (``threads`` intra-op threads; None = ORT's default)."""
     import onnxruntime as ort
 
     if isinstance(onnx_path_or_session, ort.InferenceSession):
@@ -457,6 +458,8 @@ def _session(onnx_path_or_session):
         raise ExportError(f"ONNX file {path} does not exist")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT's warnings would land in the user's terminal
+    if threads is not None:
+        options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -33,29 +33,42 @@ class _Replay(nn.Module):
 
 
 @contextmanager
-def cached_lower_layers(model: nn.Module, layout: LayerLayout, first: int) -> Iterator[None]:
+def cached_lower_layers(
+    model: nn.Module, layout: LayerLayout, first: int, store: dict | None = None
+) -> Iterator[None]:
     """Within the block, all forwards must use the SAME batch; layers < ``first`` run only once.
 
-    ``first == 0`` (nothing below the tuned layer) makes this a no-op.
+    ``store`` keeps the captured output beyond the block: pass the same dict
+    again for the same batch (e.g. a fixed dev batch evaluated every N steps)
+    and the lower layers do not run at all. ``first == 0`` (nothing below the
+    tuned layer) makes this a no-op.
     """
     if first <= 0:
         yield
         return
     layers = get_layers(model, layout)
     originals = [layers[i] for i in range(first)]
-    captured: dict = {}
+    captured: dict = {} if store is None else store
+
+    def replay() -> None:
+        for i in range(first):
+            layers[i] = _Replay(captured)
 
     def capture(module, args, output):
         captured["out"] = output
         # Later forwards skip the lower layers. A model iterates a snapshot or an
         # iterator over already-visited slots, so the current forward is unaffected.
-        for i in range(first):
-            layers[i] = _Replay(captured)
+        replay()
 
-    handle = originals[-1].register_forward_hook(capture)
+    handle = None
+    if "out" in captured:
+        replay()
+    else:
+        handle = originals[-1].register_forward_hook(capture)
     try:
         yield
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
         for i, module in enumerate(originals):
             layers[i] = module

@@ -38,7 +38,7 @@ from .hashing import tensor_sha256
 from .layers import get_layer, layer_parameter_names, parse_layer_spec
 from .lower_cache import cached_lower_layers
 from .models import DTYPES
-from .scoring import accuracy, batch_loss, encode_batch
+from .scoring import batch_loss, candidate_scores, encode_batch
 from .zo import RNG_ALGORITHM, Z_DTYPE, TunedParams, ZOConfig, ZOState, zo_step
 
 METRICS_NAME = "metrics.jsonl"
@@ -150,6 +150,33 @@ def resolve_layers(config: TuneConfig, loaded) -> tuple[tuple[int, ...], dict | 
     return (int(report.pick.layer),), report.to_dict()
 
 
+class EvalSet:
+    """A fixed dev/test set, tokenized once into length-sorted batches.
+
+    Its lower-layer outputs (below the first tuned layer) never change during
+    a run, so they are captured on the first evaluation and replayed after:
+    a dev evaluation then costs only the layers from the tuned one upwards.
+    Batching equals :func:`layerzo.scoring.predictions`, so results are identical.
+    """
+
+    def __init__(self, tokenizer, examples, *, batch_size: int, max_length: int) -> None:
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i].context))
+        chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        self.size = len(examples)
+        self.batches = [encode_batch(tokenizer, [examples[i] for i in c], max_length=max_length) for c in chunks]
+        self.stores: list[dict] = [{} for _ in self.batches]
+
+    def accuracy(self, model, layout, first_cached: int) -> float | None:
+        if not self.size:
+            return None
+        correct = 0
+        for batch, store in zip(self.batches, self.stores):
+            with cached_lower_layers(model, layout, first_cached, store):
+                scores = candidate_scores(model, batch)
+            correct += int((scores.argmax(-1).cpu() == batch.labels).sum())
+        return correct / self.size
+
+
 def _json_line(obj: dict) -> str:
     """One strict-JSON line; a non-finite loss/grad of a rejected step is written as null."""
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in obj.items()}
@@ -201,10 +228,10 @@ def tune(config: TuneConfig, out_dir: str | os.PathLike, *, overwrite: bool = Fa
     first_cached = min(layers) if config.cache_lower_layers else 0
 
     eval_kw = {"batch_size": config.eval_batch_size, "max_length": config.max_length}
-    dev = splits.dev
+    dev, test = EvalSet(tokenizer, splits.dev, **eval_kw), EvalSet(tokenizer, splits.test, **eval_kw)
     with torch.no_grad():
-        zs_dev = accuracy(model, tokenizer, dev, **eval_kw) if dev else None
-        zs_test = accuracy(model, tokenizer, splits.test, **eval_kw) if splits.test else None
+        zs_dev = dev.accuracy(model, layout, first_cached)
+        zs_test = test.accuracy(model, layout, first_cached)
 
     zo_cfg, zo_state = config.zo_config(), ZOState()
     seed_rng = random.Random(config.seed)  # private: step seeds never touch the global RNG
@@ -242,8 +269,8 @@ def tune(config: TuneConfig, out_dir: str | os.PathLike, *, overwrite: bool = Fa
                 "applied": result.applied,
             }
             if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-                if dev:
-                    last_dev = accuracy(model, tokenizer, dev, **eval_kw)
+                if dev.size:
+                    last_dev = dev.accuracy(model, layout, first_cached)
                     row["dev_acc"] = last_dev
                     if best["dev_acc"] is None or last_dev > best["dev_acc"]:
                         best = {"dev_acc": last_dev, "step": step + 1, "weights": params.state(),
@@ -260,14 +287,14 @@ def tune(config: TuneConfig, out_dir: str | os.PathLike, *, overwrite: bool = Fa
 
     params.load(best["weights"])
     with torch.no_grad():
-        test_acc = accuracy(model, tokenizer, splits.test, **eval_kw) if splits.test and diverged is None else None
+        test_acc = test.accuracy(model, layout, first_cached) if diverged is None else None
     wall = time.perf_counter() - t_start
     metrics = {
         "zero_shot_dev_acc": zs_dev, "zero_shot_test_acc": zs_test,
         "best_dev_acc": best["dev_acc"], "best_step": best["step"], "last_dev_acc": last_dev,
         "test_acc": test_acc,
         "steps": steps_done, "applied_steps": steps_done - rejected, "rejected_steps": rejected,
-        "num_train": len(splits.train), "num_dev": len(dev), "num_test": len(splits.test),
+        "num_train": len(splits.train), "num_dev": dev.size, "num_test": test.size,
         "wall_seconds": round(wall, 3), "train_seconds": round(train_seconds, 3),
         "steps_per_second": round(steps_done / train_seconds, 4) if train_seconds > 0 else None,
         "diverged": diverged.one_line() if diverged else None,

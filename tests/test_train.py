@@ -163,3 +163,22 @@ def test_demo_cli_tune_writes_a_small_one_layer_patch(data_dir, tmp_path):
     model = load_model(None).model
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     assert (out / WEIGHTS_NAME).stat().st_size < 0.05 * model_bytes
+
+
+def test_eval_set_with_stored_lower_layers_matches_plain_accuracy(tokenizer, data_dir):
+    from conftest import make_tiny_model
+    from layerzo.layers import find_layer_layout, get_layer
+    from layerzo.scoring import accuracy
+    from layerzo.tasks import load_task
+    from layerzo.train import EvalSet
+
+    model = make_tiny_model("llama", seed=2)
+    layout = find_layer_layout(model)
+    examples = load_task("sst2", data_dir, num_train=12, num_dev=0, num_test=0).train
+    evalset = EvalSet(tokenizer, examples, batch_size=5, max_length=64)
+    assert evalset.accuracy(model, layout, 2) == accuracy(model, tokenizer, examples, batch_size=5, max_length=64)
+    assert all("out" in s for s in evalset.stores)
+    with torch.no_grad():  # change the tuned layer: the stored lower outputs stay valid
+        for p in get_layer(model, layout, 2).parameters():
+            p.mul_(-3.0)
+    assert evalset.accuracy(model, layout, 2) == accuracy(model, tokenizer, examples, batch_size=5, max_length=64)

@@ -1,0 +1,67 @@
+"""The sweep figure: per-layer test accuracy (bars) and dev accuracy (line), one panel per task.
+
+The profiled pick's bar is red, the best layer's bar is outlined; horizontal
+lines mark zero-shot test accuracy and the whole-model MeZO test accuracy.
+Uses :mod:`layerzo.plotting` (Agg backend, atomic write).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .plotting import _pyplot, save_figure_atomic
+
+
+def plot_sweep(doc: dict, out: str | os.PathLike) -> Path:
+    """Write the PNG for a sweep summary (``layerzo.sweep_report.summarize``'s document)."""
+    plt = _pyplot()
+    tasks = list(doc["tasks"].values())
+    width = max(7.0, 0.32 * max((len(s["layers"]) for s in tasks), default=1) + 2)
+    fig, axes = plt.subplots(len(tasks), 1, figsize=(width, 3.6 * len(tasks)), squeeze=False)
+    try:
+        for ax, s in zip(axes[:, 0], tasks):
+            _panel(ax, s, doc)
+        axes[-1, 0].set_xlabel("decoder layer tuned alone")
+        fig.tight_layout()
+        return save_figure_atomic(fig, out, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def _panel(ax, s: dict, doc: dict) -> None:
+    rows = [r for r in s["layers"] if r.get("test_acc") is not None]
+    xs = [r["layer"] for r in rows]
+    test = [100 * r["test_acc"] for r in rows]
+    colors = ["tab:red" if r["layer"] == s["profiled_pick"] else "tab:blue" for r in rows]
+    bars = ax.bar(xs, test, color=colors, alpha=0.75, label="test acc (best-dev ckpt)")
+    for bar, r in zip(bars, rows):
+        if r["layer"] == s["best_layer"]:
+            bar.set_edgecolor("black")
+            bar.set_linewidth(2)
+    dev = [(r["layer"], 100 * r["dev_acc"]) for r in s["layers"] if r.get("dev_acc") is not None]
+    if dev:
+        ax.plot([d[0] for d in dev], [d[1] for d in dev], color="tab:orange", marker="o", markersize=3,
+                label="dev acc")
+    zs = s["zero_shot"].get("test_acc")
+    if zs is not None:
+        ax.axhline(100 * zs, color="grey", linestyle="--", label=f"zero-shot test {100 * zs:.1f}%")
+    full = s.get("full")
+    if full and full.get("test_acc") is not None:
+        ax.axhline(100 * full["test_acc"], color="tab:green", linestyle=":", linewidth=2,
+                   label=f"full-model MeZO test {100 * full['test_acc']:.1f}%")
+    if s["profiled_pick"] is not None:
+        ax.bar([], [], color="tab:red", label=f"profiled pick: layer {s['profiled_pick']}")
+    values = test + [v for _, v in dev] + ([100 * zs] if zs is not None else [])
+    if values:
+        lo, hi = min(values), max(values)
+        pad = max(2.0, 0.15 * (hi - lo))
+        ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
+    if xs:
+        ax.set_xticks(xs)
+        ax.tick_params(axis="x", labelsize=7)
+    ax.set_ylabel("accuracy %")
+    c = doc["config"]
+    ax.set_title(f"{doc['model']} - {s['task']}: each layer ZO-tuned alone, {c['steps']} steps "
+                 f"(best layer outlined)", fontsize=9)
+    ax.legend(loc="lower right", fontsize=7, ncol=2)

@@ -1,0 +1,152 @@
+"""layerzo sweep on a tiny checkpoint: exact restore, outputs, verdict, resume, several tasks, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from layerzo.errors import ConfigError, LayerIndexError, OutputExistsError
+from layerzo.models import load_model
+from layerzo.sweep import FULL, SweepConfig, layer_ranges, layer_sha256, run_sweep
+from layerzo.sweep_report import rank_of, verdict
+
+
+@pytest.fixture()
+def tiny(tiny_llama_dir):
+    return load_model(str(tiny_llama_dir))
+
+
+def _config(data_dir, **kw) -> SweepConfig:
+    base = dict(tasks=("sst2",), data_dir=str(data_dir), layers="0-2", steps=3, batch_size=4, lr=1e-2, eps=1e-2,
+                eval_every=3, num_train=16, num_dev=8, num_test=8, eval_batch_size=8, max_length=64)
+    return SweepConfig(**{**base, **kw})
+
+
+def test_sweep_restores_every_layer_bit_exactly_and_writes_outputs(tiny, data_dir, tmp_path, monkeypatch):
+    import layerzo.sweep as sweep_mod
+
+    before = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
+    base_sha = {i: layer_sha256(tiny.model, tiny.layout, [i]) for i in range(4)}
+    moved = []  # did each run really change its layer before the restore?
+    real_restore = sweep_mod.restore
+
+    def spy(model, saved):
+        params = dict(model.named_parameters())
+        moved.append(any(not torch.equal(params[n], v) for n, v in saved.items()))
+        return real_restore(model, saved)
+
+    monkeypatch.setattr(sweep_mod, "restore", spy)
+    # no dev set: tune keeps the FINAL weights (with one, a best-dev step 0 would leave the layer at base)
+    doc = run_sweep(_config(data_dir, num_dev=0), tmp_path / "s", loaded=tiny, progress=False)
+
+    assert moved == [True] * 4  # layers 0, 1, 2 and the whole model were tuned, then restored
+    for name, value in tiny.model.named_parameters():
+        assert torch.equal(value, before[name]), name
+    records = [json.loads(line) for line in (tmp_path / "s" / "sweep.jsonl").read_text().splitlines()]
+    runs = [r for r in records if r["kind"] == "layer"]
+    assert [r["layer"] for r in runs] == [0, 1, 2]
+    assert all(r["restored_sha256"] == base_sha[r["layer"]] for r in runs)
+    for name in ("sweep.json", "sweep.csv", "sweep.md", "sweep.png"):
+        assert (tmp_path / "s" / name).stat().st_size > 0, name
+    assert (tmp_path / "s" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    with open(tmp_path / "s" / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["layer"] for r in rows] == ["0", "1", "2", "all"]
+    assert set(rows[0]) >= {"dev_acc", "test_acc", "final_loss", "wall_s", "is_profiled_pick"}
+    s = doc["tasks"]["sst2"]
+    best = max(s["layers"], key=lambda r: (r["test_acc"], -r["final_loss"], -r["layer"]))
+    assert s["best_layer"] == best["layer"]
+    assert f"layer {best['layer']} dominated" in doc["verdict"] and "full-model MeZO" in doc["verdict"]
+    assert s["full"]["test_acc"] is not None and len(s["full"]["loss_curve"]) == 3
+    assert doc["config"]["full_lr"] == pytest.approx(1e-2 / 4)  # default: lr / num_layers
+    assert sum(r["is_profiled_pick"] for r in rows) == (1 if s["profiled_pick"] in (0, 1, 2) else 0)
+
+
+def test_base_accuracy_is_evaluated_once_per_example_set(tiny, data_dir, tmp_path, monkeypatch):
+    import layerzo.train as train
+
+    calls = []
+    real = train.EvalSet.accuracy
+
+    def counting(self, model, *args, **kwargs):
+        calls.append(self.size)
+        return real(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(train.EvalSet, "accuracy", counting)
+    run_sweep(_config(data_dir, layers="0-1", full=False, steps=2, eval_every=2), tmp_path / "s", loaded=tiny,
+              progress=False)
+    # zero-shot dev + test once for the sweep, then per run: one dev eval (+ test unless best is the base)
+    assert 2 + 2 <= len(calls) <= 2 + 2 * 2
+
+
+def test_resume_skips_done_layers_and_refuses_a_changed_recipe(tiny, data_dir, tmp_path, monkeypatch):
+    import layerzo.train as train
+
+    out = tmp_path / "s"
+    run_sweep(_config(data_dir, layers="0-1", full=False), out, loaded=tiny, progress=False)
+    with pytest.raises(OutputExistsError, match="--resume"):
+        run_sweep(_config(data_dir, layers="0-1", full=False), out, loaded=tiny, progress=False)
+
+    ran = []
+    real_tune = train.tune
+    monkeypatch.setattr(train, "tune", lambda config, *a, **k: ran.append(config.layers) or real_tune(config, *a, **k))
+    doc = run_sweep(_config(data_dir, layers="0-2", full=False), out, resume=True, loaded=tiny, progress=False)
+    assert ran == ["2"]
+    assert [r["layer"] for r in doc["tasks"]["sst2"]["layers"]] == [0, 1, 2]
+    with pytest.raises(ConfigError, match=r"lr=0\.01 but this run has lr=0\.02"):
+        run_sweep(_config(data_dir, layers="0-2", full=False, lr=2e-2), out, resume=True, loaded=tiny, progress=False)
+
+
+def test_two_tasks_report_whether_the_best_layer_is_shared(tiny, data_dir, tmp_path):
+    doc = run_sweep(_config(data_dir, tasks=("sst2", "rte"), layers="1,3", full=False, steps=2, eval_every=2),
+                    tmp_path / "s", loaded=tiny, progress=False)
+    ta = doc["task_agnostic"]
+    assert set(ta["best_layer_per_task"]) == {"sst2", "rte"}
+    assert ta["same_best_layer"] == (ta["best_layer_per_task"]["sst2"] == ta["best_layer_per_task"]["rte"])
+    assert ("same best layer across tasks" if ta["same_best_layer"] else "best layer differs") in doc["verdict"]
+    with open(tmp_path / "s" / "sweep.csv") as f:
+        assert sorted({r["task"] for r in csv.DictReader(f)}) == ["rte", "sst2"]
+
+
+def test_layer_ranges_and_bad_configs():
+    assert layer_ranges("0-3,7", 10) == (0, 1, 2, 3, 7)
+    assert layer_ranges("all", 3) == (0, 1, 2)
+    with pytest.raises(LayerIndexError, match="out of range"):
+        layer_ranges("8-12", 10)
+    with pytest.raises(LayerIndexError, match="backwards"):
+        layer_ranges("5-3", 10)
+    with pytest.raises(ConfigError, match="full_lr"):
+        SweepConfig(full_lr=-1.0)
+    with pytest.raises(ConfigError, match="twice"):
+        SweepConfig(tasks=("sst2", "sst2"))
+    assert SweepConfig(lr=3e-3).resolved_full_lr(30) == pytest.approx(1e-4)
+
+
+def test_rank_and_verdict_name_the_profiled_layer_and_the_gap():
+    rows = [{"layer": i, "test_acc": acc, "dev_acc": acc, "final_loss": 0.5} for i, acc in enumerate([0.6, 0.8, 0.7, 0.8])]
+    assert [rank_of(rows, i) for i in range(4)] == [4, 1, 3, 1]
+    s = {"task": "t", "best_layer": 1, "best_tied_with": [3], "profiled_pick": 2, "profiled_rank": 3,
+         "num_layers_run": 4, "layers": rows, "zero_shot": {"test_acc": 0.5},
+         "full": {"test_acc": 0.75}}
+    line = verdict(s, 10)
+    assert "layer 1 dominated" in line and "tied with layer(s) 3" in line
+    assert "profiled layer 2 ranks 3/4" in line and "beats full-model MeZO (test 75.0%) by 5.0 pts" in line
+
+
+def test_cli_sweep_json_and_one_line_errors(tiny_llama_dir, data_dir, tmp_path):
+    from layerzo.cli.main import app
+
+    common = ["sweep", "--model", str(tiny_llama_dir), "--data-dir", str(data_dir), "--steps", "2", "--batch-size",
+              "4", "--num-train", "16", "--num-dev", "8", "--num-test", "8", "--eval-every", "2", "--quiet"]
+    res = CliRunner().invoke(app, [*common, "--layers", "0-1", "--no-full", "--json", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert [r["layer"] for r in data["tasks"]["sst2"]["layers"]] == [0, 1] and data["tasks"]["sst2"]["full"] is None
+    assert data["command"].startswith("layerzo ")
+    bad = CliRunner().invoke(app, [*common, "--layers", "2-9", "--out", str(tmp_path / "t")])
+    assert bad.exit_code == 1 and "out of range" in bad.output and "Traceback" not in bad.output
+    assert FULL == "all"
