@@ -9,9 +9,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 from .errors import ConfigError, ModelLoadError, OfflineError
 from .layers import LayerLayout, find_layer_layout
@@ -142,8 +143,9 @@ def load_model(
                 common["revision"] = source.revision
                 if is_offline():
                     common["local_files_only"] = True
-        tokenizer = AutoTokenizer.from_pretrained(target, **common)
-        model = AutoModelForCausalLM.from_pretrained(target, **common, **model_kw)
+        with _quiet_tqdm():
+            tokenizer = AutoTokenizer.from_pretrained(target, **common)
+            model = AutoModelForCausalLM.from_pretrained(target, **common, **model_kw)
     except OSError as exc:
         if source.kind == "hub" and is_offline():
             raise OfflineError(
@@ -161,6 +163,28 @@ def load_model(
     if device_map is None and device != "cpu":
         model.to(device)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, layout=find_layer_layout(model))
+
+
+@contextmanager
+def _quiet_tqdm() -> Iterator[None]:
+    """Silence the tqdm bar transformers' GGUF reader draws regardless of its logging switch.
+
+    tqdm reads TQDM_* variables only at import, so the module's ``tqdm`` name
+    is swapped for a disabled one for the duration of the load.
+    """
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def _first_line(exc: BaseException) -> str:

@@ -243,68 +243,75 @@ def tune(config: TuneConfig, out_dir: str | os.PathLike, *, overwrite: bool = Fa
     out.parent.mkdir(parents=True, exist_ok=True)
     metrics_tmp = out.parent / f".{out.name}.{METRICS_NAME}.tmp"
     diverged: DivergenceError | None = None
-    last_dev, rejected, t_train = zs_dev, 0, time.perf_counter()
+    last_dev, rejected, step_seconds, t_train = zs_dev, 0, 0.0, time.perf_counter()
     bar = _Progress(config.steps, enabled=progress)
-    with open(metrics_tmp, "w", encoding="utf-8") as log, bar, torch.no_grad():
-        for step in range(config.steps):
-            t0 = time.perf_counter()
-            batch = encode_batch(tokenizer, [splits.train[i] for i in next(batches)], max_length=config.max_length)
-            step_seed = seed_rng.getrandbits(63)
-            try:
-                with cached_lower_layers(model, layout, first_cached):
-                    result = zo_step(params, lambda: batch_loss(model, batch), step_seed, zo_cfg, zo_state)
-            except DivergenceError as exc:
-                diverged = exc
-                break
-            if result.applied:
-                trajectory.append(TrajectoryStep(step=step, seeds=result.seeds, grads=result.grads, lr=result.lr))
-            else:
-                rejected += 1
-            row = {
-                "step": step + 1,
-                "loss_plus": sum(result.losses_plus) / len(result.losses_plus),
-                "loss_minus": sum(result.losses_minus) / len(result.losses_minus),
-                "grad": sum(result.grads) / len(result.grads),
-                "lr": result.lr,
-                "applied": result.applied,
-            }
-            if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-                if dev.size:
-                    last_dev = dev.accuracy(model, layout, first_cached)
-                    row["dev_acc"] = last_dev
-                    if best["dev_acc"] is None or last_dev > best["dev_acc"]:
-                        best = {"dev_acc": last_dev, "step": step + 1, "weights": params.state(),
+    try:
+        with open(metrics_tmp, "w", encoding="utf-8") as log, bar, torch.no_grad():
+            for step in range(config.steps):
+                t0 = time.perf_counter()
+                batch = encode_batch(tokenizer, [splits.train[i] for i in next(batches)], max_length=config.max_length)
+                step_seed = seed_rng.getrandbits(63)
+                try:
+                    with cached_lower_layers(model, layout, first_cached):
+                        result = zo_step(params, lambda: batch_loss(model, batch), step_seed, zo_cfg, zo_state)
+                except DivergenceError as exc:
+                    diverged = exc
+                    break
+                if result.applied:
+                    trajectory.append(TrajectoryStep(step=step, seeds=result.seeds, grads=result.grads, lr=result.lr))
+                else:
+                    rejected += 1
+                row = {
+                    "step": step + 1,
+                    "loss_plus": sum(result.losses_plus) / len(result.losses_plus),
+                    "loss_minus": sum(result.losses_minus) / len(result.losses_minus),
+                    "grad": sum(result.grads) / len(result.grads),
+                    "lr": result.lr,
+                    "applied": result.applied,
+                    "seconds": time.perf_counter() - t0,  # the ZO step alone (evaluation excluded)
+                }
+                step_seconds += row["seconds"]
+                if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+                    t_eval = time.perf_counter()
+                    if dev.size:
+                        last_dev = dev.accuracy(model, layout, first_cached)
+                        row["dev_acc"] = last_dev
+                        if best["dev_acc"] is None or last_dev > best["dev_acc"]:
+                            best = {"dev_acc": last_dev, "step": step + 1, "weights": params.state(),
+                                    "trajectory_len": len(trajectory)}
+                    elif step + 1 == config.steps:  # no dev set: the final weights are the result
+                        best = {"dev_acc": None, "step": step + 1, "weights": params.state(),
                                 "trajectory_len": len(trajectory)}
-                elif step + 1 == config.steps:  # no dev set: the final weights are the result
-                    best = {"dev_acc": None, "step": step + 1, "weights": params.state(),
-                            "trajectory_len": len(trajectory)}
-            row["seconds"] = time.perf_counter() - t0
-            log.write(_json_line(row))
-            log.flush()
-            bar.advance(row["loss_plus"], last_dev, step + 1, time.perf_counter() - t_train)
-    train_seconds = time.perf_counter() - t_train
-    steps_done = zo_state.step
+                    row["eval_seconds"] = time.perf_counter() - t_eval
+                log.write(_json_line(row))
+                log.flush()
+                bar.advance(row["loss_plus"], last_dev, step + 1, step_seconds)
+        train_seconds = time.perf_counter() - t_train
+        steps_done = zo_state.step
 
-    params.load(best["weights"])
-    with torch.no_grad():
-        test_acc = test.accuracy(model, layout, first_cached) if diverged is None else None
-    wall = time.perf_counter() - t_start
-    metrics = {
-        "zero_shot_dev_acc": zs_dev, "zero_shot_test_acc": zs_test,
-        "best_dev_acc": best["dev_acc"], "best_step": best["step"], "last_dev_acc": last_dev,
-        "test_acc": test_acc,
-        "steps": steps_done, "applied_steps": steps_done - rejected, "rejected_steps": rejected,
-        "num_train": len(splits.train), "num_dev": dev.size, "num_test": test.size,
-        "wall_seconds": round(wall, 3), "train_seconds": round(train_seconds, 3),
-        "steps_per_second": round(steps_done / train_seconds, 4) if train_seconds > 0 else None,
-        "diverged": diverged.one_line() if diverged else None,
-        "replay": {"rng": RNG_ALGORITHM, "z_dtype": str(Z_DTYPE).removeprefix("torch."),
-                   "device_type": next(iter(params.tensors)).device.type, "tensor_order": list(names),
-                   "master_dtype": "float32"},
-    }
-    _write_patch(out, overwrite, config, loaded, layers, params, fingerprint, profile, metrics,
-                 trajectory[: best["trajectory_len"]])
-    os.replace(metrics_tmp, out / METRICS_NAME)
+        params.load(best["weights"])
+        with torch.no_grad():
+            test_acc = test.accuracy(model, layout, first_cached) if diverged is None else None
+        wall = time.perf_counter() - t_start
+        metrics = {
+            "zero_shot_dev_acc": zs_dev, "zero_shot_test_acc": zs_test,
+            "best_dev_acc": best["dev_acc"], "best_step": best["step"], "last_dev_acc": last_dev,
+            "test_acc": test_acc,
+            "steps": steps_done, "applied_steps": steps_done - rejected, "rejected_steps": rejected,
+            "num_train": len(splits.train), "num_dev": dev.size, "num_test": test.size,
+            "wall_seconds": round(wall, 3), "train_seconds": round(train_seconds, 3),
+            "step_seconds": round(step_seconds, 3),  # ZO steps only; train_seconds adds the dev evaluations
+            "steps_per_second": round(steps_done / step_seconds, 4) if step_seconds > 0 else None,
+            "diverged": diverged.one_line() if diverged else None,
+            "replay": {"rng": RNG_ALGORITHM, "z_dtype": str(Z_DTYPE).removeprefix("torch."),
+                       "device_type": next(iter(params.tensors)).device.type, "tensor_order": list(names),
+                       "master_dtype": "float32"},
+        }
+        _write_patch(out, overwrite, config, loaded, layers, params, fingerprint, profile, metrics,
+                     trajectory[: best["trajectory_len"]])
+        os.replace(metrics_tmp, out / METRICS_NAME)
+    finally:  # a failed run leaves no stray temp file
+        metrics_tmp.unlink(missing_ok=True)
     if diverged is not None:
         raise DivergenceError(f"{diverged} — the best patch so far was written to {out}", diverged.hint)
     return TuneResult(out, layers, metrics)

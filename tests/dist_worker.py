@@ -29,7 +29,7 @@ from layerzo.lower_cache import cached_lower_layers
 from layerzo.models import load_model
 from layerzo.scoring import batch_loss, encode_batch
 from layerzo.tasks import load_task
-from layerzo.train import train_batches
+from layerzo.train import EvalSet, train_batches
 from layerzo.zo import TunedParams, ZOConfig, ZOState, zo_step
 
 
@@ -98,7 +98,8 @@ def main() -> None:
                 trajectory.append({"seeds": list(result.seeds), "grads": list(result.grads), "lr": result.lr})
 
     with torch.no_grad():  # dist: each rank scores half the examples, the counts are summed
-        acc = dp.accuracy(model, tok, train[:7], batch_size=4, max_length=64)
+        evaluation = dp.eval_set(lambda ex: EvalSet(tok, ex, batch_size=4, max_length=64), train[:7])
+        acc = evaluation.accuracy(model, layout, args.layer)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({n: t.contiguous() for n, t in zip(params.names, params.tensors)}, out / f"rank{dp.rank}.safetensors")
