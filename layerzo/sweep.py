@@ -161,7 +161,7 @@ def check_recipe(records: Sequence[dict], recipe: dict, path: Path) -> None:
     """Refuse to resume over records made with a different recipe (names the first differing key)."""
     for rec in records:
         old = rec.get("recipe", {})
-        for key in sorted(set(old) | set(recipe)):
+        for key in [*recipe, *(k for k in old if k not in recipe)]:  # RECIPE_KEYS order: lr before full_lr
             if old.get(key) != recipe.get(key):
                 raise ConfigError(
                     f"{path} was made with {key}={old.get(key)!r} but this run has {key}={recipe.get(key)!r}",
@@ -303,7 +303,7 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike, *, resume: bool =
     out = Path(out_dir).expanduser().absolute()
     path = out / RECORDS_NAME
     if path.exists() and not resume:
-        raise OutputExistsError(f"{path} already exists", "pass --resume to continue that sweep, or choose another --out")
+        raise OutputExistsError(f"{path} already exists; pass --resume to continue that sweep, or choose another --out")
     records = read_records(path) if resume else []
     if loaded is None:
         from .models import load_model
