@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .errors import ConfigError, LayerIndexError, LayerzoError, OutputExistsError
+from .errors import ConfigError, DivergenceError, LayerIndexError, LayerzoError, OutputExistsError
 
 FULL = "all"  # layer key of the whole-model MeZO baseline
 RECORDS_NAME = "sweep.jsonl"
@@ -79,7 +79,8 @@ class SweepConfig:
             raise ConfigError(f"tasks lists a task twice: {','.join(self.tasks)}")
         if self.full_lr is not None and not (math.isfinite(self.full_lr) and self.full_lr > 0):
             raise ConfigError(f"full_lr must be a positive number (or None for lr / num_layers), got {self.full_lr}")
-        layer_ranges(self.layers, 10**9)  # syntax only; the range is checked against the model later
+        if str(self.layers).strip().lower() != "all":
+            layer_ranges(self.layers, 10**6)  # syntax only; the range is checked against the model later
         self.tune_config(self.tasks[0], 0, 1)  # validates steps, lr, eps, sizes with train.py's messages
 
     def resolved_full_lr(self, num_layers: int) -> float:
@@ -120,6 +121,9 @@ def layer_ranges(spec: str, num_layers: int) -> tuple[int, ...]:
             a, b = int(lo), int(hi)
             if a > b:
                 raise LayerIndexError(f"--layers range {part!r} runs backwards; write {b}-{a}")
+            if b >= num_layers:  # before expanding: a typo like 0-99999999 must not allocate
+                raise LayerIndexError(f"--layers {part} is out of range: the model has {num_layers} decoder layers "
+                                      f"(valid indices 0-{num_layers - 1})")
             parts += [str(i) for i in range(a, b + 1)]
         else:
             parts.append(part)
@@ -254,14 +258,13 @@ def run_one(config: SweepConfig, task: str, layer: int | str, loaded, work: Path
         with reuse_base_accuracy(loaded, layers, base_sha, {} if cache is None else cache):
             result = tune(config.tune_config(task, layer, n), out, overwrite=True, progress=False, loaded=loaded)
         metrics, diverged = result.metrics, None
-    except LayerzoError as exc:  # a diverged run still wrote its patch + metrics; record it, go on
-        if not (out / "layerzo_patch.json").is_file():
-            raise
+    except DivergenceError as exc:  # tune wrote its best patch + metrics before raising: record it, go on
         metrics, diverged = json.loads((out / "layerzo_patch.json").read_text())["metrics"], exc.one_line()
+    finally:  # whatever happened, the next run (or the caller) gets the base weights back
+        restored = restore(loaded.model, saved)
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in (out / METRICS_NAME).read_text().splitlines() if line.strip()]
     shutil.rmtree(out, ignore_errors=True)  # the sweep keeps numbers, not patches
-    restored = restore(loaded.model, saved)
     if restored != base_sha:
         raise LayerzoError(f"layer(s) {layer} of the model differ from the base after restore (sha256 mismatch)")
     return _record(config, task, layer, metrics, rows, wall, restored, diverged)
@@ -410,8 +413,15 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

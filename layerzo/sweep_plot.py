@@ -17,7 +17,7 @@ def plot_sweep(doc: dict, out: str | os.PathLike) -> Path:
     """Write the PNG for a sweep summary (``layerzo.sweep_report.summarize``'s document)."""
     plt = _pyplot()
     tasks = list(doc["tasks"].values())
-    width = max(7.0, 0.32 * max((len(s["layers"]) for s in tasks), default=1) + 2)
+    width = max(9.0, 0.32 * max((len(s["layers"]) for s in tasks), default=1) + 4.5)  # + room for the legend
     fig, axes = plt.subplots(len(tasks), 1, figsize=(width, 3.6 * len(tasks)), squeeze=False)
     try:
         for ax, s in zip(axes[:, 0], tasks):
@@ -30,11 +30,13 @@ def plot_sweep(doc: dict, out: str | os.PathLike) -> Path:
 
 
 def _panel(ax, s: dict, doc: dict) -> None:
+    from matplotlib.patches import Patch
+
     rows = [r for r in s["layers"] if r.get("test_acc") is not None]
     xs = [r["layer"] for r in rows]
     test = [100 * r["test_acc"] for r in rows]
     colors = ["tab:red" if r["layer"] == s["profiled_pick"] else "tab:blue" for r in rows]
-    bars = ax.bar(xs, test, color=colors, alpha=0.75, label="test acc (best-dev ckpt)")
+    bars = ax.bar(xs, test, color=colors, alpha=0.75)
     for bar, r in zip(bars, rows):
         if r["layer"] == s["best_layer"]:
             bar.set_edgecolor("black")
@@ -42,17 +44,23 @@ def _panel(ax, s: dict, doc: dict) -> None:
     dev = [(r["layer"], 100 * r["dev_acc"]) for r in s["layers"] if r.get("dev_acc") is not None]
     if dev:
         ax.plot([d[0] for d in dev], [d[1] for d in dev], color="tab:orange", marker="o", markersize=3,
-                label="dev acc")
+                label="dev acc", zorder=3)
     zs = s["zero_shot"].get("test_acc")
     if zs is not None:
-        ax.axhline(100 * zs, color="grey", linestyle="--", label=f"zero-shot test {100 * zs:.1f}%")
+        ax.axhline(100 * zs, color="grey", linestyle="--", label=f"zero-shot test {100 * zs:.1f}%", zorder=4)
     full = s.get("full")
     if full and full.get("test_acc") is not None:
-        ax.axhline(100 * full["test_acc"], color="tab:green", linestyle=":", linewidth=2,
+        ax.axhline(100 * full["test_acc"], color="tab:green", linestyle=":", linewidth=2, zorder=4,
                    label=f"full-model MeZO test {100 * full['test_acc']:.1f}%")
+    handles = [Patch(color="tab:blue", alpha=0.75, label="test acc (best-dev checkpoint)"),
+               *ax.get_legend_handles_labels()[0]]
     if s["profiled_pick"] is not None:
-        ax.bar([], [], color="tab:red", label=f"profiled pick: layer {s['profiled_pick']}")
+        handles.append(Patch(color="tab:red", alpha=0.75, label=f"profiled pick: layer {s['profiled_pick']}"))
+    if s["best_layer"] is not None:
+        handles.append(Patch(facecolor="none", edgecolor="black", linewidth=2, label=f"best: layer {s['best_layer']}"))
     values = test + [v for _, v in dev] + ([100 * zs] if zs is not None else [])
+    if full and full.get("test_acc") is not None:
+        values.append(100 * full["test_acc"])
     if values:
         lo, hi = min(values), max(values)
         pad = max(2.0, 0.15 * (hi - lo))
@@ -62,6 +70,7 @@ def _panel(ax, s: dict, doc: dict) -> None:
         ax.tick_params(axis="x", labelsize=7)
     ax.set_ylabel("accuracy %")
     c = doc["config"]
-    ax.set_title(f"{doc['model']} - {s['task']}: each layer ZO-tuned alone, {c['steps']} steps "
-                 f"(best layer outlined)", fontsize=9)
-    ax.legend(loc="lower right", fontsize=7, ncol=2)
+    model = Path(str(doc["model"])).name if "/" in str(doc["model"]) and Path(str(doc["model"])).exists() else doc["model"]
+    ax.set_title(f"{model} - {s['task']}: each layer ZO-tuned alone, {c['steps']} steps, batch {c['batch_size']}",
+                 fontsize=9)
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, borderaxespad=0)

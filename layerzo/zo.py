@@ -16,7 +16,8 @@ never written during the ± evaluations, so it is bit-identical afterwards
 (no ``+eps, −2eps, +eps`` drift), and at most one module's perturbed copy
 exists at a time: the same path serves one layer and the full model
 (``--layers all``) without a second copy of the weights. z is regenerated from
-its seed when needed (MeZO's seed trick), so no direction is ever kept.
+its seed when needed (MeZO's seed trick); only a small selection (one layer,
+LoRA) keeps its z for the duration of one step, to draw it once instead of three times.
 
 Determinism and replay. z for tuned tensor i in direction s is drawn, in
 float32 on the tensor's device, from a dedicated ``torch.Generator`` seeded
@@ -63,10 +64,22 @@ def param_seed(direction_seed: int, index: int) -> int:
 
 
 _GENERATORS: dict[str, torch.Generator] = {}
+# A step needs each z three times (+eps, -eps, update). When the tuned tensors are
+# small (one layer, LoRA) z is kept for the step instead of drawn three times;
+# for large selections (--layers all) it is regenerated, which costs no memory.
+Z_CACHE_MAX_BYTES = 512 * 1024 * 1024
 
 
-def direction(tensor: torch.Tensor, seed: int) -> torch.Tensor:
-    """z ~ N(0, I) shaped like ``tensor``: float32, on its device, from a dedicated generator."""
+def direction(tensor: torch.Tensor, seed: int, cache: dict | None = None) -> torch.Tensor:
+    """z ~ N(0, I) shaped like ``tensor``: float32, on its device, from a dedicated generator.
+
+    With ``cache`` (a dict), z is remembered by seed; callers must not modify it in place.
+    """
+    if cache is not None:
+        z = cache.get(seed)
+        if z is None:
+            z = cache[seed] = direction(tensor, seed)
+        return z
     key = str(tensor.device)
     gen = _GENERATORS.get(key)
     if gen is None:
@@ -186,7 +199,7 @@ class TunedParams:
 
 
 @contextmanager
-def perturbed(params: TunedParams, seed: int, scale: float) -> Iterator[None]:
+def perturbed(params: TunedParams, seed: int, scale: float, z_cache: dict | None = None) -> Iterator[None]:
     """Inside the block every forward pass sees ``θ + scale·z(seed)``; θ is never written.
 
     Each owning module gets a pre-hook that swaps in a freshly computed
@@ -199,7 +212,7 @@ def perturbed(params: TunedParams, seed: int, scale: float) -> Iterator[None]:
             for attr, i in slots:
                 p = getattr(module, attr)
                 base = p.data
-                z = direction(base, param_seed(seed, i))
+                z = direction(base, param_seed(seed, i), z_cache)
                 if base.dtype == Z_DTYPE:
                     new = base + scale * z
                 else:  # low-precision / float64 tensors: perturb in the wider dtype, round once
@@ -238,14 +251,16 @@ def apply_update(
     lr: float,
     config: ZOConfig,
     state: ZOState,
+    z_cache: dict | None = None,
 ) -> None:
     """θ ← θ − lr·d with d = mean_j(g_j·z_j) + wd·θ (momentum-filtered); in place, one tensor at a time."""
     q = len(seeds)
     for i, p in enumerate(tensors):
         d: torch.Tensor | None = None
         for s, g in zip(seeds, grads):
-            z = direction(p, param_seed(s, i))
-            d = z.mul_(g / q) if d is None else d.add_(z, alpha=g / q)
+            z = direction(p, param_seed(s, i), z_cache)
+            # z * c and z.mul_(c) round identically: cached and regenerated z give the same bits
+            d = (z * (g / q) if z_cache is not None else z.mul_(g / q)) if d is None else d.add_(z, alpha=g / q)
         assert d is not None  # seeds is never empty (internal invariant, not user input)
         if config.weight_decay and p.dim() >= 2:  # no decay on norms and biases (1-D)
             d.add_(p.to(Z_DTYPE), alpha=config.weight_decay)
@@ -274,11 +289,13 @@ def zo_step(
     """
     lr = lr_at(config, state.step)
     seeds = direction_seeds(seed, config.q)
+    numel = sum(t.numel() for t in params.tensors)
+    z_cache: dict | None = {} if numel * 4 * config.q <= Z_CACHE_MAX_BYTES else None
     plus, minus, grads = [], [], []
     for s in seeds:
-        with perturbed(params, s, config.eps):
+        with perturbed(params, s, config.eps, z_cache):
             plus.append(float(loss_fn()))
-        with perturbed(params, s, -config.eps):
+        with perturbed(params, s, -config.eps, z_cache):
             minus.append(float(loss_fn()))
         grads.append((plus[-1] - minus[-1]) / (2 * config.eps))
     reason = ""
@@ -298,7 +315,7 @@ def zo_step(
             )
         return result
     state.bad_in_row = 0
-    apply_update(params.tensors, seeds, grads, lr, config, state)
+    apply_update(params.tensors, seeds, grads, lr, config, state, z_cache)
     return result
 
 

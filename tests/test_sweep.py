@@ -150,3 +150,13 @@ def test_cli_sweep_json_and_one_line_errors(tiny_llama_dir, data_dir, tmp_path):
     bad = CliRunner().invoke(app, [*common, "--layers", "2-9", "--out", str(tmp_path / "t")])
     assert bad.exit_code == 1 and "out of range" in bad.output and "Traceback" not in bad.output
     assert FULL == "all"
+
+
+def test_a_diverging_layer_is_recorded_restored_and_the_sweep_goes_on(tiny, data_dir, tmp_path):
+    before = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
+    doc = run_sweep(_config(data_dir, layers="1-2", full=False, steps=10, eval_every=10, lr=1e30), tmp_path / "s",
+                    loaded=tiny, progress=False)
+    rows = doc["tasks"]["sst2"]["layers"]
+    assert [r["layer"] for r in rows] == [1, 2]
+    assert any(r["diverged"] and "diverged" in r["diverged"] for r in rows)
+    assert all(torch.equal(p, before[n]) for n, p in tiny.model.named_parameters())

@@ -1,0 +1,183 @@
+"""Benchmark: one ZO step on the demo model - dominant layer vs full-model MeZO vs LoRA-ZO vs the 2-forward floor.
+
+Same batch (SST-2 training examples, batch 16), same process, variants
+INTERLEAVED (ABCDE ABCDE ...) ``--steps`` rounds after one warm-up round; the
+median of each is reported, with ratios:
+
+* ``floor``     two plain forwards of the batch with the same scoring (``batch_loss``: left padding,
+                ``logits_to_keep``) - what any two-point ZO step must pay at least;
+* ``dominant``  ``zo_step`` on the profiled layer's tensors inside ``cached_lower_layers``, exactly as
+                ``layerzo.train.tune`` runs it (layers below run once per step, functional perturbation);
+* ``dominant_nocache``  the same without the lower-layer cache (what the cache buys);
+* ``full``      ``zo_step`` on every decoder-layer tensor (MeZO, seed trick, no cache possible);
+* ``lora``      ``zo_step`` on LoRA r=8 adapters on q/v of EVERY layer (MeZO's LoRA baseline; the
+                wrappers are added before and removed after each call, untimed).
+
+Targets: full / dominant >= 2.5 and dominant / floor <= 1.1. ``--profile``
+adds a torch.profiler table of one dominant and one full step (top ops by
+self CPU time) to explain where the time goes.
+
+    python benchmarks/bench_step.py --quick            # 3 rounds, 1 torch thread (shared 2-core CPU)
+    python benchmarks/bench_step.py --steps 10 --device cuda
+
+Writes benchmarks/results/step.json and step.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from common import header, interleaved, medians, peak_rss_bytes, stamp, write_report  # noqa: E402
+
+VARIANTS = ("floor", "dominant", "dominant_nocache", "full", "lora")
+TARGET_FULL_OVER_DOMINANT = 2.5
+TARGET_DOMINANT_OVER_FLOOR = 1.1
+
+
+def build(args):
+    """Load the model, the batch, the profiled layer and one step function per variant."""
+    from layerzo.layers import layer_parameter_names
+    from layerzo.lora import add_lora, remove_lora
+    from layerzo.lower_cache import cached_lower_layers
+    from layerzo.models import load_model
+    from layerzo.scoring import batch_loss, encode_batch
+    from layerzo.tasks import load_task
+    from layerzo.train import TuneConfig, resolve_layers
+    from layerzo.zo import TunedParams, ZOConfig, ZOState, zo_step
+
+    loaded = load_model(args.model, device=args.device)
+    model, layout, n = loaded.model, loaded.layout, loaded.layout.num_layers
+    splits = load_task(args.task, args.data_dir, num_train=max(64, args.batch_size), num_dev=0, num_test=0, seed=0)
+    batch = encode_batch(loaded.tokenizer, splits.train[: args.batch_size], max_length=args.max_length)
+    if args.layer is None:
+        (args.layer,), _ = resolve_layers(TuneConfig(task=args.task, data_dir=args.data_dir, layers="dominant"), loaded)
+    layer = args.layer
+    loss = lambda: batch_loss(model, batch)  # noqa: E731
+    p_dom = TunedParams.from_model(model, layer_parameter_names(model, layout, layer))
+    p_full = TunedParams.from_model(model, [nm for i in range(n) for nm in layer_parameter_names(model, layout, i)])
+    cfg_dom, cfg_full = ZOConfig(lr=1e-3, eps=1e-3), ZOConfig(lr=1e-3 / n, eps=1e-3)
+    seeds = iter(range(10**9))
+    lora_state: dict = {}
+
+    def lora_setup():
+        names = add_lora(model, layout, range(n), r=8, alpha=16, seed=0)
+        lora_state["params"] = TunedParams.from_model(model, names)
+
+        def teardown():
+            remove_lora(model)
+            lora_state.clear()
+
+        return teardown
+
+    def dominant():
+        with cached_lower_layers(model, layout, layer):
+            zo_step(p_dom, loss, next(seeds), cfg_dom, ZOState())
+
+    variants = {
+        "floor": lambda: (loss(), loss()),
+        "dominant": dominant,
+        "dominant_nocache": lambda: zo_step(p_dom, loss, next(seeds), cfg_dom, ZOState()),
+        "full": lambda: zo_step(p_full, loss, next(seeds), cfg_full, ZOState()),
+        "lora": lambda: zo_step(lora_state["params"], loss, next(seeds), cfg_dom, ZOState()),
+    }
+    info = {"model": loaded.source.name, "num_layers": n, "layer": layer, "batch_size": args.batch_size,
+            "batch_shape": list(batch.input_ids.shape), "tokens_per_forward": int(batch.attention_mask.sum()),
+            "tuned_params": {"dominant": sum(t.numel() for t in p_dom.tensors),
+                             "full": sum(t.numel() for t in p_full.tensors)}}
+    return loaded, variants, {"lora": lora_setup}, info, (p_dom, p_full, cfg_dom, cfg_full, loss, dominant)
+
+
+def profile_steps(loaded, extra) -> dict[str, str]:
+    """torch.profiler tables (top ops by self CPU time) of one dominant and one full step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from layerzo.zo import ZOState, zo_step
+
+    p_dom, p_full, cfg_dom, cfg_full, loss, dominant = extra
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    tables = {}
+    for name, fn in (("dominant", dominant), ("full", lambda: zo_step(p_full, loss, 123, cfg_full, ZOState()))):
+        with torch.no_grad(), profile(activities=acts) as prof:
+            fn()
+        tables[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    return tables
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="checkpoint dir / .gguf / Hub id (default: the demo)")
+    p.add_argument("--task", "--tasks", dest="task", default="sst2", help="task whose training batch is used")
+    p.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--layer", type=int, default=None, help="dominant layer (default: what profile picks)")
+    p.add_argument("--steps", type=int, default=None, help="timed interleaved rounds (default 7; --quick 3)")
+    p.add_argument("--quick", action="store_true", help="3 rounds, 1 torch thread: for the shared 2-core CPU")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 with --quick)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--profile", action="store_true", help="add torch.profiler tables of a dominant and a full step")
+    args = p.parse_args()
+    args.steps = args.steps or (3 if args.quick else 7)
+    threads = args.threads or (1 if args.quick else None)
+    if threads:
+        torch.set_num_threads(threads)
+
+    loaded, variants, setup, info, extra = build(args)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    timed = {k: (lambda f=f: (f(), sync())) for k, f in variants.items()}
+    with torch.no_grad():
+        times = interleaved(timed, repeats=args.steps, warmup=1, setup=setup)
+    med = medians(times)
+    tokens = 2 * info["tokens_per_forward"]
+    result = stamp({
+        **info, "device": args.device, "rounds": args.steps, "median_s": med, "all_s": times,
+        "tokens_per_s": {k: tokens / v for k, v in med.items()},
+        "ratios": {"dominant/floor": med["dominant"] / med["floor"], "full/dominant": med["full"] / med["dominant"],
+                   "lora/dominant": med["lora"] / med["dominant"],
+                   "dominant_nocache/dominant": med["dominant_nocache"] / med["dominant"]},
+        "targets": {"full/dominant >=": TARGET_FULL_OVER_DOMINANT, "dominant/floor <=": TARGET_DOMINANT_OVER_FLOOR},
+        "peak_rss_mb": peak_rss_bytes() / 2**20,
+        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+    })
+    if args.profile:
+        result["profiler"] = profile_steps(loaded, extra)
+    write_report("step", result, markdown(result))
+    print(markdown(result))
+
+
+def markdown(r: dict) -> str:
+    med, ratios = r["median_s"], r["ratios"]
+    rows = "\n".join(f"| {v} | {med[v]:.3f} | {med[v] / med['floor']:.2f}x | {r['tokens_per_s'][v]:.0f} |"
+                     for v in VARIANTS)
+    ok_full = ratios["full/dominant"] >= TARGET_FULL_OVER_DOMINANT
+    ok_floor = ratios["dominant/floor"] <= TARGET_DOMINANT_OVER_FLOOR
+    text = (
+        header("ZO step time: dominant layer vs full-model MeZO vs LoRA-ZO vs two forwards", r)
+        + f"\n{r['model']} ({r['num_layers']} layers), dominant layer {r['layer']} "
+        f"({r['tuned_params']['dominant'] / 1e6:.2f}M tuned weights vs {r['tuned_params']['full'] / 1e6:.1f}M for "
+        f"the full model), batch {r['batch_size']} rows {r['batch_shape']} ({r['tokens_per_forward']} real tokens per "
+        f"forward), device {r['device']}; median of {r['rounds']} interleaved rounds after one warm-up.\n\n"
+        "| variant | median s/step | vs floor | tokens/s (2 forwards) |\n|---|---|---|---|\n" + rows + "\n\n"
+        f"- dominant / floor = **{ratios['dominant/floor']:.2f}x** (target <= {TARGET_DOMINANT_OVER_FLOOR}: "
+        f"{'met' if ok_floor else 'MISSED'})\n"
+        f"- full / dominant = **{ratios['full/dominant']:.2f}x** (target >= {TARGET_FULL_OVER_DOMINANT}: "
+        f"{'met' if ok_full else 'MISSED'})\n"
+        f"- lora / dominant = **{ratios['lora/dominant']:.2f}x**; dominant without the lower-layer cache / with it = "
+        f"{ratios['dominant_nocache/dominant']:.2f}x\n"
+        f"- peak RSS of the whole benchmark process: {r['peak_rss_mb']:.0f} MB"
+        + (f"; peak CUDA allocated {r['peak_cuda_mb']:.0f} MB" if r.get("peak_cuda_mb") else "")
+        + " (per-variant peaks: bench_memory.py)\n"
+    )
+    for name, table in r.get("profiler", {}).items():
+        text += f"\n### torch.profiler: one {name} step (top ops by self CPU time)\n\n```\n{table}\n```\n"
+    return text
+
+
+if __name__ == "__main__":
+    main()
