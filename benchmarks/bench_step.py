@@ -170,6 +170,10 @@ def markdown(r: dict) -> str:
         f"{'met' if ok_full else 'MISSED'})\n"
         f"- lora / dominant = **{ratios['lora/dominant']:.2f}x**; dominant without the lower-layer cache / with it = "
         f"{ratios['dominant_nocache/dominant']:.2f}x\n"
+        f"- bound: with the cache a step runs all {r['num_layers']} layers once and layers {r['layer']}.."
+        f"{r['num_layers'] - 1} again, so dominant / floor is about "
+        f"{(2 * r['num_layers'] - r['layer']) / (2 * r['num_layers']):.2f}x at best (layer compute only); full / dominant "
+        f"is then (floor + z draw/perturb/update of every weight) / that bound\n"
         f"- peak RSS of the whole benchmark process: {r['peak_rss_mb']:.0f} MB"
         + (f"; peak CUDA allocated {r['peak_cuda_mb']:.0f} MB" if r.get("peak_cuda_mb") else "")
         + " (per-variant peaks: bench_memory.py)\n"

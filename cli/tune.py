@@ -53,7 +53,13 @@ def tune(
     eval_batch_size: Annotated[Optional[int], _opt("--eval-batch-size", "Batch size for dev/test. [default: 16]")] = None,
     max_length: Annotated[Optional[int], _opt("--max-length", "Tokens per sequence at most. [default: 512]")] = None,
     dtype: Annotated[Optional[str], _opt("--dtype", "float32 or bfloat16 (frozen model precision).")] = None,
-    device: Annotated[Optional[str], _opt("--device", "cpu, cuda, cuda:1, ... [default: cpu]")] = None,
+    device: Annotated[Optional[str], _opt("--device", "cpu, cuda, cuda:1, ... (torchrun: cuda → cuda:LOCAL_RANK) [default: cpu]")] = None,
+    device_map: Annotated[
+        Optional[str], _opt("--device-map", "Spread the frozen model: auto, balanced, sequential, or a JSON module→device map.")
+    ] = None,
+    shard_batch: Annotated[
+        Optional[bool], _opt("--shard-batch/--no-shard-batch", "torchrun: each rank scores its 1/W of the batch.")
+    ] = None,
     trust_remote_code: Annotated[Optional[bool], _opt("--trust-remote-code/--no-trust-remote-code", "Allow checkpoint code.")] = None,
     cache_lower_layers: Annotated[
         Optional[bool], _opt("--cache-lower-layers/--no-cache-lower-layers", "Run layers below the tuned one once per step.")
@@ -72,6 +78,10 @@ def tune(
     config = build_config(load_recipe(recipe) if recipe else None, overrides)
     check_output_dir(out.expanduser().absolute(), overwrite)
     result = run_tune(config, out, overwrite=overwrite, progress=not quiet)
+    from layerzo.distributed import is_main_process
+
+    if not is_main_process():  # under torchrun rank 0 alone reports
+        return
     m = result.metrics
     if json_out:
         emit_json({"out": str(result.out_dir), "layers": list(result.layers), "metrics": m})

@@ -33,13 +33,15 @@ from typing import Any, Iterator
 import torch
 
 from . import __version__
+from .distributed import (DataParallel, check_tuned_placement, config_digest, init_data_parallel,
+                          parse_device_map, placement, shutdown, weights_digest)
 from .errors import ConfigError, DivergenceError, OutputExistsError, TaskError
 from .hashing import tensor_sha256
 from .layers import get_layer, layer_parameter_names, parse_layer_spec
 from .lower_cache import cached_lower_layers
 from .models import DTYPES
 from .scoring import batch_loss, candidate_scores, encode_batch
-from .zo import RNG_ALGORITHM, Z_DTYPE, TunedParams, ZOConfig, ZOState, zo_step
+from .zo import RNG_ALGORITHM, Z_DTYPE, TunedParams, ZOConfig, ZOState
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -75,6 +77,8 @@ class TuneConfig:
     max_length: int = 512
     dtype: str = "float32"
     device: str = "cpu"
+    device_map: str | None = None  # accelerate placement of the frozen model: auto, or a JSON module→device map
+    shard_batch: bool = False  # under torchrun: rank r scores batch[r::W] instead of the full batch
     trust_remote_code: bool = False
     cache_lower_layers: bool = True
 
@@ -90,6 +94,7 @@ class TuneConfig:
             raise ConfigError(f"layers must be 'dominant', 'all', an index or a list like 3,7; got {self.layers!r}")
         if not isinstance(self.task, str) or not self.task:
             raise ConfigError(f"task must be a task name or a task YAML path, got {self.task!r}")
+        parse_device_map(self.device_map)
         self.zo_config()  # validates lr, eps, q, momentum, schedule, bounds with their own messages
 
     def zo_config(self) -> ZOConfig:
@@ -185,7 +190,7 @@ def _json_line(obj: dict) -> str:
 
 # ----------------------------------------------------------------------------- the loop
 def tune(config: TuneConfig, out_dir: str | os.PathLike, *, overwrite: bool = False, progress: bool = True,
-         loaded=None) -> TuneResult:
+         loaded=None, data_parallel: DataParallel | None = None) -> TuneResult:
     """Run a ZO tune and write the layer patch to ``out_dir``.
 
     ``loaded`` (a :class:`layerzo.models.LoadedModel`) skips loading
@@ -193,6 +198,8 @@ def tune(config: TuneConfig, out_dir: str | os.PathLike, *, overwrite: bool = Fa
     """
     out = Path(out_dir).expanduser().absolute()
     check_output_dir(out, overwrite)
+    # Under torchrun (WORLD_SIZE > 1) every rank runs this function; rank 0 alone writes (layerzo.distributed).
+    dp = data_parallel if data_parallel is not None else init_data_parallel(shard_batch=config.shard_batch)
     t_start = time.perf_counter()
     from .tasks import load_task
 
@@ -203,10 +210,12 @@ def tune(config: TuneConfig, out_dir: str | os.PathLike, *, overwrite: bool = Fa
     if loaded is None:
         from .models import load_model
 
-        loaded = load_model(config.model, dtype=config.dtype, device=config.device, revision=config.revision,
-                            trust_remote_code=config.trust_remote_code)
+        device, device_map = placement(dp, config.device, config.device_map)
+        loaded = load_model(config.model, dtype=config.dtype, device=device, revision=config.revision,
+                            trust_remote_code=config.trust_remote_code, device_map=device_map)
     model, tokenizer, layout = loaded.model, loaded.tokenizer, loaded.layout
     layers, profile = resolve_layers(config, loaded)
+    check_tuned_placement(model, layout, layers)  # before anything reads the tuned weights
     model_dtype = next(model.parameters()).dtype
 
     # Fingerprint the BASE tensors from the original-precision weights, before any cast.
@@ -224,11 +233,12 @@ def tune(config: TuneConfig, out_dir: str | os.PathLike, *, overwrite: bool = Fa
         fingerprint = {n: tensor_sha256(state[n]) for n in names}
         fp32_master([get_layer(model, layout, i) for i in layers], model_dtype)
     params = TunedParams.from_model(model, names)
+    dp.check_same("recipe, tuned layers and base weights", f"{config_digest(config)}|{layers}|{weights_digest(params)}")
     # Lower layers may be cached only if nothing below the first tuned layer is tuned.
     first_cached = min(layers) if config.cache_lower_layers else 0
 
     eval_kw = {"batch_size": config.eval_batch_size, "max_length": config.max_length}
-    dev, test = EvalSet(tokenizer, splits.dev, **eval_kw), EvalSet(tokenizer, splits.test, **eval_kw)
+    dev, test = (dp.eval_set(lambda ex: EvalSet(tokenizer, ex, **eval_kw), s) for s in (splits.dev, splits.test))
     with torch.no_grad():
         zs_dev = dev.accuracy(model, layout, first_cached)
         zs_test = test.accuracy(model, layout, first_cached)
@@ -241,19 +251,21 @@ def tune(config: TuneConfig, out_dir: str | os.PathLike, *, overwrite: bool = Fa
     from .patch import TrajectoryStep
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    metrics_tmp = out.parent / f".{out.name}.{METRICS_NAME}.tmp"
+    rank_tag = "" if dp.is_main else f".rank{dp.rank}"  # other ranks log aside and delete it at the end
+    metrics_tmp = out.parent / f".{out.name}.{METRICS_NAME}{rank_tag}.tmp"
     diverged: DivergenceError | None = None
     last_dev, rejected, step_seconds, t_train = zs_dev, 0, 0.0, time.perf_counter()
-    bar = _Progress(config.steps, enabled=progress)
+    bar = _Progress(config.steps, enabled=progress and dp.is_main)
     try:
         with open(metrics_tmp, "w", encoding="utf-8") as log, bar, torch.no_grad():
             for step in range(config.steps):
                 t0 = time.perf_counter()
-                batch = encode_batch(tokenizer, [splits.train[i] for i in next(batches)], max_length=config.max_length)
+                batch = encode_batch(tokenizer, dp.shard([splits.train[i] for i in next(batches)]),
+                                     max_length=config.max_length)
                 step_seed = seed_rng.getrandbits(63)
                 try:
                     with cached_lower_layers(model, layout, first_cached):
-                        result = zo_step(params, lambda: batch_loss(model, batch), step_seed, zo_cfg, zo_state)
+                        result = dp.zo_step(params, lambda: batch_loss(model, batch), step_seed, zo_cfg, zo_state)
                 except DivergenceError as exc:
                     diverged = exc
                     break
@@ -307,9 +319,14 @@ def tune(config: TuneConfig, out_dir: str | os.PathLike, *, overwrite: bool = Fa
                        "device_type": next(iter(params.tensors)).device.type, "tensor_order": list(names),
                        "master_dtype": "float32"},
         }
-        _write_patch(out, overwrite, config, loaded, layers, params, fingerprint, profile, metrics,
-                     trajectory[: best["trajectory_len"]])
-        os.replace(metrics_tmp, out / METRICS_NAME)
+        if dp.active:
+            metrics["distributed"] = {**dp.summary(config.q), "rank_weights_sha256": dp.check_final_weights(params)}
+        if dp.is_main:
+            _write_patch(out, overwrite, config, loaded, layers, params, fingerprint, profile, metrics,
+                         trajectory[: best["trajectory_len"]])
+            os.replace(metrics_tmp, out / METRICS_NAME)
+        if data_parallel is None:
+            shutdown(dp)  # waits for rank 0's writes, then leaves the process group
     finally:  # a failed run leaves no stray temp file
         metrics_tmp.unlink(missing_ok=True)
     if diverged is not None:

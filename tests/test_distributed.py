@@ -33,16 +33,6 @@ from layerzo.zo import TunedParams, ZOConfig, ZOState, direction_seeds, replay_t
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 
-def _tune_is_wired() -> bool:
-    """True once layerzo.train / the tune CLI use layerzo.distributed (--shard-batch, --device-map)."""
-    import dataclasses
-
-    from layerzo.train import TuneConfig
-
-    return {"shard_batch", "device_map"} <= {f.name for f in dataclasses.fields(TuneConfig)}
-
-
-needs_wired_tune = pytest.mark.skipif(not _tune_is_wired(), reason="layerzo tune is not wired to layerzo.distributed")
 TORCHRUN_TIMEOUT_S = 180
 
 
@@ -315,7 +305,6 @@ def test_torchrun_sharded_batch_and_rejected_step(tiny_llama_dir, data_dir, tmp_
     assert len(json.loads((dist_out / "trajectory.json").read_text())) == 2
 
 
-@needs_wired_tune
 def test_torchrun_layerzo_tune_matches_single_process_q2(tiny_llama_dir, data_dir, tmp_path):
     """The real ``layerzo tune`` under torchrun: rank 0's patch == a one-process ``--q 2`` patch, bit for bit."""
     from layerzo.patch import LayerPatch
@@ -336,7 +325,6 @@ def test_torchrun_layerzo_tune_matches_single_process_q2(tiny_llama_dir, data_di
     assert "distributed" not in ref_patch.manifest.metrics
 
 
-@needs_wired_tune
 def test_tune_cli_device_map_offloading_a_frozen_layer(tiny_llama_dir, data_dir, tmp_path):
     """``layerzo tune --device-map`` with frozen layer 1 on disk == the plain run; an offloaded tuned layer is refused."""
     from typer.testing import CliRunner
