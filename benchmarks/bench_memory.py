@@ -5,7 +5,9 @@ to tracemalloc, and a process's peak RSS never goes down): load the model (a
 plain safetensors copy saved once by the parent), set the variant up, trim the
 heap, record the baseline RSS, then run ONE call while a thread samples RSS
 every 1 ms (psutil). Reported: peak RSS (total, what the machine must hold)
-and peak minus baseline (the step's working memory). On CUDA the peak
+and peak minus baseline (the step's working memory; the baseline is taken
+after one warm-up forward, because the safetensors weights are mmapped and
+only become resident when first read). On CUDA the peak
 allocated GPU memory is reported as well.
 
 * ``inference``  one scoring forward of the batch (``batch_loss``);
@@ -72,6 +74,8 @@ def child(args) -> None:
         params = TunedParams.from_model(model, add_lora(model, layout, range(n), r=8, alpha=16, seed=0))
         run = lambda: zo_step(params, loss, 1, ZOConfig(lr=1e-3), ZOState())  # noqa: E731
     cuda = args.device.startswith("cuda")
+    with torch.no_grad():
+        loss()  # touch every weight first: safetensors are mmapped, so the baseline must include them
     trim_heap()
     if cuda:
         torch.cuda.synchronize()
@@ -160,7 +164,8 @@ def markdown(r: dict) -> str:
         header("Peak memory: one ZO tune step vs plain inference", r)
         + f"\n{r['model']} ({r['num_layers']} layers, {r['weights_mb']:.0f} MB of fp32 weights), dominant layer "
         f"{r['layer']}, batch {r['batch_size']}, device {r['device']}. One subprocess per variant; RSS sampled every "
-        "1 ms during one call, baseline = RSS after loading and setup (heap trimmed).\n\n"
+        "1 ms during one call, baseline = RSS after loading, setup and one warm-up forward (so every mmapped weight "
+        "is resident), heap trimmed.\n\n"
         f"| variant | baseline RSS MB | peak RSS MB | peak - baseline MB | peak vs inference |{cuda_head}\n"
         f"|---|---|---|---|---|{'---|---|' if cuda else ''}\n" + "\n".join(rows) + "\n\n"
         f"Largest tune/inference peak ratio: **{worst:.2f}x** (target <= {TARGET}x: "

@@ -33,7 +33,7 @@ def sweep(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step.")] = 16,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate of a one-layer run.")] = 1e-3,
     full_lr: Annotated[
-        Optional[float], typer.Option("--full-lr", help="Learning rate of the whole-model run [default: lr / num_layers].")
+        Optional[float], typer.Option("--full-lr", help="Learning rate of the whole-model run (default: lr / num_layers).")
     ] = None,
     eps: Annotated[float, typer.Option("--eps", help="Perturbation scale.")] = 1e-3,
     seed: SeedOpt = 0,

@@ -19,6 +19,28 @@ def register(app: typer.Typer) -> None:
     app.command("tune")(tune)
 
 
+def resume_command() -> str:
+    """The command line of this ``tune`` invocation, from its parsed options, plus ``--resume``."""
+    import shlex
+
+    import click
+
+    ctx = click.get_current_context()
+    words = ["layerzo", ctx.info_name or "tune"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if not isinstance(param, click.Option) or value is None or param.name == "resume":
+            continue
+        if param.is_flag:
+            if param.secondary_opts:  # --x/--no-x given either way: keep it
+                words.append(param.opts[0] if value else param.secondary_opts[0])
+            elif value:
+                words.append(param.opts[0])
+        else:
+            words += [param.opts[0], str(value)]
+    return shlex.join(words + ["--resume"])
+
+
 def _opt(flag: str, help: str):
     return typer.Option(flag, help=help, show_default=False)
 
@@ -64,7 +86,11 @@ def tune(
     cache_lower_layers: Annotated[
         Optional[bool], _opt("--cache-lower-layers/--no-cache-lower-layers", "Run layers below the tuned one once per step.")
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out folder.")] = False,
+    checkpoint_every: Annotated[
+        Optional[int], _opt("--checkpoint-every", "Save a resumable checkpoint in OUT.ckpt/ every N steps (0: only on Ctrl-C). [default: 50]")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in OUT.ckpt/ (same options).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out folder (and discard its checkpoint).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -76,8 +102,16 @@ def tune(
 
     overrides = {k: options[k] for k in recipe_fields()}
     config = build_config(load_recipe(recipe) if recipe else None, overrides)
+    from layerzo.checkpoint import TuneInterrupted
+
     check_output_dir(out.expanduser().absolute(), overwrite)
-    result = run_tune(config, out, overwrite=overwrite, progress=not quiet)
+    try:
+        result = run_tune(config, out, overwrite=overwrite, progress=not quiet, resume=resume,
+                          note=lambda line: err_console.print(line, highlight=False))
+    except TuneInterrupted as exc:  # Ctrl-C: a checkpoint was saved; say exactly how to continue
+        err_console.print(str(exc), style="yellow", markup=False, highlight=False, soft_wrap=True)
+        err_console.print(f"resume with: {resume_command()}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(code=130) from None
     from layerzo.distributed import is_main_process
 
     if not is_main_process():  # under torchrun rank 0 alone reports

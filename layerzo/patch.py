@@ -138,7 +138,7 @@ class PatchManifest:
                 raise PatchFormatError(f"patch manifest files entry {name!r}: {sha!r} is not a known patch file -> sha256")
         try:  # recipe/profile/metrics are written as JSON: refuse what cannot round-trip
             json.dumps([self.recipe, self.profile, self.metrics], allow_nan=False)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise PatchFormatError(f"patch manifest recipe/profile/metrics are not plain JSON: {exc}") from None
 
     @property
@@ -205,7 +205,7 @@ class TrajectoryStep:
     def from_json(cls, line: str, where: str) -> "TrajectoryStep":
         try:
             data = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise PatchFormatError(f"{where}: not valid JSON") from None
         if not isinstance(data, dict) or set(data) != {"step", "seeds", "grads", "lr"}:
             raise PatchFormatError(f"{where}: a trajectory line needs exactly step, seeds, grads, lr")
@@ -357,7 +357,7 @@ class LayerPatch:
             raise PatchFormatError(f"{MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES} bytes")
         try:
             data = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: absurdly deep nesting
             raise PatchFormatError(f"{manifest_path} is not valid JSON") from None
         manifest = PatchManifest.from_dict(data)
         if manifest.layer_path is None:

@@ -98,7 +98,7 @@ def read_header(
         raise error(f"cannot read {path}: {exc.strerror or exc}") from exc
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         raise error(f"{path.name}: safetensors header is not valid JSON") from None
     if not isinstance(header, dict):
         raise error(f"{path.name}: safetensors header must be a JSON object")
@@ -125,8 +125,8 @@ def _tensor_info(file: str, name: str, entry: object, data_size: int, error: typ
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise error(f"{file}: header entry {name!r} must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPE_BITS:
-        raise error(f"{file}: tensor {name} has unknown dtype {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:  # a list/dict dtype is unhashable: check the type first
+        raise error(f"{file}: tensor {name} has unknown dtype {str(dtype)[:40]!r}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise error(f"{file}: tensor {name} has an invalid shape {shape!r}")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int and o >= 0 for o in offsets)
@@ -217,7 +217,7 @@ class CheckpointReader:
 def _read_index(path: Path) -> tuple[dict, dict[str, str]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ModelLoadError(f"cannot read {path}: {exc}") from exc
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):

@@ -25,16 +25,14 @@ halves the forward cost of binary tasks without changing any score.
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError, DataRowError
-
-Forward = Callable[["ScoringBatch"], torch.Tensor]
-
 
 @dataclass(frozen=True)
 class ScoringBatch:
@@ -166,6 +164,40 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+@contextmanager
+def _flat_output_head(model) -> Iterator[None]:
+    """Feed the LM head a 2-D ``[R·K, H]`` input instead of the sliced 3-D ``[R, K, H]`` view.
+
+    The sliced view sends ``F.linear`` down a batched-matmul path that
+    broadcasts the whole vocabulary matrix per row (measured 3.5x slower than
+    one matmul on the demo model's 49k-token head, ~9% of a forward).
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        yield
+        return
+    shapes: list = []
+
+    def pre(module, args):
+        x = args[0]
+        if x.dim() <= 2:
+            shapes.append(None)
+            return None
+        shapes.append(x.shape[:-1])
+        return (x.reshape(-1, x.shape[-1]),) + tuple(args[1:])
+
+    def post(module, args, output):
+        shape = shapes.pop()
+        return output if shape is None else output.reshape(*shape, output.shape[-1])
+
+    handles = [head.register_forward_pre_hook(pre), head.register_forward_hook(post)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def kept_logits(model, batch: ScoringBatch) -> torch.Tensor:
     """Logits of the last ``batch.keep`` positions of every row: ``[R, K, V]``.
 
@@ -182,7 +214,8 @@ def kept_logits(model, batch: ScoringBatch) -> torch.Tensor:
         kwargs["position_ids"] = batch.position_ids.to(device)
     if _accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = batch.keep
-    logits = model(**kwargs).logits
+    with _flat_output_head(model):
+        logits = model(**kwargs).logits
     return logits[:, -batch.keep :]
 
 

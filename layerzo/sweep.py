@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .errors import ConfigError, DivergenceError, LayerIndexError, LayerzoError, OutputExistsError
+from .sweep_report import append_record, read_records
 
 FULL = "all"  # layer key of the whole-model MeZO baseline
 RECORDS_NAME = "sweep.jsonl"
@@ -140,27 +141,7 @@ def layer_ranges(spec: str, num_layers: int) -> tuple[int, ...]:
     return resolved
 
 
-# ----------------------------------------------------------------------------- records (sweep.jsonl)
-def read_records(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{lineno} is not valid JSON ({exc.msg})", "delete the broken line") from None
-    return records
-
-
-def append_record(path: Path, record: dict) -> None:
-    """Append one JSON line; the whole file is rewritten to a temp file and renamed (atomic)."""
-    text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    line = json.dumps(record, allow_nan=False, default=_json_default) + "\n"
-    _write_atomic(path, text + line)
-
-
+# ----------------------------------------------------------------------------- recipe check (resume)
 def check_recipe(records: Sequence[dict], recipe: dict, path: Path) -> None:
     """Refuse to resume over records made with a different recipe (names the first differing key)."""
     for rec in records:
@@ -398,30 +379,3 @@ class _Bar:
             acc = rec.get("test_acc")
             info = f"last: layer {rec['layer']} test {100 * acc:.1f}%" if acc is not None else f"last: layer {rec['layer']}"
             self._p.update(self._t, advance=1, info=info)
-
-
-# ----------------------------------------------------------------------------- io helpers
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, tuple):
-        return list(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

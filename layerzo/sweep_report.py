@@ -1,11 +1,16 @@
-"""Sweep results: per-task summary, ranking, the one-line verdict, and the json/csv/md/png files.
+"""Sweep results: the ``sweep.jsonl`` records, per-task summary, ranking, verdict, json/csv/md/png files.
 
-Pure functions over the records of ``sweep.jsonl`` (see :mod:`layerzo.sweep`).
+``sweep.jsonl`` holds one JSON record per line (``kind`` = profile | layer |
+full), appended atomically (the file is rewritten to a temp file and renamed)
+so an interrupted sweep resumes from the last finished run. Everything else
+here is a pure function of those records (see :mod:`layerzo.sweep`).
 
-Ranking: by test accuracy (the larger held-out set), ties broken by dev
-accuracy, then lower final loss, then lower index. A layer's RANK is
-competition style: 1 + the number of layers with strictly higher test accuracy,
-so tied layers share a rank and a verdict never claims a win a tie does not give.
+Ranking: by test accuracy of the best-dev checkpoint (the larger held-out
+set), ties broken by that checkpoint's dev accuracy, then the FINAL weights'
+dev accuracy, then lower mean training loss over the run (the same batches
+and direction seeds for every layer, so a paired comparison), then lower index. A layer's RANK is competition
+style: 1 + the number of layers with strictly higher test accuracy, so tied
+layers share a rank and a verdict never claims a win a tie does not give.
 """
 
 from __future__ import annotations
@@ -15,21 +20,78 @@ import io
 import json
 import os
 import platform
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
+
+from .errors import ConfigError
 
 CSV_COLUMNS = ("task", "layer", "dev_acc", "test_acc", "final_dev_acc", "best_step", "final_loss", "wall_s",
                "is_profiled_pick")
 
 
+# ----------------------------------------------------------------------------- records (sweep.jsonl)
+def read_records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    records = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}:{lineno} is not valid JSON ({exc.msg})", "delete the broken line") from None
+    return records
+
+
+def append_record(path: Path, record: dict) -> None:
+    """Append one JSON line; the whole file is rewritten to a temp file and renamed (atomic)."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    line = json.dumps(record, allow_nan=False, default=_json_default) + "\n"
+    write_atomic(path, text + line)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ----------------------------------------------------------------------------- ranking and verdict
 def _key(row: dict) -> tuple:
     """Sort key, best first."""
     def neg(v):
         return -v if v is not None else float("inf")
 
-    loss = row.get("final_loss")
-    return (neg(row.get("test_acc")), neg(row.get("dev_acc")), loss if loss is not None else float("inf"),
-            int(row["layer"]))
+    loss = row.get("mean_loss")
+    return (neg(row.get("test_acc")), neg(row.get("dev_acc")), neg(row.get("final_dev_acc")),
+            loss if loss is not None else float("inf"), int(row["layer"]))
+
+
+def mean_loss(curve: Sequence[float | None]) -> float | None:
+    """Mean training loss over all steps: every run sees the same batches, so this is a paired comparison."""
+    values = [v for v in curve if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def rank_of(rows: Sequence[dict], layer: int) -> int | None:
@@ -46,7 +108,8 @@ def pct(v: float | None) -> str:
 
 def task_summary(task: str, records: Sequence[dict], steps: int) -> dict:
     """Everything about one task: rows by layer, the best layer, the pick's rank, the full baseline, verdict."""
-    rows = sorted((r for r in records if r.get("task") == task and r.get("kind") == "layer"), key=lambda r: r["layer"])
+    rows = sorted(({**r, "mean_loss": mean_loss(r.get("loss_curve") or [])} for r in records
+                   if r.get("task") == task and r.get("kind") == "layer"), key=lambda r: r["layer"])
     full = next((r for r in records if r.get("task") == task and r.get("kind") == "full"), None)
     prof = next((r for r in records if r.get("task") == task and r.get("kind") == "profile"), None)
     pick = prof["pick"] if prof else None
@@ -67,14 +130,16 @@ def task_summary(task: str, records: Sequence[dict], steps: int) -> dict:
         "best_layer": best["layer"] if best else None,
         "best_tied_with": [r["layer"] for r in ranked[1:] if best and r.get("test_acc") == best.get("test_acc")],
         "profiled_rank": rank_of(rows, pick) if pick is not None else None,
+        # position with every tie-breaker applied (1 = the best layer)
+        "profiled_position": next((k + 1 for k, r in enumerate(ranked) if r["layer"] == pick), None),
         "num_layers_run": len(rows),
         "layers": [{k: r.get(k) for k in ("layer", "dev_acc", "test_acc", "final_dev_acc", "best_step",
-                                          "final_loss", "wall_seconds", "is_profiled_pick", "rejected_steps",
+                                          "final_loss", "mean_loss", "wall_seconds", "is_profiled_pick", "rejected_steps",
                                           "diverged", "loss_curve", "dev_curve", "restored_sha256")}
                    for r in rows],
         "full": None if full is None else {k: full.get(k) for k in (
             "dev_acc", "test_acc", "final_dev_acc", "best_step", "final_loss", "wall_seconds", "rejected_steps",
-            "diverged", "loss_curve", "dev_curve")},
+            "diverged", "loss_curve", "dev_curve")} | {"mean_loss": mean_loss(full.get("loss_curve") or [])},
     }
     summary["verdict"] = verdict(summary, steps)
     return summary
@@ -86,13 +151,23 @@ def verdict(s: dict, steps: int) -> str:
         return f"{s['task']}: no layer runs recorded"
     rows = {r["layer"]: r for r in s["layers"]}
     best, pick = rows[s["best_layer"]], s["profiled_pick"]
-    tie = f", tied with layer(s) {','.join(map(str, s['best_tied_with']))}" if s["best_tied_with"] else ""
-    parts = [f"{s['task']}: layer {best['layer']} dominated (test {pct(best['test_acc'])}, "
-             f"dev {pct(best['dev_acc'])}{tie}; zero-shot test {pct(s['zero_shot'].get('test_acc'))})"]
+    tied = s["best_tied_with"]
+    if len(tied) + 1 == s["num_layers_run"] > 1:
+        parts = [f"{s['task']}: no layer dominated - all {s['num_layers_run']} layers tie on test at "
+                 f"{pct(best['test_acc'])} (dev {pct(best['dev_acc'])}; zero-shot test "
+                 f"{pct(s['zero_shot'].get('test_acc'))}); by the tie-breakers layer {best['layer']} leads "
+                 f"(final dev {pct(best.get('final_dev_acc'))}, mean train loss {_num(best.get('mean_loss'))})"]
+    else:
+        tie = f", tied with layer(s) {','.join(map(str, tied))}" if tied else ""
+        parts = [f"{s['task']}: layer {best['layer']} dominated (test {pct(best['test_acc'])}, "
+                 f"dev {pct(best['dev_acc'])}{tie}; zero-shot test {pct(s['zero_shot'].get('test_acc'))})"]
     if pick is None:
         parts.append("no profile pick recorded")
-    elif pick == best["layer"] or pick in s["best_tied_with"]:
-        parts.append(f"it IS the profiled layer {pick} (rank {s['profiled_rank']}/{s['num_layers_run']})")
+    elif pick == best["layer"]:
+        parts.append(f"that IS the profiled layer {pick} (rank {s['profiled_rank']}/{s['num_layers_run']})")
+    elif pick in s["best_tied_with"]:
+        parts.append(f"the profiled layer {pick} ties for best on test (rank {s['profiled_rank']}/{s['num_layers_run']}; "
+                     f"{_ordinal(s['profiled_position'])} with the tie-breakers)")
     elif pick in rows:
         parts.append(f"the profiled layer {pick} ranks {s['profiled_rank']}/{s['num_layers_run']} "
                      f"(test {pct(rows[pick]['test_acc'])})")
@@ -101,10 +176,19 @@ def verdict(s: dict, steps: int) -> str:
     full = s["full"]
     if full is not None and full.get("test_acc") is not None and best.get("test_acc") is not None:
         gap = 100 * (best["test_acc"] - full["test_acc"])
-        word = "beats" if gap > 0 else ("trails" if gap < 0 else "ties")
-        parts.append(f"best layer {word} full-model MeZO (test {pct(full['test_acc'])}) by {abs(gap):.1f} pts "
-                     f"at {steps} steps each")
+        if gap == 0:
+            parts.append(f"best layer ties full-model MeZO (test {pct(full['test_acc'])}) at {steps} steps each")
+        else:
+            parts.append(f"best layer {'beats' if gap > 0 else 'trails'} full-model MeZO (test {pct(full['test_acc'])}) "
+                         f"by {abs(gap):.1f} pts at {steps} steps each")
     return "; ".join(parts)
+
+
+def _ordinal(n: int | None) -> str:
+    if n is None:
+        return "-"
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def summarize(records: Sequence[dict], config, layers: Sequence[int], num_layers: int, *, model_name: str,
@@ -163,19 +247,22 @@ def markdown_text(doc: dict) -> str:
                f"{doc['environment']['platform']}, {doc['environment']['cpus']} CPUs, torch {doc['environment']['torch']}.\n")
     for task, s in doc["tasks"].items():
         out.append(f"## {task}\n")
-        out.append(f"Profiled pick: layer {s['profiled_pick']} ({s['profile_confidence']} confidence). "
+        out.append(f"Profiled pick: layer {s['profiled_pick']} ({s['profile_confidence']} confidence): rank "
+                   f"{s['profiled_rank']}/{s['num_layers_run']} on test, {_ordinal(s.get('profiled_position'))} with the "
+                   f"tie-breakers (dev, final dev, mean train loss). Best layer: {s['best_layer']}. "
                    f"Zero-shot: dev {pct(s['zero_shot'].get('dev_acc'))}, test {pct(s['zero_shot'].get('test_acc'))} "
                    f"(identical in every run: {s['zero_shot_identical_across_runs']}).\n")
-        out.append("| layer | dev acc | test acc | rank | final dev | best step | final loss | wall s |")
-        out.append("|---|---|---|---|---|---|---|---|")
+        out.append("| layer | dev acc | test acc | rank | final dev | best step | final loss | mean loss | wall s |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
         for r in s["layers"]:
             name = f"**{r['layer']}** (pick)" if r["is_profiled_pick"] else str(r["layer"])
             out.append(f"| {name} | {pct(r['dev_acc'])} | {pct(r['test_acc'])} | {rank_of(s['layers'], r['layer'])} | "
-                       f"{pct(r['final_dev_acc'])} | {r['best_step']} | {_num(r['final_loss'])} | {_num(r['wall_seconds'], 0)} |")
+                       f"{pct(r['final_dev_acc'])} | {r['best_step']} | {_num(r['final_loss'])} | {_num(r['mean_loss'])} | "
+                       f"{_num(r['wall_seconds'], 0)} |")
         f = s["full"]
         if f is not None:
             out.append(f"| all (MeZO) | {pct(f['dev_acc'])} | {pct(f['test_acc'])} | - | {pct(f['final_dev_acc'])} | "
-                       f"{f['best_step']} | {_num(f['final_loss'])} | {_num(f['wall_seconds'], 0)} |")
+                       f"{f['best_step']} | {_num(f['final_loss'])} | {_num(f['mean_loss'])} | {_num(f['wall_seconds'], 0)} |")
         out.append(f"\n**Verdict:** {s['verdict']}\n")
     if "task_agnostic" in doc:
         ta = doc["task_agnostic"]
@@ -185,12 +272,11 @@ def markdown_text(doc: dict) -> str:
 
 def write_outputs(doc: dict, out: Path) -> dict[str, Path]:
     """sweep.json, sweep.csv, sweep.md and sweep.png in ``out`` (each written atomically)."""
-    from .sweep import _write_atomic
     from .sweep_plot import plot_sweep
 
     paths = {"json": out / "sweep.json", "csv": out / "sweep.csv", "md": out / "sweep.md", "png": out / "sweep.png"}
-    _write_atomic(paths["json"], json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    _write_atomic(paths["csv"], csv_text(doc))
-    _write_atomic(paths["md"], markdown_text(doc))
+    write_atomic(paths["json"], json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    write_atomic(paths["csv"], csv_text(doc))
+    write_atomic(paths["md"], markdown_text(doc))
     plot_sweep(doc, paths["png"])
     return paths

@@ -14,8 +14,13 @@ Reads top to bottom like :func:`tune`:
 5. test accuracy of the best weights, write the layer patch (weights +
    manifest + the trajectory up to the best step, so it replays exactly).
 
-Same config and seed → byte-identical weights and trajectory files (the
-manifest differs only in its timing metrics).
+Every ``checkpoint_every`` steps (and on Ctrl-C) the loop's whole state goes to
+``OUT.ckpt/`` (:mod:`layerzo.checkpoint`); ``resume=True`` continues from it.
+
+Same config and seed → byte-identical patch files (weights, trajectory,
+manifest, card), also across an interruption and resume: wall-clock timing is
+returned in :class:`TuneResult` metrics and logged per step in
+``metrics.jsonl``, never written into the patch.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -41,6 +46,9 @@ from .layers import get_layer, layer_parameter_names, parse_layer_spec
 from .lower_cache import cached_lower_layers
 from .models import DTYPES
 from .scoring import batch_loss, candidate_scores, encode_batch
+from .checkpoint import (RESUME_FREE_FIELDS, Checkpoint, CheckpointError, StopOnInterrupt, TuneInterrupted, check_checkpoint_dir,
+                         check_resumable, check_writable, checkpoint_dir, load_checkpoint, remove_checkpoint,
+                         run_identity, save_checkpoint)
 from .zo import RNG_ALGORITHM, Z_DTYPE, TunedParams, ZOConfig, ZOState
 
 METRICS_NAME = "metrics.jsonl"
@@ -81,11 +89,12 @@ class TuneConfig:
     shard_batch: bool = False  # under torchrun: rank r scores batch[r::W] instead of the full batch
     trust_remote_code: bool = False
     cache_lower_layers: bool = True
+    checkpoint_every: int = 50  # save a resumable checkpoint in OUT.ckpt/ every N steps (0: only on Ctrl-C)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "num_train", "eval_batch_size", "lora_rank"):
             _int_at_least(name, getattr(self, name), 1)
-        for name in ("num_dev", "num_test", "seed"):
+        for name in ("num_dev", "num_test", "seed", "checkpoint_every"):
             _int_at_least(name, getattr(self, name), 0)
         _int_at_least("max_length", self.max_length, 2)
         if self.dtype not in DTYPES:
@@ -127,14 +136,36 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise OutputExistsError(f"output folder {out} already exists and is not empty", "pass --overwrite or choose another --out")
 
 
-def train_batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+class TrainBatches(Iterator[list[int]]):
+    """Endless stream of example-index batches: a fresh seeded permutation per epoch.
+
+    Resumable from two ints: ``epoch`` (permutations drawn so far: epoch e's
+    order is the e-th ``randperm`` of a generator seeded with ``seed``) and
+    ``position`` (next index into the current order).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int = 0, position: int = 0) -> None:
+        self.n, self.size, self.seed = n, min(batch_size, n), seed
+        self._gen = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+        for _ in range(epoch):
+            self.order = torch.randperm(n, generator=self._gen).tolist()
+        if not (0 <= position <= n) or (epoch == 0 and position):
+            raise ConfigError(f"batch position {position} is outside an epoch of {n} examples")
+        self.epoch, self.position = epoch, position
+
+    def __next__(self) -> list[int]:
+        if self.epoch == 0 or self.position + self.size > self.n:
+            self.order = torch.randperm(self.n, generator=self._gen).tolist()
+            self.epoch, self.position = self.epoch + 1, 0
+        batch = self.order[self.position : self.position + self.size]
+        self.position += self.size
+        return batch
+
+
+def train_batches(n: int, batch_size: int, seed: int) -> TrainBatches:
     """Endless stream of example-index batches: a fresh seeded permutation per epoch."""
-    gen = torch.Generator().manual_seed(seed)
-    size = min(batch_size, n)
-    while True:
-        order = torch.randperm(n, generator=gen).tolist()
-        for start in range(0, n - size + 1, size):
-            yield order[start : start + size]
+    return TrainBatches(n, batch_size, seed)
 
 
 def resolve_layers(config: TuneConfig, loaded) -> tuple[tuple[int, ...], dict | None]:
@@ -190,14 +221,21 @@ def _json_line(obj: dict) -> str:
 
 # ----------------------------------------------------------------------------- the loop
 def tune(config: TuneConfig, out_dir: str | os.PathLike, *, overwrite: bool = False, progress: bool = True,
-         loaded=None, data_parallel: DataParallel | None = None) -> TuneResult:
+         loaded=None, data_parallel: DataParallel | None = None, resume: bool = False,
+         note: Callable[[str], None] | None = None) -> TuneResult:
     """Run a ZO tune and write the layer patch to ``out_dir``.
 
     ``loaded`` (a :class:`layerzo.models.LoadedModel`) skips loading
     ``config.model``; it is modified in place (its tuned layers end at the best weights).
+    ``resume`` continues from the checkpoint in ``OUT.ckpt/`` (a fresh start if
+    there is none); Ctrl-C saves one and raises :class:`layerzo.checkpoint.TuneInterrupted`.
+    ``note`` (a callable taking one line) receives notes such as "resuming at step 12".
     """
     out = Path(out_dir).expanduser().absolute()
     check_output_dir(out, overwrite)
+    ckpt_dir = checkpoint_dir(out)
+    has_checkpoint = check_checkpoint_dir(ckpt_dir, resume=resume, overwrite=overwrite)
+    check_writable(out.parent)  # a read-only or full disk fails now, not after training
     # Under torchrun (WORLD_SIZE > 1) every rank runs this function; rank 0 alone writes (layerzo.distributed).
     dp = data_parallel if data_parallel is not None else init_data_parallel(shard_batch=config.shard_batch)
     t_start = time.perf_counter()
@@ -239,26 +277,64 @@ def tune(config: TuneConfig, out_dir: str | os.PathLike, *, overwrite: bool = Fa
 
     eval_kw = {"batch_size": config.eval_batch_size, "max_length": config.max_length}
     dev, test = (dp.eval_set(lambda ex: EvalSet(tokenizer, ex, **eval_kw), s) for s in (splits.dev, splits.test))
-    with torch.no_grad():
-        zs_dev = dev.accuracy(model, layout, first_cached)
-        zs_test = test.accuracy(model, layout, first_cached)
-
     zo_cfg, zo_state = config.zo_config(), ZOState()
     seed_rng = random.Random(config.seed)  # private: step seeds never touch the global RNG
     batches = train_batches(len(splits.train), config.batch_size, config.seed)
-    best = {"dev_acc": zs_dev, "step": 0, "weights": params.state(), "trajectory_len": 0}
+    identity = run_identity(config.to_dict(), layers, names, fingerprint)
     trajectory: list = []
+    rows: list[dict] = []  # metrics.jsonl rows, kept for the checkpoint
+    earlier = {"step_seconds": 0.0, "train_seconds": 0.0, "wall_seconds": 0.0}  # timing before a resume
     from .patch import TrajectoryStep
+
+    if has_checkpoint:  # resume: every piece of loop state comes back exactly as it was saved
+        resumed = load_checkpoint(ckpt_dir)
+        check_resumable(ckpt_dir, resumed, identity, config.steps, params)
+        params.load(resumed.params)
+        device_of = [t.device for t in params.tensors]
+        zo_state = ZOState(step=resumed.step, bad_in_row=resumed.bad_in_row,
+                           momentum={i: m.to(device_of[i]) for i, m in resumed.momentum.items()})
+        seed_rng.setstate(resumed.seed_rng)
+        try:
+            batches = TrainBatches(len(splits.train), config.batch_size, config.seed, *resumed.batches)
+        except ConfigError as exc:
+            raise CheckpointError(f"checkpoint {ckpt_dir} does not fit this task's data: {exc}") from None
+        best = {**resumed.best, "weights": resumed.best_weights}
+        trajectory, rows = list(resumed.trajectory), list(resumed.rows)
+        (zs_dev, zs_test), last_dev, rejected = resumed.zero_shot, resumed.last_dev, resumed.rejected
+        earlier.update({k: float(v) for k, v in resumed.seconds.items() if k in earlier})
+        if note:
+            note(f"resuming {out.name} from the checkpoint at step {resumed.step} of {config.steps}")
+    else:
+        if resume and note:
+            note(f"no checkpoint in {ckpt_dir}: starting from step 0")
+        with torch.no_grad():
+            zs_dev = dev.accuracy(model, layout, first_cached)
+            zs_test = test.accuracy(model, layout, first_cached)
+        best = {"dev_acc": zs_dev, "step": 0, "weights": params.state(), "trajectory_len": 0}
+        last_dev, rejected = zs_dev, 0
+    start_step = zo_state.step
+
+    def snapshot(done: int) -> Checkpoint:
+        return Checkpoint(
+            identity=identity, step=done, params=params.state(), best_weights=best["weights"],
+            best={k: best[k] for k in ("dev_acc", "step", "trajectory_len")}, momentum=dict(zo_state.momentum),
+            bad_in_row=zo_state.bad_in_row, seed_rng=seed_rng.getstate(), batches=(batches.epoch, batches.position),
+            trajectory=trajectory, rows=rows, zero_shot=(zs_dev, zs_test), last_dev=last_dev, rejected=rejected,
+            seconds={"step_seconds": earlier["step_seconds"] + step_seconds,
+                     "train_seconds": earlier["train_seconds"] + time.perf_counter() - t_train,
+                     "wall_seconds": earlier["wall_seconds"] + time.perf_counter() - t_start})
 
     out.parent.mkdir(parents=True, exist_ok=True)
     rank_tag = "" if dp.is_main else f".rank{dp.rank}"  # other ranks log aside and delete it at the end
     metrics_tmp = out.parent / f".{out.name}.{METRICS_NAME}{rank_tag}.tmp"
     diverged: DivergenceError | None = None
-    last_dev, rejected, step_seconds, t_train = zs_dev, 0, 0.0, time.perf_counter()
+    step_seconds, t_train = 0.0, time.perf_counter()
     bar = _Progress(config.steps, enabled=progress and dp.is_main)
+    stop = StopOnInterrupt(enabled=not dp.active)  # Ctrl-C: finish the step, checkpoint, stop
     try:
-        with open(metrics_tmp, "w", encoding="utf-8") as log, bar, torch.no_grad():
-            for step in range(config.steps):
+        with open(metrics_tmp, "w", encoding="utf-8") as log, bar, torch.no_grad(), stop:
+            log.writelines(_json_line(r) for r in rows)
+            for step in range(start_step, config.steps):
                 t0 = time.perf_counter()
                 batch = encode_batch(tokenizer, dp.shard([splits.train[i] for i in next(batches)]),
                                      max_length=config.max_length)
@@ -268,6 +344,7 @@ def tune(config: TuneConfig, out_dir: str | os.PathLike, *, overwrite: bool = Fa
                         result = dp.zo_step(params, lambda: batch_loss(model, batch), step_seed, zo_cfg, zo_state)
                 except DivergenceError as exc:
                     diverged = exc
+                    rejected += 1  # the step that tipped the streak was rejected too
                     break
                 if result.applied:
                     trajectory.append(TrajectoryStep(step=step, seeds=result.seeds, grads=result.grads, lr=result.lr))
@@ -295,29 +372,44 @@ def tune(config: TuneConfig, out_dir: str | os.PathLike, *, overwrite: bool = Fa
                         best = {"dev_acc": None, "step": step + 1, "weights": params.state(),
                                 "trajectory_len": len(trajectory)}
                     row["eval_seconds"] = time.perf_counter() - t_eval
-                log.write(_json_line(row))
+                line = _json_line(row)
+                log.write(line)
                 log.flush()
+                rows.append(json.loads(line))
                 bar.advance(row["loss_plus"], last_dev, step + 1, step_seconds)
-        train_seconds = time.perf_counter() - t_train
+                done = step + 1
+                due = config.checkpoint_every and done % config.checkpoint_every == 0
+                if done < config.steps and (due or stop.requested):
+                    if dp.is_main:
+                        save_checkpoint(ckpt_dir, snapshot(done))
+                    if stop.requested:
+                        raise TuneInterrupted(f"interrupted after step {done} of {config.steps}; checkpoint saved to "
+                                              f"{ckpt_dir}", ckpt_dir, done, "run the same command with --resume")
+        train_seconds = earlier["train_seconds"] + time.perf_counter() - t_train
+        step_seconds += earlier["step_seconds"]
         steps_done = zo_state.step
 
         params.load(best["weights"])
         with torch.no_grad():
             test_acc = test.accuracy(model, layout, first_cached) if diverged is None else None
-        wall = time.perf_counter() - t_start
+        wall = earlier["wall_seconds"] + time.perf_counter() - t_start
+        # Only deterministic values go into the manifest (so the patch files are byte-identical for
+        # the same seed, interrupted or not); timing is returned and logged per step in metrics.jsonl.
         metrics = {
             "zero_shot_dev_acc": zs_dev, "zero_shot_test_acc": zs_test,
             "best_dev_acc": best["dev_acc"], "best_step": best["step"], "last_dev_acc": last_dev,
             "test_acc": test_acc,
             "steps": steps_done, "applied_steps": steps_done - rejected, "rejected_steps": rejected,
             "num_train": len(splits.train), "num_dev": dev.size, "num_test": test.size,
-            "wall_seconds": round(wall, 3), "train_seconds": round(train_seconds, 3),
-            "step_seconds": round(step_seconds, 3),  # ZO steps only; train_seconds adds the dev evaluations
-            "steps_per_second": round(steps_done / step_seconds, 4) if step_seconds > 0 else None,
             "diverged": diverged.one_line() if diverged else None,
             "replay": {"rng": RNG_ALGORITHM, "z_dtype": str(Z_DTYPE).removeprefix("torch."),
                        "device_type": next(iter(params.tensors)).device.type, "tensor_order": list(names),
                        "master_dtype": "float32"},
+        }
+        timing = {
+            "wall_seconds": round(wall, 3), "train_seconds": round(train_seconds, 3),
+            "step_seconds": round(step_seconds, 3),  # ZO steps only; train_seconds adds the dev evaluations
+            "steps_per_second": round(steps_done / step_seconds, 4) if step_seconds > 0 else None,
         }
         if dp.active:
             metrics["distributed"] = {**dp.summary(config.q), "rank_weights_sha256": dp.check_final_weights(params)}
@@ -325,13 +417,14 @@ def tune(config: TuneConfig, out_dir: str | os.PathLike, *, overwrite: bool = Fa
             _write_patch(out, overwrite, config, loaded, layers, params, fingerprint, profile, metrics,
                          trajectory[: best["trajectory_len"]])
             os.replace(metrics_tmp, out / METRICS_NAME)
+            remove_checkpoint(ckpt_dir)  # the patch now holds the result
         if data_parallel is None:
             shutdown(dp)  # waits for rank 0's writes, then leaves the process group
     finally:  # a failed run leaves no stray temp file
         metrics_tmp.unlink(missing_ok=True)
     if diverged is not None:
         raise DivergenceError(f"{diverged} — the best patch so far was written to {out}", diverged.hint)
-    return TuneResult(out, layers, metrics)
+    return TuneResult(out, layers, {**metrics, **timing})
 
 
 def _write_patch(out: Path, overwrite: bool, config: TuneConfig, loaded, layers, params: TunedParams,
@@ -347,7 +440,9 @@ def _write_patch(out: Path, overwrite: bool, config: TuneConfig, loaded, layers,
         base_model=loaded.source.name, base_revision=config.revision,
         architecture=archs[0], num_layers=loaded.layout.num_layers, layers=tuple(layers),
         kind="lora" if config.lora else "layers", dtype=dtypes.pop(),
-        base_fingerprint=fingerprint, recipe=config.to_dict(), profile=profile, metrics=metrics,
+        # checkpoint_every changes when state was saved, not the result: kept out so patches stay identical
+        base_fingerprint=fingerprint, profile=profile, metrics=metrics,
+        recipe={k: v for k, v in config.to_dict().items() if k not in RESUME_FREE_FIELDS},
         layer_path=loaded.layout.path,
         lora={"r": config.lora_rank, "alpha": config.lora_alpha, "target_modules": ["q_proj", "v_proj"]}
         if config.lora else None,

@@ -74,6 +74,16 @@ def test_logits_to_keep_equals_full_logits(model, tokenizer, copa):
     torch.testing.assert_close(kept, scoring.scores_from_logits(full[:, -batch.keep :], batch), atol=1e-5, rtol=1e-5)
 
 
+def test_lm_head_runs_one_2d_matmul(model, tokenizer, copa):
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, o: seen.append(a[0].dim()))
+    batch = scoring.encode_batch(tokenizer, copa)
+    logits = scoring.kept_logits(model, batch)
+    handle.remove()
+    assert seen == [2] and logits.shape == (batch.num_rows, batch.keep, model.config.vocab_size)
+    assert not model.get_output_embeddings()._forward_pre_hooks  # removed again
+
+
 def test_padding_does_not_change_scores(model, tokenizer, sst2):
     short = min(sst2, key=lambda ex: len(ex.context))
     alone = scoring.candidate_scores(model, scoring.encode_batch(tokenizer, [short]))
