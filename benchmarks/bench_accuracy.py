@@ -85,6 +85,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="10 steps, seed 0, 32 dev / 64 test, 1 torch thread")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--stem", default="accuracy", help="result file name stem in benchmarks/results/")
     args = p.parse_args()
     args.steps = args.steps or (10 if args.quick else 300)
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
@@ -121,7 +122,7 @@ def main() -> None:
     result = stamp({"model": loaded.source.name, "tasks": tasks, "seeds": seeds, "steps": args.steps,
                     "batch_size": args.batch_size, "lr": args.lr, "eps": args.eps, "num_dev": args.num_dev,
                     "num_test": args.num_test, "runs": rows, "summary": summary})
-    write_report("accuracy", result, markdown(result))
+    write_report(args.stem, result, markdown(result))
     print(markdown(result))
 
 

@@ -271,12 +271,15 @@ def markdown_text(doc: dict) -> str:
 
 
 def write_outputs(doc: dict, out: Path) -> dict[str, Path]:
-    """sweep.json, sweep.csv, sweep.md and sweep.png in ``out`` (each written atomically)."""
+    """sweep.json, sweep.csv, sweep.md and (with matplotlib) sweep.png in ``out``, each written atomically."""
     from .sweep_plot import plot_sweep
 
     paths = {"json": out / "sweep.json", "csv": out / "sweep.csv", "md": out / "sweep.md", "png": out / "sweep.png"}
     write_atomic(paths["json"], json.dumps(doc, indent=2, allow_nan=False) + "\n")
     write_atomic(paths["csv"], csv_text(doc))
     write_atomic(paths["md"], markdown_text(doc))
-    plot_sweep(doc, paths["png"])
+    try:
+        plot_sweep(doc, paths["png"])
+    except ConfigError:  # matplotlib missing: the numbers are written; the figure is optional (layerzo[plot])
+        del paths["png"]
     return paths
