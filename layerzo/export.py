@@ -19,17 +19,16 @@ import io
 import json
 import logging
 import os
-import shutil
 import statistics
 import sys
 import time
-import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import ConfigError, ExportError, OutputExistsError
+from .atomic import atomic_dir
+from .errors import ConfigError, ExportError
 
 ONNX_FILE_NAME = "model.onnx"
 ONNX_DATA_NAME = "model.onnx.data"  # all weights as one external-data file beside the graph
@@ -161,7 +160,7 @@ def export_onnx(
 ) -> Path:
     """Export ``model`` to ``out_dir/model.onnx`` (+ ``model.onnx.data``) atomically; return the .onnx path."""
     _check_export_args(opset, exporter, example_batch, example_len)
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         _export_into(model, tmp, opset=opset, exporter=exporter, example_batch=example_batch,
                      example_len=example_len)
     return Path(out_dir) / ONNX_FILE_NAME
@@ -186,7 +185,7 @@ def export_model(
         raise ConfigError(f"the model is {model_dtype} but the export dtype is {config.dtype}",
                           f"load the model with dtype={config.dtype!r}")
     out = Path(out_dir)
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         start = time.perf_counter()
         exporter_used, fallback_reason = _export_into(
             model, tmp, opset=config.opset, exporter=config.exporter, example_batch=config.example_batch,
@@ -398,32 +397,6 @@ def onnx_size_bytes(onnx_path: str | os.PathLike) -> int:
     """Bytes of the graph file plus its external-data sidecar (if any)."""
     path = Path(onnx_path)
     return sum(p.stat().st_size for p in (path, path.with_name(path.name + ".data")) if p.is_file())
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp dir beside ``out_dir``; on success rename it to ``out_dir``, on error delete it."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output directory {out} already exists", "pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            if not overwrite:
-                raise OutputExistsError(f"output directory {out} appeared during export",
-                                        "pass --overwrite to replace it")
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------

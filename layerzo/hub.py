@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
-from .errors import HubError, OfflineError, OutputExistsError
+from .atomic import atomic_dir, check_output_free
+from .errors import HubError, OfflineError
 from .models import is_offline
 from .safetensors_io import check_file_name
 
@@ -146,20 +146,11 @@ def pull_to_dir(repo_id: str, out_dir: str | os.PathLike, *, revision: str | Non
     from .patch import PATCH_FILES, LayerPatch
 
     out = Path(out_dir).expanduser().absolute()
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists", "pass --overwrite or choose another folder")
+    check_output_free(out, overwrite)
     local, commit = pull_patch(repo_id, revision=revision, token=token, endpoint=endpoint)
     LayerPatch.from_pretrained(local)  # validate before anything lands in out_dir
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         for name in PATCH_FILES:
             if (local / name).is_file():
                 shutil.copyfile(local / name, tmp / name)  # copyfile follows the cache's symlinks to the blobs
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out, commit

@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
+from .atomic import atomic_dir, check_output_free
 from .errors import BaseMismatchError, ModelLoadError, OfflineError, OutputExistsError, PatchError
 from .hashing import tensor_sha256
 from .models import is_offline, resolve_source
@@ -158,8 +158,7 @@ def apply_patch(base: str | os.PathLike | None, patch: LayerPatch | str | os.Pat
     if not isinstance(patch, LayerPatch):
         patch = LayerPatch.from_pretrained(patch, token=token)
     out = Path(out).expanduser().absolute()
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists", "pass --overwrite or choose another output folder")
+    check_output_free(out, overwrite)
     source = resolve_source(base, revision)
     base_dir, base_revision = None, source.revision
     if source.kind == "hub":
@@ -170,24 +169,12 @@ def apply_patch(base: str | os.PathLike | None, patch: LayerPatch | str | os.Pat
         raise OutputExistsError(f"{out} is the base checkpoint; layerzo never writes into the base")
     report = ApplyReport(out=str(out), base=source.name, base_kind=source.kind, base_revision=base_revision,
                          patch=patch.source, patch_revision=patch.source_revision, layers=list(patch.manifest.layers))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".layerzo-tmp", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         if base_dir is not None:
             _apply_to_dir(base_dir, patch, tmp, report, force=force, log=log)
         else:
             _apply_to_gguf(source.location, patch, tmp, report, force=force)
         (tmp / PROVENANCE_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-        if out.exists():  # only reachable with overwrite=True: swap the old one away, then delete it
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 

@@ -25,13 +25,13 @@ import json
 import math
 import os
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import OutputExistsError, PatchError, PatchFormatError
+from .atomic import atomic_dir, check_output_free
+from .errors import PatchError, PatchFormatError
 from .layers import KNOWN_LAYER_PATHS
 from .patch_card import build_model_card
 from .safetensors_io import FLOAT_DTYPES, check_file_name, read_header, write_shard
@@ -378,11 +378,8 @@ class LayerPatch:
     def save_pretrained(self, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the four patch files atomically (temp dir in the same parent, then rename)."""
         out = Path(out_dir).expanduser().absolute()
-        if out.exists() and not overwrite:
-            raise OutputExistsError(f"{out} already exists", "pass overwrite=True (--overwrite) or choose another folder")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        try:
+        check_output_free(out, overwrite, "pass overwrite=True (--overwrite) or choose another folder")
+        with atomic_dir(out, overwrite=overwrite) as tmp:
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in sorted(self.tensors.items())}
             # our writer, not safetensors' save_file: that one orders metadata by a Rust HashMap,
             # so the same patch would not give the same bytes twice
@@ -392,10 +389,6 @@ class LayerPatch:
             self.manifest = dataclasses.replace(self.manifest, files=files)
             (tmp / MANIFEST_NAME).write_text(json.dumps(self.manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
             (tmp / CARD_NAME).write_text(build_model_card(self), encoding="utf-8")
-            _replace_dir(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
 
     def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool = False, revision: str | None = None,
@@ -407,17 +400,6 @@ class LayerPatch:
             folder = self.save_pretrained(Path(tmp) / "patch")
             return push_patch(folder, repo_id, token=token, private=private, revision=revision,
                               endpoint=endpoint, commit_message=commit_message)
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished temp dir to ``out``; an existing ``out`` is swapped away first, then removed."""
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.replace(out, trash / "old")
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def _read_weights(path: Path, manifest: PatchManifest) -> dict:
