@@ -8,11 +8,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
-
+# Tiny models are dominated by per-op overhead, and a second intra-op thread
+# only oversubscribes a 2-core CI machine that also runs torchrun workers.
+# Set before torch is imported so subprocesses (torchrun, CLI runs) inherit it
+# and every process in a bit-exactness comparison uses the same thread count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
