@@ -19,19 +19,16 @@ def register(app: typer.Typer) -> None:
     app.command("tune")(tune)
 
 
-def resume_command() -> str:
-    """The command line of this ``tune`` invocation, from its parsed options, plus ``--resume``."""
+def resume_command(ctx: typer.Context) -> str:
+    """The command line of this ``tune`` invocation, rebuilt from its parsed options, plus ``--resume``."""
     import shlex
 
-    import click
-
-    ctx = click.get_current_context()
     words = ["layerzo", ctx.info_name or "tune"]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
-        if not isinstance(param, click.Option) or value is None or param.name == "resume":
+        if not getattr(param, "opts", None) or value is None or param.name == "resume":
             continue
-        if param.is_flag:
+        if getattr(param, "is_flag", False):
             if param.secondary_opts:  # --x/--no-x given either way: keep it
                 words.append(param.opts[0] if value else param.secondary_opts[0])
             elif value:
@@ -47,6 +44,7 @@ def _opt(flag: str, help: str):
 
 @handle_errors
 def tune(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", "-o", help="Patch folder to write.")],
     recipe: Annotated[Optional[Path], _opt("--recipe", "Recipe YAML (keys = these options); options override it.")] = None,
     model: Annotated[Optional[str], _opt("--model", "Checkpoint dir, .gguf or Hub id (default: SmolLM2-135M demo).")] = None,
@@ -110,7 +108,7 @@ def tune(
                           note=lambda line: err_console.print(line, highlight=False))
     except TuneInterrupted as exc:  # Ctrl-C: a checkpoint was saved; say exactly how to continue
         err_console.print(str(exc), style="yellow", markup=False, highlight=False, soft_wrap=True)
-        err_console.print(f"resume with: {resume_command()}", markup=False, highlight=False, soft_wrap=True)
+        err_console.print(f"resume with: {resume_command(ctx)}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(code=130) from None
     from layerzo.distributed import is_main_process
 

@@ -116,15 +116,16 @@ def check_checkpoint_dir(folder: Path, *, resume: bool, overwrite: bool) -> bool
     ``resume`` it is refused unless ``overwrite`` (then it is removed).
     """
     if folder.exists() and not folder.is_dir():
-        raise OutputExistsError(f"{folder} exists and is not a checkpoint folder", "move it away or choose another --out")
+        raise OutputExistsError(f"{folder} exists and is not a checkpoint folder",
+                                "move it away or choose another --out")
     present = (folder / STATE_JSON).is_file()
     if resume:
         return present
     if folder.exists() and not overwrite:
         raise OutputExistsError(f"{folder} holds a checkpoint of an interrupted run",
                                 "pass --resume to continue it, or --overwrite to start over")
-    if folder.exists():
-        shutil.rmtree(folder)
+    if folder.exists():  # --overwrite: start over (under torchrun every rank may get here: tolerate a race)
+        shutil.rmtree(folder, ignore_errors=True)
     return False
 
 
@@ -267,7 +268,8 @@ def _check_small(folder: Path, d: dict) -> dict:
             or not isinstance(ident["recipe"], dict) or not isinstance(ident["base_fingerprint"], dict)
             or not isinstance(ident["layers"], list) or not all(_int(i) for i in ident["layers"])
             or not isinstance(ident["names"], list) or not ident["names"]
-            or not all(isinstance(n, str) and n for n in ident["names"]) or len(set(ident["names"])) != len(ident["names"])):
+            or not all(isinstance(n, str) and n for n in ident["names"])
+            or len(set(ident["names"])) != len(ident["names"])):
         raise _bad(folder, "field identity must hold recipe, layers, names and base_fingerprint")
     step, bad_in_row, rejected = d["step"], d["bad_in_row"], d["rejected"]
     if not _int(step) or not _int(bad_in_row) or not _int(rejected) or rejected > step or bad_in_row > step:

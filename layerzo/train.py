@@ -46,9 +46,9 @@ from .layers import get_layer, layer_parameter_names, parse_layer_spec
 from .lower_cache import cached_lower_layers
 from .models import DTYPES
 from .scoring import batch_loss, candidate_scores, encode_batch
-from .checkpoint import (RESUME_FREE_FIELDS, Checkpoint, CheckpointError, StopOnInterrupt, TuneInterrupted, check_checkpoint_dir,
-                         check_resumable, check_writable, checkpoint_dir, load_checkpoint, remove_checkpoint,
-                         run_identity, save_checkpoint)
+from .checkpoint import (RESUME_FREE_FIELDS, Checkpoint, CheckpointError, StopOnInterrupt, TuneInterrupted,
+                         check_checkpoint_dir, check_resumable, check_writable, checkpoint_dir, load_checkpoint,
+                         remove_checkpoint, run_identity, save_checkpoint)
 from .zo import RNG_ALGORITHM, Z_DTYPE, TunedParams, ZOConfig, ZOState
 
 METRICS_NAME = "metrics.jsonl"

@@ -149,6 +149,20 @@ def fresh_copy(template: Path) -> Path:
     return Path(shutil.copytree(template, work / template.name))
 
 
+def test_checkpoint_round_trip_is_exact(checkpoint_template):
+    """The template the checkpoint fuzzers mutate is itself read back exactly (the baseline is valid)."""
+    ckpt = load_checkpoint(checkpoint_template)
+    assert ckpt.step == 3 and ckpt.batches == (1, 8) and ckpt.bad_in_row == 1 and ckpt.rejected == 1
+    assert ckpt.trajectory == [TrajectoryStep(1, (9,), (0.5,), 1e-3)] and ckpt.zero_shot == (0.5, 0.25)
+    assert torch.equal(ckpt.momentum[0], torch.ones(6, 4)) and set(ckpt.params) == set(ckpt.best_weights)
+    assert all(torch.equal(ckpt.best_weights[n], 2 * ckpt.params[n]) for n in ckpt.params)
+    rng = random.Random()
+    rng.setstate(ckpt.seed_rng)
+    expected = random.Random(3)
+    expected.getrandbits(63)
+    assert rng.getrandbits(63) == expected.getrandbits(63)
+
+
 # ----------------------------------------------------------------------------- manifests
 def test_fuzz_manifest_dict(patch_template, record_property):
     """PatchManifest.from_dict on random JSON and on mutated valid manifests."""

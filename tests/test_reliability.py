@@ -25,7 +25,7 @@ import torch
 from typer.testing import CliRunner
 
 from hub_server import FakeHub
-from layerzo.checkpoint import STATE_JSON, CheckpointError, checkpoint_dir, load_checkpoint
+from layerzo.checkpoint import STATE_JSON, checkpoint_dir, load_checkpoint
 from layerzo.cli.main import app
 from layerzo.errors import OutputExistsError
 from layerzo.patch import PATCH_FILES, WEIGHTS_NAME, LayerPatch
@@ -81,7 +81,7 @@ def logged_rows(out: Path) -> int:
 
 
 def start_worker(args: list[str], delay: float = 0.12) -> subprocess.Popen:
-    env = {**os.environ, "HF_TOKEN": TOKEN, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "HF_TOKEN": TOKEN, "PYTHONPATH": str(REPO)}  # conftest's OMP_NUM_THREADS=1 travels too
     return subprocess.Popen([sys.executable, str(WORKER), str(delay), *args], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -179,12 +179,16 @@ def test_in_process_interrupt_then_resume_with_another_checkpoint_interval(refer
     import layerzo.train as train
     from layerzo.checkpoint import TuneInterrupted
 
+    # stop just after the reference's best step: the checkpoint's best weights then differ from its
+    # current ones, and the final patch is made of the restored best weights
+    best_step = json.loads((reference / "layerzo_patch.json").read_text())["metrics"]["best_step"]
+    stop = min(max(best_step + 1, 1), STEPS - 1)
     calls = {"n": 0}
     real = train.batch_loss
 
     def loss_then_ctrl_c(model, batch):
         calls["n"] += 1
-        if calls["n"] == 2 * 7 + 1:  # inside step 8 (q=1: two loss calls per step)
+        if calls["n"] == 2 * (stop - 1) + 1:  # inside step `stop` (q=1: two loss calls per step)
             os.kill(os.getpid(), signal.SIGINT)
         return real(model, batch)
 
@@ -192,17 +196,28 @@ def test_in_process_interrupt_then_resume_with_another_checkpoint_interval(refer
                         batch_size=4, num_train=32, num_dev=8, num_test=8, eval_every=5, lr=1e-3, eps=1e-2,
                         momentum=0.5, checkpoint_every=3)  # = tune_args
     monkeypatch.setattr(train, "batch_loss", loss_then_ctrl_c)
-    with pytest.raises(TuneInterrupted, match="after step 8 of 24") as info:
+    with pytest.raises(TuneInterrupted, match=f"after step {stop} of {STEPS}") as info:
         tune(config, tmp_path / "patch", progress=False)
-    assert info.value.step == 8 and load_checkpoint(info.value.checkpoint).step == 8
+    assert info.value.step == stop and load_checkpoint(info.value.checkpoint).step == stop
     monkeypatch.setattr(train, "batch_loss", real)
-    with pytest.raises(OutputExistsError, match="--resume"):  # never silently thrown away
+    with pytest.raises(OutputExistsError, match="interrupted run") as refused:  # never silently thrown away
         tune(config, tmp_path / "patch", progress=False)
+    assert "--resume" in refused.value.one_line()
     notes = []
     tune(TuneConfig(**{**config.to_dict(), "checkpoint_every": 5}), tmp_path / "patch", progress=False, resume=True,
          note=notes.append)
-    assert notes == [f"resuming patch from the checkpoint at step 8 of {STEPS}"]
+    assert notes == [f"resuming patch from the checkpoint at step {stop} of {STEPS}"]
     assert_same_run(reference, tmp_path / "patch")
+
+
+def test_batch_stream_resumes_from_epoch_and_position():
+    from layerzo.train import TrainBatches, train_batches
+
+    live = train_batches(10, 4, seed=1)
+    for _ in range(7):  # 3+ epochs of 2 batches: mid-epoch position
+        next(live)
+    resumed = TrainBatches(10, 4, 1, live.epoch, live.position)
+    assert [next(resumed) for _ in range(5)] == [next(live) for _ in range(5)]
 
 
 def _interrupted_checkpoint(tiny_llama_dir, data_dir, out: Path) -> list[str]:
@@ -314,8 +329,8 @@ def test_non_finite_losses_are_rejected_and_leave_no_trace_in_the_layer(tiny_lla
 
 
 # ----------------------------------------------------------------------------- secrets
-def test_a_tuned_patch_pushed_with_a_token_leaves_it_in_no_file(online, tiny_llama_dir, data_dir, tmp_path,  # noqa: F811
-                                                                  monkeypatch):
+def test_a_tuned_patch_pushed_with_a_token_leaves_it_in_no_file(online, tiny_llama_dir, data_dir,  # noqa: F811
+                                                                  tmp_path, monkeypatch):
     """Token in the environment during tune (checkpoint written), resume, push and pull: it is in
     no file under tmp (patch, metrics, model card, checkpoint, pulled copy, HF cache) nor in any output."""
     monkeypatch.setenv("HF_TOKEN", TOKEN)
