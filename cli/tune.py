@@ -100,7 +100,7 @@ def tune(
 
     overrides = {k: options[k] for k in recipe_fields()}
     config = build_config(load_recipe(recipe) if recipe else None, overrides)
-    from layerzo.checkpoint import TuneInterrupted
+    from layerzo.errors import TuneInterrupted
 
     check_output_dir(out.expanduser().absolute(), overwrite)
     try:

@@ -43,7 +43,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .errors import LayerzoError, OutputExistsError, PatchFormatError
+from .errors import CheckpointError, OutputExistsError, PatchFormatError
 from .safetensors_io import FLOAT_DTYPES, read_header, write_shard
 
 CHECKPOINT_SUFFIX = ".ckpt"
@@ -58,19 +58,6 @@ _STATE_FILE = re.compile(r"^state-\d{8}-[0-9a-f]{8}\.safetensors$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _KEYS = ("format", "version", "layerzo_version", "identity", "step", "bad_in_row", "seed_rng", "batches",
          "best", "trajectory", "rows", "zero_shot", "last_dev", "rejected", "seconds", "tensors")
-
-
-class CheckpointError(LayerzoError):
-    """A training checkpoint is corrupt, truncated, or from another run."""
-
-
-class TuneInterrupted(LayerzoError):
-    """Ctrl-C stopped ``tune`` after a step; a checkpoint to resume from was saved."""
-
-    def __init__(self, message: str, checkpoint: Path, step: int, hint: str | None = None) -> None:
-        super().__init__(message, hint)
-        self.checkpoint = checkpoint
-        self.step = step
 
 
 @dataclass

@@ -7,6 +7,8 @@ Every error a user can cause derives from :class:`LayerzoError`. The CLI prints
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class LayerzoError(Exception):
     """Base class: a problem the user can fix, described in one line."""
@@ -78,3 +80,16 @@ class EvalError(LayerzoError):
 
 class ExportError(LayerzoError):
     """ONNX export or its verification failed."""
+
+
+class CheckpointError(LayerzoError):
+    """A training checkpoint is corrupt, truncated, or from another run."""
+
+
+class TuneInterrupted(LayerzoError):
+    """Ctrl-C stopped ``tune`` after a step; a checkpoint to resume from was saved."""
+
+    def __init__(self, message: str, checkpoint: Path, step: int, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.checkpoint = checkpoint
+        self.step = step

@@ -1,4 +1,4 @@
-"""The sweep figure: per-layer test accuracy (bars) and dev accuracy (line), one panel per task.
+"""The sweep figure, per task: test accuracy (bars) + dev accuracy (line) per layer, and mean train loss.
 
 The profiled pick's bar is red, the best layer's bar is outlined; horizontal
 lines mark zero-shot test accuracy and the whole-model MeZO test accuracy.
@@ -18,15 +18,37 @@ def plot_sweep(doc: dict, out: str | os.PathLike) -> Path:
     plt = _pyplot()
     tasks = list(doc["tasks"].values())
     width = max(9.0, 0.32 * max((len(s["layers"]) for s in tasks), default=1) + 4.5)  # + room for the legend
-    fig, axes = plt.subplots(len(tasks), 1, figsize=(width, 3.6 * len(tasks)), squeeze=False)
+    fig, axes = plt.subplots(2 * len(tasks), 1, figsize=(width, 5.6 * len(tasks)), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 2] * len(tasks)})
     try:
-        for ax, s in zip(axes[:, 0], tasks):
-            _panel(ax, s, doc)
+        for k, s in enumerate(tasks):
+            _panel(axes[2 * k, 0], s, doc)
+            _loss_panel(axes[2 * k + 1, 0], s)
         axes[-1, 0].set_xlabel("decoder layer tuned alone")
         fig.tight_layout()
         return save_figure_atomic(fig, out, dpi=120)
     finally:
         plt.close(fig)
+
+
+def _loss_panel(ax, s: dict) -> None:
+    """Mean training loss over the run per layer: every run saw the same batches, so this is a paired comparison."""
+    rows = [r for r in s["layers"] if r.get("mean_loss") is not None]
+    ax.plot([r["layer"] for r in rows], [r["mean_loss"] for r in rows], color="tab:purple", marker="o", markersize=3,
+            label="mean train loss over the run (same batches for every layer)")
+    pick = next((r for r in rows if r["layer"] == s["profiled_pick"]), None)
+    if pick is not None:
+        ax.plot([pick["layer"]], [pick["mean_loss"]], marker="*", markersize=12, color="tab:red", linestyle="none",
+                label=f"profiled pick: layer {pick['layer']}")
+    full = s.get("full")
+    if full and full.get("mean_loss") is not None:
+        ax.axhline(full["mean_loss"], color="tab:green", linestyle=":", linewidth=2,
+                   label=f"full-model MeZO {full['mean_loss']:.3f}")
+    if rows:
+        ax.set_xticks([r["layer"] for r in rows])
+        ax.tick_params(axis="x", labelsize=7)
+    ax.set_ylabel("mean train loss")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, borderaxespad=0)
 
 
 def _panel(ax, s: dict, doc: dict) -> None:

@@ -40,13 +40,13 @@ import torch
 from . import __version__
 from .distributed import (DataParallel, check_tuned_placement, config_digest, init_data_parallel,
                           parse_device_map, placement, shutdown, weights_digest)
-from .errors import ConfigError, DivergenceError, OutputExistsError, TaskError
+from .errors import CheckpointError, ConfigError, DivergenceError, OutputExistsError, TaskError, TuneInterrupted
 from .hashing import tensor_sha256
 from .layers import get_layer, layer_parameter_names, parse_layer_spec
 from .lower_cache import cached_lower_layers
 from .models import DTYPES
 from .scoring import batch_loss, candidate_scores, encode_batch
-from .checkpoint import (RESUME_FREE_FIELDS, Checkpoint, CheckpointError, StopOnInterrupt, TuneInterrupted,
+from .checkpoint import (RESUME_FREE_FIELDS, Checkpoint, StopOnInterrupt,
                          check_checkpoint_dir, check_resumable, check_writable, checkpoint_dir, load_checkpoint,
                          remove_checkpoint, run_identity, save_checkpoint)
 from .zo import RNG_ALGORITHM, Z_DTYPE, TunedParams, ZOConfig, ZOState

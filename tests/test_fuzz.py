@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_tiny_model
-from layerzo.checkpoint import STATE_JSON, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from layerzo.checkpoint import STATE_JSON, Checkpoint, load_checkpoint, save_checkpoint
+from layerzo.errors import CheckpointError
 from layerzo.errors import PatchError
 from layerzo.patch import MANIFEST_NAME, WEIGHTS_NAME, LayerPatch, PatchManifest, TrajectoryStep
 from layerzo.safetensors_io import read_header

@@ -177,7 +177,7 @@ def test_in_process_interrupt_then_resume_with_another_checkpoint_interval(refer
     """SIGINT delivered mid-step to the library call (not the CLI): TuneInterrupted after that step.
     checkpoint_every may differ on resume (it changes when we save, not what is computed)."""
     import layerzo.train as train
-    from layerzo.checkpoint import TuneInterrupted
+    from layerzo.errors import TuneInterrupted
 
     # stop just after the reference's best step: the checkpoint's best weights then differ from its
     # current ones, and the final patch is made of the restored best weights
