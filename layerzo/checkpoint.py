@@ -27,7 +27,6 @@ every field and refuses problems with one :class:`CheckpointError` line.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -43,6 +42,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .hashing import file_sha256
 from .errors import CheckpointError, OutputExistsError, PatchFormatError
 from .safetensors_io import FLOAT_DTYPES, read_header, write_shard
 
@@ -145,7 +145,7 @@ def save_checkpoint(folder: Path, ckpt: Checkpoint) -> Path:
             "best": ckpt.best, "trajectory": [json.loads(s.to_json()) for s in ckpt.trajectory],
             "rows": ckpt.rows, "zero_shot": list(ckpt.zero_shot), "last_dev": ckpt.last_dev,
             "rejected": ckpt.rejected, "seconds": ckpt.seconds,
-            "tensors": {"file": name, "sha256": _sha256_file(folder / name)},
+            "tensors": {"file": name, "sha256": file_sha256(folder / name)},
         }
         _write_json_atomic(folder / STATE_JSON, state)  # the commit point
     except BaseException:
@@ -168,14 +168,6 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def remove_checkpoint(folder: Path) -> None:
@@ -318,7 +310,7 @@ def _read_tensors(folder: Path, info: object) -> dict[str, torch.Tensor]:
     path = folder / info["file"]
     if not path.is_file():
         raise _bad(folder, f"{info['file']} is missing")
-    if _sha256_file(path) != info["sha256"]:
+    if file_sha256(path) != info["sha256"]:
         raise _bad(folder, f"{info['file']} does not match its sha256 (corrupt or truncated)")
     header = read_header(path, max_header_bytes=MAX_STATE_HEADER_BYTES, error=CheckpointError)
     for key, t in header.tensors.items():

@@ -9,6 +9,7 @@ weights loaded in fp32 share a fingerprint, while any changed value does not.
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Iterable, Mapping
 
 import torch
@@ -35,4 +36,13 @@ def combine_sha256(parts: Iterable[str]) -> str:
     for p in parts:
         h.update(p.encode())
         h.update(b"\n")
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (never the whole file at once)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
     return h.hexdigest()

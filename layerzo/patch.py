@@ -20,7 +20,6 @@ loaded, and each problem is refused with one :class:`PatchError` line.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .atomic import atomic_dir, check_output_free
+from .hashing import file_sha256
 from .errors import PatchError, PatchFormatError
 from .layers import KNOWN_LAYER_PATHS
 from .patch_card import build_model_card
@@ -286,14 +286,6 @@ def _check_lora_pairs(manifest: PatchManifest, tensors: Mapping[str, Any]) -> No
             raise PatchError(f"LoRA patch has {key} but no matching lora_A")
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _weights_metadata(manifest: PatchManifest) -> dict[str, str]:
     return {
         "format": "pt",
@@ -368,7 +360,7 @@ class LayerPatch:
         for name, sha in manifest.files.items():
             if not (folder / name).is_file():
                 raise PatchError(f"patch file {name} listed in {MANIFEST_NAME} is missing from {folder}")
-            if _sha256_file(folder / name) != sha:
+            if file_sha256(folder / name) != sha:
                 raise PatchError(f"patch file {name} does not match its sha256 in {MANIFEST_NAME} (corrupt or tampered)")
         tensors = _read_weights(weights_path, manifest)
         trajectory = read_trajectory(folder / TRAJECTORY_NAME) if TRAJECTORY_NAME in manifest.files else []
@@ -385,7 +377,7 @@ class LayerPatch:
             # so the same patch would not give the same bytes twice
             write_shard(tmp / WEIGHTS_NAME, tensors, _weights_metadata(self.manifest))
             (tmp / TRAJECTORY_NAME).write_text("".join(s.to_json() + "\n" for s in self.trajectory), encoding="utf-8")
-            files = {n: _sha256_file(tmp / n) for n in (WEIGHTS_NAME, TRAJECTORY_NAME)}
+            files = {n: file_sha256(tmp / n) for n in (WEIGHTS_NAME, TRAJECTORY_NAME)}
             self.manifest = dataclasses.replace(self.manifest, files=files)
             (tmp / MANIFEST_NAME).write_text(json.dumps(self.manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
             (tmp / CARD_NAME).write_text(build_model_card(self), encoding="utf-8")

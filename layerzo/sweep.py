@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .errors import ConfigError, DivergenceError, LayerIndexError, LayerzoError, OutputExistsError
+from .progress import StderrBar
 from .sweep_report import append_record, read_records
 
 FULL = "all"  # layer key of the whole-model MeZO baseline
@@ -346,36 +347,16 @@ def _profile_record(config: SweepConfig, task: str, loaded, recipe: dict) -> dic
             "reason": report["pick"]["reason"], "recipe": recipe}
 
 
-class _Bar:
-    """rich progress over the runs (stderr): run label, done/total, ETA, last run's accuracy."""
+class _Bar(StderrBar):
+    """sweep's bar over the runs: run label, last run's accuracy."""
 
     def __init__(self, total: int, enabled: bool) -> None:
-        self.enabled = enabled and total > 0
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-                TimeRemainingColumn
-
-            self._p = Progress(TextColumn("sweep {task.fields[run]}"), BarColumn(), MofNCompleteColumn(),
-                               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                               console=Console(stderr=True))
-            self._t = self._p.add_task("sweep", total=total, run="", info="")
-
-    def __enter__(self):
-        if self.enabled:
-            self._p.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self._p.__exit__(*exc)
+        super().__init__("sweep", total, enabled)
 
     def label(self, run: str) -> None:
-        if self.enabled:
-            self._p.update(self._t, run=run)
+        self.update(title=f"sweep {run}")
 
     def advance(self, rec: dict) -> None:
-        if self.enabled:
-            acc = rec.get("test_acc")
-            info = f"last: layer {rec['layer']} test {100 * acc:.1f}%" if acc is not None else f"last: layer {rec['layer']}"
-            self._p.update(self._t, advance=1, info=info)
+        acc = rec.get("test_acc")
+        info = f"last: layer {rec['layer']} test {100 * acc:.1f}%" if acc is not None else f"last: layer {rec['layer']}"
+        self.update(advance=1, info=info)

@@ -45,6 +45,7 @@ from .hashing import tensor_sha256
 from .layers import get_layer, layer_parameter_names, parse_layer_spec
 from .lower_cache import cached_lower_layers
 from .models import DTYPES
+from .progress import StderrBar
 from .scoring import batch_loss, candidate_scores, encode_batch
 from .checkpoint import (RESUME_FREE_FIELDS, Checkpoint, StopOnInterrupt,
                          check_checkpoint_dir, check_resumable, check_writable, checkpoint_dir, load_checkpoint,
@@ -451,30 +452,13 @@ def _write_patch(out: Path, overwrite: bool, config: TuneConfig, loaded, layers,
     LayerPatch(manifest, tensors, trajectory).save_pretrained(out, overwrite=overwrite or out.exists())
 
 
-class _Progress:
-    """rich progress bar on stderr: loss, last dev accuracy, steps/s (silent when disabled)."""
+class _Progress(StderrBar):
+    """tune's bar: loss, last dev accuracy, steps/s."""
 
     def __init__(self, total: int, enabled: bool) -> None:
-        self.enabled = enabled
-        if enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._p = Progress(TextColumn("tune"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                               TextColumn("{task.fields[info]}"), console=Console(stderr=True))
-            self._task = self._p.add_task("tune", total=total, info="")
-
-    def __enter__(self):
-        if self.enabled:
-            self._p.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self._p.__exit__(*exc)
+        super().__init__("tune", total, enabled)
 
     def advance(self, loss: float, dev_acc: float | None, done: int, seconds: float) -> None:
-        if self.enabled:
-            dev = f"{dev_acc:.3f}" if dev_acc is not None else "-"
-            rate = done / seconds if seconds > 0 else math.nan
-            self._p.update(self._task, completed=done, info=f"loss {loss:.4f}  dev {dev}  {rate:.2f} steps/s")
+        dev = f"{dev_acc:.3f}" if dev_acc is not None else "-"
+        rate = done / seconds if seconds > 0 else math.nan
+        self.update(completed=done, info=f"loss {loss:.4f}  dev {dev}  {rate:.2f} steps/s")
