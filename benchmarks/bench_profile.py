@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from layerzo.atomic import atomic_write_text
 from layerzo.models import load_model
 from layerzo.profile import DEFAULT_CALIBRATION_TEXTS, ProfileConfig, _encode, _pad, _StopForward, profile_model
 from layerzo.layers import get_layers
@@ -186,8 +187,8 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    _write_atomic(RESULTS / "profile.json", json.dumps(result, indent=2) + "\n")
-    _write_atomic(RESULTS / "profile.md", _markdown(result))
+    atomic_write_text(RESULTS / "profile.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(RESULTS / "profile.md", _markdown(result))
     print(_markdown(result))
 
 
@@ -230,13 +231,6 @@ def _markdown(r: dict) -> str:
         "profile = profile_model end to end. Memory: one subprocess per variant, RSS above the post-load, "
         "malloc_trim'd baseline.\n"
     )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

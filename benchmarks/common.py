@@ -20,12 +20,13 @@ import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
+
+from layerzo.atomic import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -102,27 +103,12 @@ def header(title: str, result: Mapping) -> str:
             + ", ".join(f"{k} {val}" for k, val in v.items() if val) + ".\n")
 
 
-def write_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_report(stem: str, result: dict, markdown: str, results_dir: Path = RESULTS) -> tuple[Path, Path]:
     """Write ``<stem>.json`` (``result``, stamped if not yet) and ``<stem>.md`` atomically; returns both paths."""
     if "machine" not in result:
         result = stamp(result)
-    j = write_atomic(results_dir / f"{stem}.json", json.dumps(result, indent=2, default=str) + "\n")
-    m = write_atomic(results_dir / f"{stem}.md", markdown if markdown.endswith("\n") else markdown + "\n")
+    j = atomic_write_text(results_dir / f"{stem}.json", json.dumps(result, indent=2, default=str) + "\n")
+    m = atomic_write_text(results_dir / f"{stem}.md", markdown if markdown.endswith("\n") else markdown + "\n")
     return j, m
 
 
@@ -204,12 +190,6 @@ def rss_sampler(interval_s: float = 0.001) -> Iterator[dict]:
 
 def fmt_mb(n_bytes: float) -> str:
     return f"{n_bytes / 2**20:.0f}"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ----------------------------------------------------------------------------- model copies for subprocesses

@@ -12,10 +12,11 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .atomic import atomic_write_text
 
 CARD_SECTION_TITLE = "## lm-eval results"
 PER_TOKEN_METRIC = "acc_per_token"  # argmax of the mean per-token log-likelihood: layerzo tune's scoring
@@ -172,22 +173,10 @@ def replace_section(markdown: str, section: str) -> str:
     return "".join(lines[:start]) + section + ("\n" + tail if tail else "")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_json(report: EvalReport, path: str | os.PathLike) -> Path:
     """Write ``report.to_dict()`` as JSON to ``path`` atomically."""
     out = Path(path).expanduser()
-    _atomic_write_text(out, json.dumps(report.to_dict(), indent=2, allow_nan=False, default=str) + "\n")
+    atomic_write_text(out, json.dumps(report.to_dict(), indent=2, allow_nan=False, default=str) + "\n")
     return out
 
 
@@ -195,5 +184,5 @@ def write_card_section(card_path: str | os.PathLike, report: EvalReport) -> Path
     """Add or replace the "lm-eval results" section of a model card (README.md), atomically."""
     path = Path(card_path).expanduser()
     text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    _atomic_write_text(path, replace_section(text, card_section(report)))
+    atomic_write_text(path, replace_section(text, card_section(report)))
     return path

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .atomic import atomic_file
 from .errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,16 +31,8 @@ def _pyplot():
 
 def save_figure_atomic(fig, out: str | os.PathLike, **kwargs) -> Path:
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix or ".png", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_file(out) as tmp:
         fig.savefig(tmp, format=(out.suffix.lstrip(".") or "png"), **kwargs)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return out
 
 

@@ -14,11 +14,11 @@ import dataclasses
 import difflib
 import math
 import os
-import tempfile
 import typing
 from pathlib import Path
 from typing import Any, Mapping
 
+from .atomic import atomic_write_text
 from .errors import ConfigError
 from .train import TuneConfig
 
@@ -118,14 +118,4 @@ def recipe_text(config: TuneConfig | Mapping[str, Any]) -> str:
 
 def dump_recipe(config: TuneConfig | Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write ``config`` as a recipe YAML file (temp file in the same folder + os.replace)."""
-    p = Path(path).expanduser()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(recipe_text(config))
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    return atomic_write_text(Path(path).expanduser(), recipe_text(config))

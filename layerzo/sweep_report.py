@@ -20,10 +20,10 @@ import io
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from .atomic import atomic_write_text
 from .errors import ConfigError
 
 CSV_COLUMNS = ("task", "layer", "dev_acc", "test_acc", "final_dev_acc", "best_step", "final_loss", "wall_s",
@@ -48,33 +48,13 @@ def append_record(path: Path, record: dict) -> None:
     """Append one JSON line; the whole file is rewritten to a temp file and renamed (atomic)."""
     text = path.read_text(encoding="utf-8") if path.is_file() else ""
     line = json.dumps(record, allow_nan=False, default=_json_default) + "\n"
-    write_atomic(path, text + line)
+    atomic_write_text(path, text + line)
 
 
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return list(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ----------------------------------------------------------------------------- ranking and verdict
@@ -275,9 +255,9 @@ def write_outputs(doc: dict, out: Path) -> dict[str, Path]:
     from .sweep_plot import plot_sweep
 
     paths = {"json": out / "sweep.json", "csv": out / "sweep.csv", "md": out / "sweep.md", "png": out / "sweep.png"}
-    write_atomic(paths["json"], json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    write_atomic(paths["csv"], csv_text(doc))
-    write_atomic(paths["md"], markdown_text(doc))
+    atomic_write_text(paths["json"], json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(paths["csv"], csv_text(doc))
+    atomic_write_text(paths["md"], markdown_text(doc))
     try:
         plot_sweep(doc, paths["png"])
     except ConfigError:  # matplotlib missing: the numbers are written; the figure is optional (layerzo[plot])
