@@ -40,6 +40,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save_plain_copy  # noqa: E402
+
 from layerzo.atomic import atomic_write_text
 from layerzo.models import load_model
 from layerzo.profile import DEFAULT_CALIBRATION_TEXTS, ProfileConfig, _encode, _pad, _StopForward, profile_model
@@ -157,7 +160,7 @@ def main() -> None:
     print(json.dumps({"median_s": {v: statistics.median(t) for v, t in times.items()}}), file=sys.stderr)
     memory = {}
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
-        model_dir = _save_plain(loaded, Path(tmp))
+        model_dir = save_plain_copy(loaded, Path(tmp))
         for v in VARIANTS:
             cmd = [sys.executable, __file__, "--child", v, "--model-dir", model_dir,
                    "--num-sequences", str(args.num_sequences), "--max-length", str(args.max_length)]
@@ -190,23 +193,6 @@ def main() -> None:
     atomic_write_text(RESULTS / "profile.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(RESULTS / "profile.md", _markdown(result))
     print(_markdown(result))
-
-
-def _save_plain(loaded, out: Path) -> str:
-    """Save the (dequantized) model as safetensors so children load fast; else they reload the source."""
-    from safetensors.torch import save_model
-
-    try:
-        save_model(loaded.model, str(out / "model.safetensors"))  # handles tied embeddings
-        config = loaded.model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config  # GGUF weights were dequantized on load
-        config.save_pretrained(out)
-        loaded.tokenizer.save_pretrained(out)
-        return str(out)
-    except (ValueError, OSError, AttributeError) as exc:
-        print(f"cannot save a plain copy ({exc}); children reload {loaded.source.location}", file=sys.stderr)
-        return loaded.source.location
 
 
 def _markdown(r: dict) -> str:
