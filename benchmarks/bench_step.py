@@ -9,7 +9,10 @@ median of each is reported, with ratios:
 * ``dominant``  ``zo_step`` on the profiled layer's tensors inside ``cached_lower_layers``, exactly as
                 ``layerzo.train.tune`` runs it (layers below run once per step, functional perturbation);
 * ``dominant_nocache``  the same without the lower-layer cache (what the cache buys);
-* ``full``      ``zo_step`` on every decoder-layer tensor (MeZO, seed trick, no cache possible);
+* ``full``      ``zo_step`` on every decoder-layer tensor as ``tune --layers all`` runs it: MeZO's seed
+                trick (z regenerated for +eps, -eps and the update, never stored; no lower-layer cache possible);
+* ``full_zkept`` the same with z drawn once and kept for the step (+4 bytes per weight: ~1.4x inference
+                memory on the demo, see bench_memory.py) - the fastest full-model step this engine can do;
 * ``lora``      ``zo_step`` on LoRA r=8 adapters on q/v of EVERY layer (MeZO's LoRA baseline; the
                 wrappers are added before and removed after each call, untimed).
 
@@ -26,6 +29,7 @@ Writes benchmarks/results/step.json and step.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -35,7 +39,7 @@ import torch  # noqa: E402
 
 from common import header, interleaved, medians, peak_rss_bytes, stamp, write_report  # noqa: E402
 
-VARIANTS = ("floor", "dominant", "dominant_nocache", "full", "lora")
+VARIANTS = ("floor", "dominant", "dominant_nocache", "full", "full_zkept", "lora")
 TARGET_FULL_OVER_DOMINANT = 2.5
 TARGET_DOMINANT_OVER_FLOOR = 1.1
 
@@ -49,7 +53,7 @@ def build(args):
     from layerzo.scoring import batch_loss, encode_batch
     from layerzo.tasks import load_task
     from layerzo.train import TuneConfig, resolve_layers
-    from layerzo.zo import TunedParams, ZOConfig, ZOState, zo_step
+    from layerzo.zo import TunedParams, ZOConfig, ZOState, z_cache_budget, zo_step
 
     loaded = load_model(args.model, device=args.device)
     model, layout, n = loaded.model, loaded.layout, loaded.layout.num_layers
@@ -61,7 +65,10 @@ def build(args):
     loss = lambda: batch_loss(model, batch)  # noqa: E731
     p_dom = TunedParams.from_model(model, layer_parameter_names(model, layout, layer))
     p_full = TunedParams.from_model(model, [nm for i in range(n) for nm in layer_parameter_names(model, layout, i)])
-    cfg_dom, cfg_full = ZOConfig(lr=1e-3, eps=1e-3), ZOConfig(lr=1e-3 / n, eps=1e-3)
+    budget = z_cache_budget(model)  # what tune() passes: one layer / LoRA keep z, the full model regenerates it
+    cfg_dom, cfg_full = ZOConfig(lr=1e-3, eps=1e-3, z_cache_max_bytes=budget), ZOConfig(
+        lr=1e-3 / n, eps=1e-3, z_cache_max_bytes=budget)
+    cfg_zkept = dataclasses.replace(cfg_full, z_cache_max_bytes=4 * sum(t.numel() for t in p_full.tensors))
     seeds = iter(range(10**9))
     lora_state: dict = {}
 
@@ -84,6 +91,7 @@ def build(args):
         "dominant": dominant,
         "dominant_nocache": lambda: zo_step(p_dom, loss, next(seeds), cfg_dom, ZOState()),
         "full": lambda: zo_step(p_full, loss, next(seeds), cfg_full, ZOState()),
+        "full_zkept": lambda: zo_step(p_full, loss, next(seeds), cfg_zkept, ZOState()),
         "lora": lambda: zo_step(lora_state["params"], loss, next(seeds), cfg_dom, ZOState()),
     }
     info = {"model": loaded.source.name, "num_layers": n, "layer": layer, "batch_size": args.batch_size,
@@ -139,6 +147,7 @@ def main() -> None:
         **info, "device": args.device, "rounds": args.steps, "median_s": med, "all_s": times,
         "tokens_per_s": {k: tokens / v for k, v in med.items()},
         "ratios": {"dominant/floor": med["dominant"] / med["floor"], "full/dominant": med["full"] / med["dominant"],
+                   "full_zkept/dominant": med["full_zkept"] / med["dominant"],
                    "lora/dominant": med["lora"] / med["dominant"],
                    "dominant_nocache/dominant": med["dominant_nocache"] / med["dominant"]},
         "targets": {"full/dominant >=": TARGET_FULL_OVER_DOMINANT, "dominant/floor <=": TARGET_DOMINANT_OVER_FLOOR},
@@ -167,7 +176,8 @@ def markdown(r: dict) -> str:
         f"- dominant / floor = **{ratios['dominant/floor']:.2f}x** (target <= {TARGET_DOMINANT_OVER_FLOOR}: "
         f"{'met' if ok_floor else 'MISSED'})\n"
         f"- full / dominant = **{ratios['full/dominant']:.2f}x** (target >= {TARGET_FULL_OVER_DOMINANT}: "
-        f"{'met' if ok_full else 'MISSED'})\n"
+        f"{'met' if ok_full else 'MISSED'}); with z kept in memory instead of the seed trick: "
+        f"{ratios['full_zkept/dominant']:.2f}x\n"
         f"- lora / dominant = **{ratios['lora/dominant']:.2f}x**; dominant without the lower-layer cache / with it = "
         f"{ratios['dominant_nocache/dominant']:.2f}x\n"
         f"- bound: with the cache a step runs all {r['num_layers']} layers once and layers {r['layer']}.."

@@ -46,7 +46,7 @@ def _opt(flag: str, help: str):
 def tune(
     ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", "-o", help="Patch folder to write.")],
-    recipe: Annotated[Optional[Path], _opt("--recipe", "Recipe YAML (keys = these options); options override it.")] = None,
+    recipe: Annotated[Optional[Path], _opt("--recipe", "Recipe YAML, or a shipped recipe by name (smollm2-135m, llama2-7b, qwen3-8b); options override it.")] = None,
     model: Annotated[Optional[str], _opt("--model", "Checkpoint dir, .gguf or Hub id (default: SmolLM2-135M demo).")] = None,
     revision: Annotated[Optional[str], _opt("--revision", "Hub revision of the model.")] = None,
     task: Annotated[Optional[str], _opt("--task", "Task name (sst2, rte, ...) or task YAML. [default: sst2]")] = None,

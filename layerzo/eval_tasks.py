@@ -24,7 +24,13 @@ from .errors import EvalError
 from .tasks import SPLITS, TASK_NAMES, get_task
 
 HARNESS_PREFIX = "layerzo_"  # keeps layerzo's tasks clear of the harness' own "sst2", "rte", ...
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes" / "lm_eval"
+def _templates_dir() -> Path:
+    from .recipe_files import shipped
+
+    return shipped("lm_eval")
+
+
+RECIPES_DIR = _templates_dir()
 COMMON_YAML = "_layerzo_common.yaml"
 HOOKS_FILE = "utils.py"
 SETTINGS_NAME = "layerzo_eval.json"  # read by utils.py; keep the two names in step

@@ -84,13 +84,31 @@ def validate_recipe(data: Mapping[str, Any], where: str = "recipe") -> dict[str,
     return out
 
 
+def shipped_recipe_names() -> list[str]:
+    """Names of the tune recipes installed with layerzo (``recipes/*.yaml`` in the source tree)."""
+    from .recipe_files import shipped
+
+    return sorted(f.stem for f in shipped().glob("*.yaml"))
+
+
+def shipped_recipe(name: str) -> Path | None:
+    """The shipped recipe called ``name`` (with or without .yaml), or None."""
+    from .recipe_files import shipped
+
+    stem = name[: -len(Path(name).suffix)] if Path(name).suffix in (".yaml", ".yml") else name
+    return shipped(f"{stem}.yaml") if stem in shipped_recipe_names() else None
+
+
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate a recipe YAML file (an empty file is an empty recipe)."""
+    """Read and validate a recipe YAML file, or a shipped recipe by name (``smollm2-135m``)."""
     import yaml
 
     p = Path(path).expanduser()
+    if not p.is_file() and p.parent == Path("."):  # a bare name: one of the recipes shipped with layerzo
+        p = shipped_recipe(p.name) or p
     if not p.is_file():
-        raise ConfigError(f"recipe {p} does not exist")
+        raise ConfigError(f"recipe {p} does not exist",
+                          f"pass a YAML file, or a shipped recipe: {', '.join(shipped_recipe_names())}")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

@@ -8,7 +8,10 @@ massive-activation layer) the one worth tuning? For each task:
    ``layers=i`` and the same recipe and seed (same batches, same direction
    seeds), then restore layer ``i`` from a snapshot and CHECK it is
    bit-identical (``torch.equal`` + ``tensor_sha256`` against the base), so
-   every run starts from the same base model in one process;
+   every run starts from the same base model in one process; the frozen
+   layers' outputs carry over from run to run
+   (:func:`layerzo.lower_cache.shared_lower_outputs`), so run ``i`` runs only
+   layer ``i-1`` below itself, once per batch;
 3. the whole-model baseline (``layers=all``, MeZO) with its own ``full_lr``;
 4. one record per run appended to ``DIR/sweep.jsonl`` (rewritten atomically),
    so ``--resume`` skips runs already recorded with the same recipe.
@@ -42,6 +45,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .errors import ConfigError, DivergenceError, LayerIndexError, LayerzoError, OutputExistsError
+from .lower_cache import shared_lower_outputs
 from .progress import StderrBar
 from .sweep_report import append_record, read_records
 
@@ -314,7 +318,9 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike, *, resume: bool =
     cache: dict = {}  # base-model accuracies, shared by the runs (see reuse_base_accuracy)
     bar = _Bar(len(todo), progress)
     try:
-        with bar:
+        # Layers go in increasing order on the same batches and each run restores its layer exactly,
+        # so run k starts from run k-1's frozen outputs: the layers below cost one layer per batch per run.
+        with bar, shared_lower_outputs(loaded.model):
             for task in config.tasks:
                 if task not in picks:
                     picks[task] = _profile_record(config, task, loaded, recipe)

@@ -50,7 +50,7 @@ from .scoring import batch_loss, candidate_scores, encode_batch
 from .checkpoint import (RESUME_FREE_FIELDS, Checkpoint, StopOnInterrupt,
                          check_checkpoint_dir, check_resumable, check_writable, checkpoint_dir, load_checkpoint,
                          remove_checkpoint, run_identity, save_checkpoint)
-from .zo import RNG_ALGORITHM, Z_DTYPE, TunedParams, ZOConfig, ZOState
+from .zo import RNG_ALGORITHM, Z_DTYPE, TunedParams, ZOConfig, ZOState, z_cache_budget
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -208,7 +208,7 @@ class EvalSet:
             return None
         correct = 0
         for batch, store in zip(self.batches, self.stores):
-            with cached_lower_layers(model, layout, first_cached, store):
+            with cached_lower_layers(model, layout, first_cached, store, batch=batch):
                 scores = candidate_scores(model, batch)
             correct += int((scores.argmax(-1).cpu() == batch.labels).sum())
         return correct / self.size
@@ -278,7 +278,8 @@ def tune(config: TuneConfig, out_dir: str | os.PathLike, *, overwrite: bool = Fa
 
     eval_kw = {"batch_size": config.eval_batch_size, "max_length": config.max_length}
     dev, test = (dp.eval_set(lambda ex: EvalSet(tokenizer, ex, **eval_kw), s) for s in (splits.dev, splits.test))
-    zo_cfg, zo_state = config.zo_config(), ZOState()
+    # z kept per step only while small next to the model: --layers all stays at inference memory
+    zo_cfg, zo_state = dataclasses.replace(config.zo_config(), z_cache_max_bytes=z_cache_budget(model)), ZOState()
     seed_rng = random.Random(config.seed)  # private: step seeds never touch the global RNG
     batches = train_batches(len(splits.train), config.batch_size, config.seed)
     identity = run_identity(config.to_dict(), layers, names, fingerprint)
@@ -341,7 +342,7 @@ def tune(config: TuneConfig, out_dir: str | os.PathLike, *, overwrite: bool = Fa
                                      max_length=config.max_length)
                 step_seed = seed_rng.getrandbits(63)
                 try:
-                    with cached_lower_layers(model, layout, first_cached):
+                    with cached_lower_layers(model, layout, first_cached, batch=batch):
                         result = dp.zo_step(params, lambda: batch_loss(model, batch), step_seed, zo_cfg, zo_state)
                 except DivergenceError as exc:
                     diverged = exc

@@ -17,7 +17,7 @@ never written during the ± evaluations, so it is bit-identical afterwards
 exists at a time: the same path serves one layer and the full model
 (``--layers all``) without a second copy of the weights. z is regenerated from
 its seed when needed (MeZO's seed trick); only a small selection (one layer,
-LoRA) keeps its z for the duration of one step, to draw it once instead of three times.
+LoRA: within ``z_cache_max_bytes``) keeps its z for one step, to draw it once instead of three times.
 
 Determinism and replay. z for tuned tensor i in direction s is drawn, in
 float32 on the tensor's device, from a dedicated ``torch.Generator`` seeded
@@ -64,10 +64,20 @@ def param_seed(direction_seed: int, index: int) -> int:
 
 
 _GENERATORS: dict[str, torch.Generator] = {}
-# A step needs each z three times (+eps, -eps, update). When the tuned tensors are
-# small (one layer, LoRA) z is kept for the step instead of drawn three times;
-# for large selections (--layers all) it is regenerated, which costs no memory.
+# A step needs each z three times (+eps, -eps, update). Keeping it for the step
+# instead of drawing it three times costs 4 bytes per tuned weight: cheap for one
+# layer or LoRA, but for the whole model (MeZO) it adds about the model's own size
+# in fp32 - exactly the memory MeZO's seed trick exists to avoid. So z is kept
+# only up to a budget: ZOConfig.z_cache_max_bytes, which tune() sets to
+# z_cache_budget(model) (1/Z_CACHE_MODEL_FRACTION of the model's weight bytes);
+# callers that pass no budget get the absolute Z_CACHE_MAX_BYTES.
 Z_CACHE_MAX_BYTES = 512 * 1024 * 1024
+Z_CACHE_MODEL_FRACTION = 8
+
+
+def z_cache_budget(model: nn.Module) -> int:
+    """Bytes of z a step may keep for ``model``: 1/8 of its weights (tune memory stays within 1.125x + activations)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) // Z_CACHE_MODEL_FRACTION
 
 
 def direction(tensor: torch.Tensor, seed: int, cache: dict | None = None) -> torch.Tensor:
@@ -102,6 +112,7 @@ class ZOConfig:
     total_steps: int = 1
     max_abs_grad: float | None = 1e4  # |g| above this rejects the step (None: only non-finite)
     max_bad_steps: int = 5  # this many rejected steps in a row raise DivergenceError
+    z_cache_max_bytes: int | None = None  # keep z for the step up to this size (None: Z_CACHE_MAX_BYTES)
 
     def __post_init__(self) -> None:
         _finite_at_least("lr", self.lr, 0.0)
@@ -120,6 +131,9 @@ class ZOConfig:
             raise ConfigError(f"max_abs_grad must be positive (or None), got {self.max_abs_grad}")
         if not (isinstance(self.max_bad_steps, int) and self.max_bad_steps >= 1):
             raise ConfigError(f"max_bad_steps must be an integer ≥ 1, got {self.max_bad_steps}")
+        if self.z_cache_max_bytes is not None and not (isinstance(self.z_cache_max_bytes, int)
+                                                        and self.z_cache_max_bytes >= 0):
+            raise ConfigError(f"z_cache_max_bytes must be an integer ≥ 0 (or None), got {self.z_cache_max_bytes!r}")
 
 
 def _finite_at_least(name: str, value: float, low: float) -> None:
@@ -290,7 +304,8 @@ def zo_step(
     lr = lr_at(config, state.step)
     seeds = direction_seeds(seed, config.q)
     numel = sum(t.numel() for t in params.tensors)
-    z_cache: dict | None = {} if numel * 4 * config.q <= Z_CACHE_MAX_BYTES else None
+    budget = Z_CACHE_MAX_BYTES if config.z_cache_max_bytes is None else config.z_cache_max_bytes
+    z_cache: dict | None = {} if numel * 4 * config.q <= budget else None  # same bits either way (apply_update)
     plus, minus, grads = [], [], []
     for s in seeds:
         with perturbed(params, s, config.eps, z_cache):

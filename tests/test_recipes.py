@@ -11,7 +11,8 @@ from layerzo.errors import ConfigError
 from layerzo.recipes import build_config, dump_recipe, load_recipe, recipe_fields, validate_recipe
 from layerzo.train import TuneConfig
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 
 def test_recipe_fields_are_the_config_fields():
@@ -78,3 +79,32 @@ def test_bad_yaml_and_missing_file(tmp_path):
     listy.write_text("- 1\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_recipe(listy)
+
+
+def test_a_bare_name_loads_the_shipped_recipe_and_a_wrong_one_lists_them(tmp_path, monkeypatch):
+    from layerzo.recipes import shipped_recipe_names
+
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here: the name must resolve inside the package
+    assert load_recipe("smollm2-135m") == load_recipe(ROOT / "recipes" / "smollm2-135m.yaml")
+    assert load_recipe("qwen3-8b.yaml")["lr"] == load_recipe(ROOT / "recipes" / "qwen3-8b.yaml")["lr"]
+    assert set(shipped_recipe_names()) == {p.stem for p in RECIPES}
+    with pytest.raises(ConfigError, match="does not exist") as exc:
+        load_recipe("smollm2-135")
+    assert "smollm2-135m" in exc.value.one_line()  # the hint names the shipped recipes
+
+
+def test_every_file_under_recipes_is_shipped_as_package_data():
+    import fnmatch
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert config["package-dir"]["layerzo.recipe_files"] == "recipes"
+    globs = {pkg.removeprefix("layerzo.recipe_files").lstrip(".").replace(".", "/"): pats
+             for pkg, pats in config["package-data"].items() if pkg.startswith("layerzo.recipe_files")}
+    for f in (ROOT / "recipes").rglob("*"):
+        if f.is_file() and "__pycache__" not in f.parts and f.name != "__init__.py":
+            rel = f.relative_to(ROOT / "recipes")
+            folder = "" if rel.parent == Path(".") else rel.parent.as_posix()
+            assert any(fnmatch.fnmatch(rel.name, g) for g in globs.get(folder, [])), f"{rel} is not package data"
+            pkg = "layerzo.recipe_files" + ("." + folder.replace("/", ".") if folder else "")
+            assert pkg in config["packages"], pkg

@@ -84,6 +84,30 @@ def test_base_accuracy_is_evaluated_once_per_example_set(tiny, data_dir, tmp_pat
     assert 2 + 2 <= len(calls) <= 2 + 2 * 2
 
 
+def test_sharing_frozen_outputs_across_runs_changes_no_number_and_skips_lower_layers(tiny, data_dir, tmp_path,
+                                                                                     monkeypatch):
+    import contextlib
+
+    import layerzo.sweep as sweep_mod
+    from layerzo.layers import get_layer
+
+    calls = [0]
+    get_layer(tiny.model, tiny.layout, 0).register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    config = _config(data_dir, layers="0-3", full=False, steps=2, eval_every=2)
+    runs = {}
+    for shared in (True, False):
+        if not shared:
+            monkeypatch.setattr(sweep_mod, "shared_lower_outputs", lambda model: contextlib.nullcontext())
+        calls[0] = 0
+        run_sweep(config, tmp_path / str(shared), loaded=tiny, progress=False)
+        records = [json.loads(x) for x in (tmp_path / str(shared) / "sweep.jsonl").read_text().splitlines()]
+        runs[shared] = ([{k: r[k] for k in ("layer", "loss_curve", "dev_acc", "test_acc", "final_dev_acc")}
+                         for r in records if r["kind"] == "layer"], calls[0])
+    assert runs[True][0] == runs[False][0]  # bit-identical losses and accuracies
+    assert len(runs[True][0]) == 4
+    assert runs[True][1] < runs[False][1]  # layer 0 ran in run 1 only, not again in runs 2 and 3
+
+
 def test_resume_skips_done_layers_and_refuses_a_changed_recipe(tiny, data_dir, tmp_path, monkeypatch):
     import layerzo.train as train
 

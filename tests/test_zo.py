@@ -205,6 +205,28 @@ def test_kept_and_regenerated_directions_give_identical_steps(monkeypatch):
     assert _same(kept, _snapshot(regen))
 
 
+@pytest.mark.parametrize("budget_scale, draws_per_tensor", [(1, 1), (0, 3), (None, 1)])
+def test_z_cache_budget_decides_between_one_draw_and_the_seed_trick(monkeypatch, budget_scale, draws_per_tensor):
+    _, _, params, _, loss = _setup()
+    numel = sum(t.numel() for t in params.tensors)
+    budget = None if budget_scale is None else budget_scale * numel * 4  # exactly fits / nothing fits / default
+    draws = []
+    real = zo.direction
+    monkeypatch.setattr(zo, "direction", lambda t, s, cache=None: (draws.append(s) if cache is None else None)
+                        or real(t, s, cache))
+    zo.zo_step(params, loss, 5, zo.ZOConfig(lr=1e-3, eps=1e-3, z_cache_max_bytes=budget), zo.ZOState())
+    assert len(draws) == draws_per_tensor * len(params.tensors)  # +eps, -eps, update: once kept, else 3 times
+
+
+def test_z_cache_budget_is_an_eighth_of_the_model_weights():
+    model = make_tiny_model("llama")
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert zo.z_cache_budget(model) == total // 8
+    assert zo.z_cache_budget(model.to(torch.bfloat16)) == total // 16  # bytes, not weights
+    with pytest.raises(ConfigError, match="z_cache_max_bytes"):
+        zo.ZOConfig(lr=1e-3, z_cache_max_bytes=-1)
+
+
 def test_bf16_model_with_fp32_master_moves_the_weights():
     model = make_tiny_model("llama").to(torch.bfloat16)
     layout = find_layer_layout(model)

@@ -1,0 +1,71 @@
+"""Frozen lower layers shared ACROSS runs (layerzo.lower_cache.shared_lower_outputs), as a sweep uses them."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from conftest import make_tiny_model
+from layerzo.layers import find_layer_layout, get_layer
+from layerzo.lower_cache import cached_lower_layers, shared_lower_outputs
+
+
+def _batch(seed: int) -> SimpleNamespace:
+    ids = torch.randint(0, 1000, (3, 10), generator=torch.Generator().manual_seed(seed))
+    return SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def _counting(model, layout, n):
+    calls = [0] * n
+    for i in range(n):
+        get_layer(model, layout, i).register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+    return calls
+
+
+def test_a_deeper_run_starts_from_the_shallower_runs_output_and_matches_the_plain_forward():
+    model = make_tiny_model("llama").eval()
+    layout = find_layer_layout(model)
+    a, b = _batch(0), _batch(1)
+    with torch.no_grad():
+        plain = {k: model(input_ids=x.input_ids).logits for k, x in (("a", a), ("b", b))}
+        calls = _counting(model, layout, 4)
+        with shared_lower_outputs(model) as shared:
+            for first in (1, 3):  # run "layer 1", then run "layer 3", each with two forwards per batch
+                for key, x in (("a", a), ("b", b)):
+                    with cached_lower_layers(model, layout, first, batch=x):
+                        for _ in range(2):
+                            assert torch.equal(model(input_ids=x.input_ids).logits, plain[key])
+            assert shared.bytes > 0
+    # layer 0 ran once per batch (run 1) and never again: run 3 started from its kept output and ran layers
+    # 1-2 once per batch (2 more each on top of run 1's 4 forwards); without sharing layer 0 would show 4
+    assert calls == [2, 6, 6, 8]
+    assert not any(type(get_layer(model, layout, i)).__name__ == "_Replay" for i in range(4))
+
+
+def test_a_run_below_the_cached_level_and_a_full_cache_fall_back_to_the_plain_path():
+    model = make_tiny_model("llama").eval()
+    layout = find_layer_layout(model)
+    x = _batch(2)
+    with torch.no_grad():
+        plain = model(input_ids=x.input_ids).logits
+        calls = _counting(model, layout, 4)
+        with shared_lower_outputs(model):
+            for first in (3, 1):  # the level-3 entry cannot serve a run that tunes layer 1
+                with cached_lower_layers(model, layout, first, batch=x):
+                    assert torch.equal(model(input_ids=x.input_ids).logits, plain)
+        assert calls == [2, 2, 2, 2]
+        for max_bytes, expected in ((2**30, [1, 2, 2, 2]), (0, [2, 2, 2, 2])):  # kept / nothing fits: recomputed
+            calls[:] = [0] * 4
+            with shared_lower_outputs(model, max_bytes=max_bytes) as shared:
+                for first in (1, 2):
+                    with cached_lower_layers(model, layout, first, batch=x):
+                        assert torch.equal(model(input_ids=x.input_ids).logits, plain)
+                assert (shared.bytes > 0) == (max_bytes > 0)
+            assert calls == expected
+        calls[:] = [0] * 4
+        with cached_lower_layers(model, layout, 2, batch=x):  # outside a shared block: nothing is kept
+            model(input_ids=x.input_ids)
+        with cached_lower_layers(model, layout, 2, batch=x):
+            model(input_ids=x.input_ids)
+        assert calls == [2, 2, 2, 2]
