@@ -33,7 +33,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -41,12 +41,13 @@ from . import __version__
 from .distributed import (DataParallel, check_tuned_placement, config_digest, init_data_parallel,
                           parse_device_map, placement, shutdown, weights_digest)
 from .errors import CheckpointError, ConfigError, DivergenceError, OutputExistsError, TaskError, TuneInterrupted
+from .batches import EvalSet, TrainBatches, train_batches  # noqa: F401  (train.EvalSet: sweep hooks it)
 from .hashing import tensor_sha256
 from .layers import get_layer, layer_parameter_names, parse_layer_spec
 from .lower_cache import cached_lower_layers
 from .models import DTYPES
 from .progress import StderrBar
-from .scoring import batch_loss, candidate_scores, encode_batch
+from .scoring import batch_loss, encode_batch
 from .checkpoint import (RESUME_FREE_FIELDS, Checkpoint, StopOnInterrupt,
                          check_checkpoint_dir, check_resumable, check_writable, checkpoint_dir, load_checkpoint,
                          remove_checkpoint, run_identity, save_checkpoint)
@@ -137,38 +138,6 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise OutputExistsError(f"output folder {out} already exists and is not empty", "pass --overwrite or choose another --out")
 
 
-class TrainBatches(Iterator[list[int]]):
-    """Endless stream of example-index batches: a fresh seeded permutation per epoch.
-
-    Resumable from two ints: ``epoch`` (permutations drawn so far: epoch e's
-    order is the e-th ``randperm`` of a generator seeded with ``seed``) and
-    ``position`` (next index into the current order).
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int = 0, position: int = 0) -> None:
-        self.n, self.size, self.seed = n, min(batch_size, n), seed
-        self._gen = torch.Generator().manual_seed(seed)
-        self.order: list[int] = []
-        for _ in range(epoch):
-            self.order = torch.randperm(n, generator=self._gen).tolist()
-        if not (0 <= position <= n) or (epoch == 0 and position):
-            raise ConfigError(f"batch position {position} is outside an epoch of {n} examples")
-        self.epoch, self.position = epoch, position
-
-    def __next__(self) -> list[int]:
-        if self.epoch == 0 or self.position + self.size > self.n:
-            self.order = torch.randperm(self.n, generator=self._gen).tolist()
-            self.epoch, self.position = self.epoch + 1, 0
-        batch = self.order[self.position : self.position + self.size]
-        self.position += self.size
-        return batch
-
-
-def train_batches(n: int, batch_size: int, seed: int) -> TrainBatches:
-    """Endless stream of example-index batches: a fresh seeded permutation per epoch."""
-    return TrainBatches(n, batch_size, seed)
-
-
 def resolve_layers(config: TuneConfig, loaded) -> tuple[tuple[int, ...], dict | None]:
     """``--layers`` → sorted layer indices (+ the profile report for ``dominant``)."""
     spec = parse_layer_spec(config.layers, loaded.layout.num_layers)
@@ -185,33 +154,6 @@ def resolve_layers(config: TuneConfig, loaded) -> tuple[tuple[int, ...], dict | 
         model_name=loaded.source.name, calibration=f"task {config.task} (training inputs, seed {config.seed})",
     )
     return (int(report.pick.layer),), report.to_dict()
-
-
-class EvalSet:
-    """A fixed dev/test set, tokenized once into length-sorted batches.
-
-    Its lower-layer outputs (below the first tuned layer) never change during
-    a run, so they are captured on the first evaluation and replayed after:
-    a dev evaluation then costs only the layers from the tuned one upwards.
-    Batching equals :func:`layerzo.scoring.predictions`, so results are identical.
-    """
-
-    def __init__(self, tokenizer, examples, *, batch_size: int, max_length: int) -> None:
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i].context))
-        chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-        self.size = len(examples)
-        self.batches = [encode_batch(tokenizer, [examples[i] for i in c], max_length=max_length) for c in chunks]
-        self.stores: list[dict] = [{} for _ in self.batches]
-
-    def accuracy(self, model, layout, first_cached: int) -> float | None:
-        if not self.size:
-            return None
-        correct = 0
-        for batch, store in zip(self.batches, self.stores):
-            with cached_lower_layers(model, layout, first_cached, store, batch=batch):
-                scores = candidate_scores(model, batch)
-            correct += int((scores.argmax(-1).cpu() == batch.labels).sum())
-        return correct / self.size
 
 
 def _json_line(obj: dict) -> str:
