@@ -45,6 +45,8 @@ def sweep(
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per sequence at most.")] = 128,
     device: DeviceOpt = "cpu",
     resume: Annotated[bool, typer.Option("--resume", help="Skip runs already in OUT/sweep.jsonl (same recipe only).")] = False,
+    merge: Annotated[Optional[list[Path]], typer.Option(
+        "--merge", help="Fold in the runs of another sweep folder (same options; repeatable), then resume.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -60,7 +62,7 @@ def sweep(
     )
     command = "layerzo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     doc = run_sweep(config, out, resume=resume, progress=not quiet, log=lambda m: err_console.print(m, highlight=False),
-                    command=command)
+                    command=command, merge=merge or ())
     if json_out:
         emit_json(doc)
         return

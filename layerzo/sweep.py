@@ -47,6 +47,7 @@ import torch
 from .errors import ConfigError, DivergenceError, LayerIndexError, LayerzoError, OutputExistsError
 from .lower_cache import shared_lower_outputs
 from .progress import StderrBar
+from .atomic import atomic_write_text
 from .sweep_report import append_record, read_records
 
 FULL = "all"  # layer key of the whole-model MeZO baseline
@@ -279,21 +280,50 @@ def _record(config, task, layer, m: dict, rows: list[dict], wall: float, restore
 
 
 # ----------------------------------------------------------------------------- the sweep
+def merge_records(sources: Sequence[str | os.PathLike], records: Sequence[dict] = ()) -> list[dict]:
+    """Records of several sweep folders (e.g. one process per GPU over layer ranges), each run once.
+
+    A run found in two folders must have the same numbers there (same recipe
+    and seed give the same result); differing copies are refused.
+    """
+    merged: dict[tuple, dict] = {}
+    for rec in [*records, *(r for src in sources for r in _records_of(Path(src).expanduser()))]:
+        key = (rec.get("kind"), rec.get("task"), rec.get("layer"))
+        seen = merged.setdefault(key, rec)
+        fields = ("pick", "dev_acc", "test_acc", "loss_curve")
+        if any(seen.get(f) != rec.get(f) for f in fields):
+            what = "the profile" if key[0] == "profile" else f"layer {key[2]}"
+            raise ConfigError(f"the sweep folders disagree on {what} of task {key[1]}",
+                              "merge only sweeps made with the same options and seed")
+    return list(merged.values())
+
+
+def _records_of(folder: Path) -> list[dict]:
+    path = folder / RECORDS_NAME
+    if not path.is_file():
+        raise ConfigError(f"{folder} holds no {RECORDS_NAME} to merge")
+    return read_records(path)
+
+
 def run_sweep(config: SweepConfig, out_dir: str | os.PathLike, *, resume: bool = False, loaded=None,
-              progress: bool = True, log: Callable[[str], None] | None = None, command: str | None = None) -> dict:
+              progress: bool = True, log: Callable[[str], None] | None = None, command: str | None = None,
+              merge: Sequence[str | os.PathLike] = ()) -> dict:
     """Run (or resume) the sweep; writes sweep.jsonl/.json/.csv/.md/.png in ``out_dir``; returns the summary.
 
     ``loaded`` (a :class:`layerzo.models.LoadedModel`, float32) skips loading
     ``config.model``; every tuned layer is restored bit-exactly, so the model
-    is unchanged afterwards.
+    is unchanged afterwards. ``merge`` folds in the runs of other sweep
+    folders made with the same recipe (see :func:`merge_records`) and then
+    resumes: only runs found in none of them are tuned.
     """
     from .sweep_report import summarize, write_outputs
 
     out = Path(out_dir).expanduser().absolute()
     path = out / RECORDS_NAME
-    if path.exists() and not resume:
+    if path.exists() and not (resume or merge):
         raise OutputExistsError(f"{path} already exists; pass --resume to continue that sweep, or choose another --out")
-    records = read_records(path) if resume else []
+    records = read_records(path) if resume or merge else []
+    records = merge_records(merge, records) if merge else records
     if loaded is None:
         from .models import load_model
 
@@ -306,6 +336,8 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike, *, resume: bool =
     recipe = config.recipe(n)
     check_recipe(records, recipe, path)
     out.mkdir(parents=True, exist_ok=True)
+    if merge:
+        atomic_write_text(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
     base = {i: layer_sha256(loaded.model, loaded.layout, [i]) for i in range(n)}
     base_all = layer_sha256(loaded.model, loaded.layout, range(n))
     done = {(r["task"], r["layer"]) for r in records if r.get("kind") in ("layer", "full")}

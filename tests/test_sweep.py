@@ -108,6 +108,37 @@ def test_sharing_frozen_outputs_across_runs_changes_no_number_and_skips_lower_la
     assert runs[True][1] < runs[False][1]  # layer 0 ran in run 1 only, not again in runs 2 and 3
 
 
+def test_merge_folds_two_half_sweeps_into_the_whole_and_refuses_disagreeing_copies(tiny, data_dir, tmp_path):
+    from layerzo.sweep import merge_records
+
+    whole = run_sweep(_config(data_dir, layers="0-2"), tmp_path / "whole", loaded=tiny, progress=False)
+    run_sweep(_config(data_dir, layers="0", full=False), tmp_path / "a", loaded=tiny, progress=False)
+    run_sweep(_config(data_dir, layers="1-2"), tmp_path / "b", loaded=tiny, progress=False)
+    calls = []
+    import layerzo.sweep as sweep_mod
+
+    real = sweep_mod.run_one
+    sweep_mod.run_one = lambda *a, **k: calls.append(a[2]) or real(*a, **k)
+    try:
+        merged = run_sweep(_config(data_dir, layers="0-2"), tmp_path / "m", loaded=tiny, progress=False,
+                           merge=[tmp_path / "a", tmp_path / "b"])
+    finally:
+        sweep_mod.run_one = real
+    assert calls == []  # every run came from the two halves: nothing was tuned again
+    assert merged["verdict"] == whole["verdict"]
+    def numbers(doc):
+        return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in doc["tasks"]["sst2"]["layers"]]
+
+    assert numbers(merged) == numbers(whole) and len(numbers(merged)) == 3
+    records = [json.loads(x) for x in (tmp_path / "b" / "sweep.jsonl").read_text().splitlines()]
+    records[-1]["test_acc"] = 0.123  # a tampered copy of a run
+    (tmp_path / "b" / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(ConfigError, match="disagree on"):
+        merge_records([tmp_path / "whole", tmp_path / "b"])
+    with pytest.raises(ConfigError, match="no sweep.jsonl"):
+        merge_records([tmp_path / "nowhere"])
+
+
 def test_resume_skips_done_layers_and_refuses_a_changed_recipe(tiny, data_dir, tmp_path, monkeypatch):
     import layerzo.train as train
 
