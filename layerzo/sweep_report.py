@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import platform
 from pathlib import Path
@@ -86,7 +87,14 @@ def pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
-def task_summary(task: str, records: Sequence[dict], steps: int) -> dict:
+def standard_error(acc: float | None, n: int | None) -> float | None:
+    """Binomial standard error of an accuracy measured on ``n`` examples (the test set's sampling noise)."""
+    if acc is None or not n:
+        return None
+    return math.sqrt(max(acc * (1 - acc), 0.0) / n)
+
+
+def task_summary(task: str, records: Sequence[dict], steps: int, num_test: int | None = None) -> dict:
     """Everything about one task: rows by layer, the best layer, the pick's rank, the full baseline, verdict."""
     rows = sorted(({**r, "mean_loss": mean_loss(r.get("loss_curve") or [])} for r in records
                    if r.get("task") == task and r.get("kind") == "layer"), key=lambda r: r["layer"])
@@ -121,6 +129,11 @@ def task_summary(task: str, records: Sequence[dict], steps: int) -> dict:
             "dev_acc", "test_acc", "final_dev_acc", "best_step", "final_loss", "wall_seconds", "rejected_steps",
             "diverged", "loss_curve", "dev_curve")} | {"mean_loss": mean_loss(full.get("loss_curve") or [])},
     }
+    se = standard_error(best.get("test_acc") if best else None, num_test)
+    summary["test_standard_error"] = se
+    # within two standard errors of the best layer's test accuracy: not distinguishable from it on this test set
+    summary["near_best"] = [] if se is None else [r["layer"] for r in rows if r.get("test_acc") is not None
+                                                   and best["test_acc"] - r["test_acc"] <= 2 * se + 1e-12]
     summary["verdict"] = verdict(summary, steps)
     return summary
 
@@ -149,8 +162,11 @@ def verdict(s: dict, steps: int) -> str:
         parts.append(f"the profiled layer {pick} ties for best on test (rank {s['profiled_rank']}/{s['num_layers_run']}; "
                      f"{_ordinal(s['profiled_position'])} with the tie-breakers)")
     elif pick in rows:
+        near = pick in s.get("near_best", [])
+        se = s.get("test_standard_error")
+        noise = f"; within 2 standard errors ({200 * se:.1f} pts) of the best" if near and se else ""
         parts.append(f"the profiled layer {pick} ranks {s['profiled_rank']}/{s['num_layers_run']} "
-                     f"(test {pct(rows[pick]['test_acc'])})")
+                     f"(test {pct(rows[pick]['test_acc'])}{noise})")
     else:
         parts.append(f"the profiled layer {pick} was not in the sweep")
     full = s["full"]
@@ -178,7 +194,7 @@ def summarize(records: Sequence[dict], config, layers: Sequence[int], num_layers
 
     from dataclasses import asdict
 
-    tasks = {t: task_summary(t, records, config.steps) for t in config.tasks}
+    tasks = {t: task_summary(t, records, config.steps, config.num_test) for t in config.tasks}
     bests = {t: s["best_layer"] for t, s in tasks.items()}
     doc: dict[str, Any] = {
         "model": model_name, "num_layers": num_layers, "layers": list(layers), "command": command,
@@ -243,6 +259,10 @@ def markdown_text(doc: dict) -> str:
         if f is not None:
             out.append(f"| all (MeZO) | {pct(f['dev_acc'])} | {pct(f['test_acc'])} | - | {pct(f['final_dev_acc'])} | "
                        f"{f['best_step']} | {_num(f['final_loss'])} | {_num(f['mean_loss'])} | {_num(f['wall_seconds'], 0)} |")
+        if s.get("test_standard_error"):
+            out.append(f"\nTest-set noise: binomial standard error {100 * s['test_standard_error']:.1f} pts at the best "
+                       f"layer's accuracy ({c['num_test']} examples). Within 2 standard errors of the best: layers "
+                       f"{', '.join(map(str, s['near_best']))}.")
         out.append(f"\n**Verdict:** {s['verdict']}\n")
     if "task_agnostic" in doc:
         ta = doc["task_agnostic"]

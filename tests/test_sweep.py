@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -192,6 +193,22 @@ def test_rank_and_verdict_name_the_profiled_layer_and_the_gap():
     line = verdict(s, 10)
     assert "layer 1 dominated" in line and "tied with layer(s) 3" in line
     assert "profiled layer 2 ranks 3/4" in line and "beats full-model MeZO (test 75.0%) by 5.0 pts" in line
+
+
+def test_near_best_uses_the_test_sets_standard_error_and_the_verdict_says_so():
+    from layerzo.sweep_report import standard_error, task_summary
+
+    assert standard_error(0.5, 100) == pytest.approx(0.05) and standard_error(None, 100) is None
+    records = [{"kind": "profile", "task": "t", "pick": 2, "confidence": "high"}]
+    for layer, acc in enumerate([0.60, 0.70, 0.66, 0.50]):
+        records.append({"kind": "layer", "task": "t", "layer": layer, "test_acc": acc, "dev_acc": acc,
+                        "is_profiled_pick": layer == 2, "loss_curve": [1.0]})
+    s = task_summary("t", records, steps=10, num_test=500)
+    se = math.sqrt(0.7 * 0.3 / 500)  # 2.05 pts at the best layer's 70%
+    assert s["test_standard_error"] == pytest.approx(se)
+    assert s["near_best"] == [1, 2]  # 66% is 4 pts < 2 SE (4.1) below 70%; 60% and 50% are not
+    assert "profiled layer 2 ranks 2/4 (test 66.0%; within 2 standard errors (4.1 pts) of the best)" in s["verdict"]
+    assert task_summary("t", records, steps=10, num_test=50_000)["near_best"] == [1]  # a bigger test set separates them
 
 
 def test_cli_sweep_json_and_one_line_errors(tiny_llama_dir, data_dir, tmp_path):
