@@ -1,7 +1,8 @@
 """The sweep figure, per task: test accuracy (bars) + dev accuracy (line) per layer, and mean train loss.
 
 The profiled pick's bar is red, the best layer's bar is outlined; horizontal
-lines mark zero-shot test accuracy and the whole-model MeZO test accuracy.
+lines mark zero-shot test accuracy and the whole-model MeZO test accuracy; a
+grey band spans two standard errors of the test set below the best layer.
 Uses :mod:`layerzo.plotting` (Agg backend, atomic write).
 """
 
@@ -74,6 +75,12 @@ def _panel(ax, s: dict, doc: dict) -> None:
     if full and full.get("test_acc") is not None:
         ax.axhline(100 * full["test_acc"], color="tab:green", linestyle=":", linewidth=2, zorder=4,
                    label=f"full-model MeZO test {100 * full['test_acc']:.1f}%")
+    se = s.get("test_standard_error")
+    best_row = next((r for r in rows if r["layer"] == s["best_layer"]), None)
+    if se and best_row is not None:  # layers reaching into this band are within test-set noise of the best
+        top = 100 * best_row["test_acc"]
+        ax.axhspan(top - 200 * se, top, color="tab:gray", alpha=0.15, zorder=0,
+                   label=f"best - 2 standard errors ({200 * se:.1f} pts)")
     handles = [Patch(color="tab:blue", alpha=0.75, label="test acc (best-dev checkpoint)"),
                *ax.get_legend_handles_labels()[0]]
     if s["profiled_pick"] is not None:
