@@ -126,17 +126,25 @@ def main() -> None:
     print(markdown(result))
 
 
+def _se_pts(r: dict) -> float:
+    accs = [row["test_acc"] for row in r["runs"] if row.get("test_acc") is not None] or [0.5]
+    p = statistics.fmean(accs)
+    return 100 * (p * (1 - p) / max(1, r["num_test"])) ** 0.5
+
+
 def markdown(r: dict) -> str:
     lines = [header("Accuracy at equal steps: dominant layer vs full-model MeZO vs LoRA-ZO", r),
              f"{r['model']}; {r['steps']} ZO steps per run, batch {r['batch_size']}, lr {r['lr']:g} (full: lr / "
              f"num_layers; LoRA: lr x d_layer / d_lora), eps {r['eps']:g}; {r['num_dev']} dev / {r['num_test']} test "
-             f"examples; seeds {r['seeds']}. Test accuracy of the best-dev checkpoint, mean ± std over seeds.", "",
+             f"examples; seeds {r['seeds']}. Test accuracy of the best-dev checkpoint, mean ± std over seeds "
+             f"(binomial standard error of one run: about {_se_pts(r):.1f} pts).", "",
              "| task | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
     for task in r["tasks"]:
         cells = []
         for m in METHODS:
             s = r["summary"][f"{task}/{m}"]
-            cells.append("-" if s["mean"] is None else f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}")
+            spread = f" ± {100 * s['std']:.1f}" if s["n"] > 1 else ""  # one seed has no spread to show
+            cells.append("-" if s["mean"] is None else f"{100 * s['mean']:.1f}{spread}")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     lines += ["", "Per run (lr, best step, seconds):", ""]
     for row in r["runs"]:
