@@ -24,31 +24,23 @@ Writes benchmarks/results/profile.json and profile.md.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
-import os
-import platform
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save_plain_copy  # noqa: E402
+from common import (header, interleaved, medians, peak_rss_bytes, rss_sampler, save_plain_copy,  # noqa: E402
+                    stamp, trim_heap, write_report)
 
-from layerzo.atomic import atomic_write_text
 from layerzo.models import load_model
 from layerzo.profile import DEFAULT_CALIBRATION_TEXTS, ProfileConfig, _encode, _pad, _StopForward, profile_model
 from layerzo.layers import get_layers
 
-RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("bare", "trunk", "profile")
 
 
@@ -83,38 +75,17 @@ def make_runner(loaded, texts: list[str], config: ProfileConfig, variant: str):
 
 
 def child(args) -> None:
-    import psutil
-
     loaded = load_model(args.model_dir)
     config = ProfileConfig(num_sequences=args.num_sequences, max_length=args.max_length,
                            batch_size=args.num_sequences)
     run = make_runner(loaded, long_texts(args.num_sequences), config, args.child)
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed load-time memory back so the baseline is honest
-    except OSError:
-        pass
-    proc = psutil.Process()
-    base_rss = proc.memory_info().rss
-    base_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    peak = [base_rss]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    with torch.no_grad():
+    trim_heap()  # hand freed load-time memory back so the baseline is honest
+    hwm_before = peak_rss_bytes()
+    with torch.no_grad(), rss_sampler() as rss:
         run()
-    done.set()
-    sampler.join()
-    max_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"variant": args.child, "baseline_rss_mb": base_rss / 2**20,
-                      "peak_rss_delta_mb": (peak[0] - base_rss) / 2**20,
-                      "ru_maxrss_delta_mb": (max_after - base_max) / 2**20}))
+    print(json.dumps({"variant": args.child, "baseline_rss_mb": rss["base"] / 2**20,
+                      "peak_rss_delta_mb": (rss["peak"] - rss["base"]) / 2**20,
+                      "hwm_delta_mb": (peak_rss_bytes() - hwm_before) / 2**20}))
 
 
 def main() -> None:
@@ -141,15 +112,8 @@ def main() -> None:
                            batch_size=args.num_sequences)
     texts = long_texts(args.num_sequences)
     runners = {v: make_runner(loaded, texts, config, v) for v in VARIANTS}
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     with torch.no_grad():
-        for v in VARIANTS:  # warm-up, untimed
-            runners[v]()
-        for _ in range(args.repeats):
-            for v in VARIANTS:
-                t0 = time.perf_counter()
-                runners[v]()
-                times[v].append(time.perf_counter() - t0)
+        times = interleaved(runners, repeats=args.repeats, warmup=1)
     report = profile_model(loaded.model, loaded.tokenizer, texts, config, loaded.layout)
     from layerzo.profile import model_fingerprint
 
@@ -157,7 +121,7 @@ def main() -> None:
     model_fingerprint(loaded.model, loaded.layout)
     fingerprint_s = time.perf_counter() - t0
 
-    print(json.dumps({"median_s": {v: statistics.median(t) for v, t in times.items()}}), file=sys.stderr)
+    print(json.dumps({"median_s": medians(times)}), file=sys.stderr)
     memory = {}
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
         model_dir = save_plain_copy(loaded, Path(tmp))
@@ -169,9 +133,8 @@ def main() -> None:
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             memory[v] = json.loads(out.strip().splitlines()[-1])
 
-    med = {v: statistics.median(times[v]) for v in VARIANTS}
-    result = {
-        "command": "python benchmarks/bench_profile.py " + " ".join(sys.argv[1:]),
+    med = medians(times)
+    result = stamp({
         "model": loaded.source.name,
         "num_layers": loaded.num_layers,
         "num_sequences": args.num_sequences,
@@ -185,29 +148,22 @@ def main() -> None:
         "target_ratio": 1.2,
         "memory": memory,
         "pick": report.to_dict()["pick"],
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(RESULTS / "profile.json", json.dumps(result, indent=2) + "\n")
-    atomic_write_text(RESULTS / "profile.md", _markdown(result))
+    })
+    write_report("profile", result, _markdown(result))
     print(_markdown(result))
 
 
 def _markdown(r: dict) -> str:
     rows = "\n".join(
         f"| {v} | {r['median_s'][v]:.3f} | {r['median_s'][v] / r['median_s']['bare']:.2f}x | "
-        f"{r['memory'][v]['peak_rss_delta_mb']:.1f} | {r['memory'][v]['ru_maxrss_delta_mb']:.1f} |"
+        f"{r['memory'][v]['peak_rss_delta_mb']:.1f} | {r['memory'][v]['hwm_delta_mb']:.1f} |"
         for v in VARIANTS
     )
     return (
-        f"# profile benchmark\n\n`{r['command']}`\n\n"
-        f"{r['model']} ({r['num_layers']} layers), {r['num_sequences']} sequences, {r['tokens']} tokens, "
-        f"median of {r['repeats']} interleaved repeats; {r['machine']['platform']}, {r['machine']['cpus']} CPUs, "
-        f"{r['machine']['torch_threads']} torch threads, torch {r['versions']['torch']}, "
-        f"transformers {r['versions']['transformers']}.\n\n"
-        "| variant | median s | vs bare | peak RSS delta MB (1 ms sampling) | ru_maxrss delta MB |\n"
+        header("profile benchmark: profile_model vs a bare forward", r)
+        + f"\n{r['model']} ({r['num_layers']} layers), {r['num_sequences']} sequences, {r['tokens']} tokens, "
+        f"median of {r['repeats']} interleaved repeats after one warm-up.\n\n"
+        "| variant | median s | vs bare | peak RSS delta MB (1 ms sampling) | VmHWM delta MB |\n"
         "|---|---|---|---|---|\n"
         f"{rows}\n\n"
         f"profile / bare = **{r['ratio_profile_vs_bare']:.2f}x** (target <= {r['target_ratio']}x); "
