@@ -150,6 +150,38 @@ def fresh_copy(template: Path) -> Path:
     return Path(shutil.copytree(template, work / template.name))
 
 
+def fuzz_folder(strategy, template: Path | None, write, load, error, name: str, record_property) -> Counter:
+    """For each drawn input: ``write(folder, data)``, then ``load(folder)``, where only ``error`` may escape.
+
+    ``folder`` is a private copy of ``template`` (an empty folder when None),
+    removed afterwards; the peak RSS may not jump. Returns the counts.
+    """
+    count, before = Counter(), peak_rss_mb()
+    if template is None:
+        folder = Path(tempfile.mkdtemp(prefix="layerzo-fuzz-")) / "work"
+        folder.mkdir()
+    else:
+        folder = fresh_copy(template)
+
+    @FUZZ
+    @given(strategy)
+    def run(data):
+        count.ran += 1
+        write(folder, data)
+        try:
+            load(folder)
+        except error:
+            count.refused += 1
+
+    try:
+        run()
+    finally:
+        shutil.rmtree(folder.parent)
+    count.report(name, record_property)
+    assert peak_rss_mb() - before < MAX_RSS_GROWTH_MB
+    return count
+
+
 def test_checkpoint_round_trip_is_exact(checkpoint_template):
     """The template the checkpoint fuzzers mutate is itself read back exactly (the baseline is valid)."""
     ckpt = load_checkpoint(checkpoint_template)
@@ -188,26 +220,10 @@ def test_fuzz_manifest_file(patch_template, record_property):
     """LayerPatch.from_pretrained with the manifest file's bytes mutated, replaced or deeply nested."""
     valid_bytes = (patch_template / MANIFEST_NAME).read_bytes()
     valid = json.loads(valid_bytes)
-    count, before = Counter(), peak_rss_mb()
-    folder = fresh_copy(patch_template)
-
-    @FUZZ
-    @given(st.one_of(byte_mutations(valid_bytes), json_mutations(valid).map(str.encode), DEEP.map(str.encode),
-                     JSON.map(lambda d: json.dumps(d).encode())))
-    def run(data: bytes):
-        count.ran += 1
-        (folder / MANIFEST_NAME).write_bytes(data)
-        try:
-            LayerPatch.from_pretrained(folder)
-        except PatchError:
-            count.refused += 1
-
-    try:
-        run()
-    finally:
-        shutil.rmtree(folder.parent)
-    count.report("manifest file", record_property)
-    assert peak_rss_mb() - before < MAX_RSS_GROWTH_MB
+    fuzz_folder(st.one_of(byte_mutations(valid_bytes), json_mutations(valid).map(str.encode), DEEP.map(str.encode),
+                          JSON.map(lambda d: json.dumps(d).encode())),
+                patch_template, lambda folder, data: (folder / MANIFEST_NAME).write_bytes(data),
+                LayerPatch.from_pretrained, PatchError, "manifest file", record_property)
 
 
 # ----------------------------------------------------------------------------- safetensors headers
@@ -231,53 +247,23 @@ def header_mutations(valid: bytes):
 def test_fuzz_safetensors_header(patch_template, record_property):
     """read_header on mutated patch weights: only PatchFormatError (a PatchError), never a crash."""
     valid = (patch_template / WEIGHTS_NAME).read_bytes()
-    count, before = Counter(), peak_rss_mb()
-    work = Path(tempfile.mkdtemp(prefix="layerzo-fuzz-"))
-
-    @FUZZ
-    @given(st.one_of(byte_mutations(valid), header_mutations(valid), st.binary(max_size=64)))
-    def run(data: bytes):
-        count.ran += 1
-        path = work / "x.safetensors"
-        path.write_bytes(data)
-        try:
-            read_header(path)
-        except PatchError:
-            count.refused += 1
-
-    try:
-        run()
-    finally:
-        shutil.rmtree(work)
-    count.report("safetensors header", record_property)
-    assert peak_rss_mb() - before < MAX_RSS_GROWTH_MB
+    fuzz_folder(st.one_of(byte_mutations(valid), header_mutations(valid), st.binary(max_size=64)),
+                None, lambda folder, data: (folder / "x.safetensors").write_bytes(data),
+                lambda folder: read_header(folder / "x.safetensors"), PatchError, "safetensors header", record_property)
 
 
 def test_fuzz_patch_weights_through_the_reader(patch_template, record_property):
     """Mutated weights with a RESEALED sha256 (so the header and value checks, not the hash,
     must catch them) through LayerPatch.from_pretrained: only PatchError."""
     valid = (patch_template / WEIGHTS_NAME).read_bytes()
-    count, before = Counter(), peak_rss_mb()
-    folder = fresh_copy(patch_template)
 
-    @FUZZ
-    @given(st.one_of(byte_mutations(valid), header_mutations(valid)))
-    def run(data: bytes):
-        count.ran += 1
+    def write(folder: Path, data: bytes) -> None:
         (folder / WEIGHTS_NAME).write_bytes(data)
         reseal(folder)
-        try:
-            LayerPatch.from_pretrained(folder)
-        except PatchError:
-            count.refused += 1
 
-    try:
-        run()
-    finally:
-        shutil.rmtree(folder.parent)
-    count.report("patch weights", record_property)
+    count = fuzz_folder(st.one_of(byte_mutations(valid), header_mutations(valid)), patch_template, write,
+                        LayerPatch.from_pretrained, PatchError, "patch weights", record_property)
     assert count.refused > 0
-    assert peak_rss_mb() - before < MAX_RSS_GROWTH_MB
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -286,26 +272,11 @@ def test_fuzz_checkpoint_state_json(checkpoint_template, record_property):
     load_checkpoint(checkpoint_template)  # the template itself is valid
     valid_bytes = (checkpoint_template / STATE_JSON).read_bytes()
     valid = json.loads(valid_bytes)
-    count, before = Counter(), peak_rss_mb()
-    folder = fresh_copy(checkpoint_template)
-
-    @FUZZ
-    @given(st.one_of(byte_mutations(valid_bytes), json_mutations(valid).map(str.encode), DEEP.map(str.encode)))
-    def run(data: bytes):
-        count.ran += 1
-        (folder / STATE_JSON).write_bytes(data)
-        try:
-            load_checkpoint(folder)
-        except CheckpointError:
-            count.refused += 1
-
-    try:
-        run()
-    finally:
-        shutil.rmtree(folder.parent)
-    count.report("checkpoint json", record_property)
+    count = fuzz_folder(st.one_of(byte_mutations(valid_bytes), json_mutations(valid).map(str.encode),
+                                  DEEP.map(str.encode)),
+                        checkpoint_template, lambda folder, data: (folder / STATE_JSON).write_bytes(data),
+                        load_checkpoint, CheckpointError, "checkpoint json", record_property)
     assert count.refused > 0
-    assert peak_rss_mb() - before < MAX_RSS_GROWTH_MB
 
 
 def test_fuzz_checkpoint_tensors(checkpoint_template, record_property):
@@ -313,25 +284,12 @@ def test_fuzz_checkpoint_tensors(checkpoint_template, record_property):
     state = json.loads((checkpoint_template / STATE_JSON).read_text())
     name = state["tensors"]["file"]
     valid = (checkpoint_template / name).read_bytes()
-    count, before = Counter(), peak_rss_mb()
-    folder = fresh_copy(checkpoint_template)
 
-    @FUZZ
-    @given(st.one_of(byte_mutations(valid), header_mutations(valid)))
-    def run(data: bytes):
-        count.ran += 1
+    def write(folder: Path, data: bytes) -> None:
         (folder / name).write_bytes(data)
         state["tensors"]["sha256"] = sha256_file(folder / name)
         (folder / STATE_JSON).write_text(json.dumps(state))
-        try:
-            load_checkpoint(folder)
-        except CheckpointError:
-            count.refused += 1
 
-    try:
-        run()
-    finally:
-        shutil.rmtree(folder.parent)
-    count.report("checkpoint tensors", record_property)
+    count = fuzz_folder(st.one_of(byte_mutations(valid), header_mutations(valid)), checkpoint_template, write,
+                        load_checkpoint, CheckpointError, "checkpoint tensors", record_property)
     assert count.refused > 0
-    assert peak_rss_mb() - before < MAX_RSS_GROWTH_MB
