@@ -127,9 +127,10 @@ def main() -> None:
 
 
 def _se_pts(r: dict) -> float:
+    from layerzo.sweep_report import standard_error
+
     accs = [row["test_acc"] for row in r["runs"] if row.get("test_acc") is not None] or [0.5]
-    p = statistics.fmean(accs)
-    return 100 * (p * (1 - p) / max(1, r["num_test"])) ** 0.5
+    return 100 * standard_error(statistics.fmean(accs), max(1, r["num_test"]))
 
 
 def markdown(r: dict) -> str:

@@ -21,16 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EvalError
+from .recipe_files import shipped
 from .tasks import SPLITS, TASK_NAMES, get_task
 
 HARNESS_PREFIX = "layerzo_"  # keeps layerzo's tasks clear of the harness' own "sst2", "rte", ...
-def _templates_dir() -> Path:
-    from .recipe_files import shipped
-
-    return shipped("lm_eval")
-
-
-RECIPES_DIR = _templates_dir()
+RECIPES_DIR = shipped("lm_eval")  # package data: found in source, editable and wheel installs alike
 COMMON_YAML = "_layerzo_common.yaml"
 HOOKS_FILE = "utils.py"
 SETTINGS_NAME = "layerzo_eval.json"  # read by utils.py; keep the two names in step

@@ -95,8 +95,9 @@ def shipped_recipe(name: str) -> Path | None:
     """The shipped recipe called ``name`` (with or without .yaml), or None."""
     from .recipe_files import shipped
 
-    stem = name[: -len(Path(name).suffix)] if Path(name).suffix in (".yaml", ".yml") else name
-    return shipped(f"{stem}.yaml") if stem in shipped_recipe_names() else None
+    stem = Path(name).stem if Path(name).suffix in (".yaml", ".yml") else name
+    path = shipped(f"{stem}.yaml")
+    return path if path.is_file() else None
 
 
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:

@@ -45,13 +45,14 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .errors import ConfigError, DivergenceError, LayerIndexError, LayerzoError, OutputExistsError
+from .atomic import atomic_write_text
 from .lower_cache import shared_lower_outputs
 from .progress import StderrBar
-from .atomic import atomic_write_text
 from .sweep_report import append_record, read_records
 
 FULL = "all"  # layer key of the whole-model MeZO baseline
 RECORDS_NAME = "sweep.jsonl"
+RESULT_FIELDS = ("pick", "dev_acc", "test_acc", "loss_curve")  # two copies of one run must agree on these
 RECIPE_KEYS = ("model", "data_dir", "steps", "batch_size", "lr", "full_lr", "eps", "seed", "eval_every",
                "num_train", "num_dev", "num_test", "eval_batch_size", "max_length", "device")
 
@@ -290,8 +291,7 @@ def merge_records(sources: Sequence[str | os.PathLike], records: Sequence[dict] 
     for rec in [*records, *(r for src in sources for r in _records_of(Path(src).expanduser()))]:
         key = (rec.get("kind"), rec.get("task"), rec.get("layer"))
         seen = merged.setdefault(key, rec)
-        fields = ("pick", "dev_acc", "test_acc", "loss_curve")
-        if any(seen.get(f) != rec.get(f) for f in fields):
+        if any(seen.get(f) != rec.get(f) for f in RESULT_FIELDS):
             what = "the profile" if key[0] == "profile" else f"layer {key[2]}"
             raise ConfigError(f"the sweep folders disagree on {what} of task {key[1]}",
                               "merge only sweeps made with the same options and seed")

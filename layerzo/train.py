@@ -38,19 +38,19 @@ from typing import Any, Callable
 import torch
 
 from . import __version__
+from .batches import EvalSet, TrainBatches, train_batches  # noqa: F401  (train.EvalSet: sweep hooks it)
+from .checkpoint import (RESUME_FREE_FIELDS, Checkpoint, StopOnInterrupt,
+                         check_checkpoint_dir, check_resumable, check_writable, checkpoint_dir, load_checkpoint,
+                         remove_checkpoint, run_identity, save_checkpoint)
 from .distributed import (DataParallel, check_tuned_placement, config_digest, init_data_parallel,
                           parse_device_map, placement, shutdown, weights_digest)
 from .errors import CheckpointError, ConfigError, DivergenceError, OutputExistsError, TaskError, TuneInterrupted
-from .batches import EvalSet, TrainBatches, train_batches  # noqa: F401  (train.EvalSet: sweep hooks it)
 from .hashing import tensor_sha256
 from .layers import get_layer, layer_parameter_names, parse_layer_spec
 from .lower_cache import cached_lower_layers
 from .models import DTYPES
 from .progress import StderrBar
 from .scoring import batch_loss, encode_batch
-from .checkpoint import (RESUME_FREE_FIELDS, Checkpoint, StopOnInterrupt,
-                         check_checkpoint_dir, check_resumable, check_writable, checkpoint_dir, load_checkpoint,
-                         remove_checkpoint, run_identity, save_checkpoint)
 from .zo import RNG_ALGORITHM, Z_DTYPE, TunedParams, ZOConfig, ZOState, z_cache_budget
 
 METRICS_NAME = "metrics.jsonl"

@@ -273,8 +273,12 @@ def apply_update(
         d: torch.Tensor | None = None
         for s, g in zip(seeds, grads):
             z = direction(p, param_seed(s, i), z_cache)
-            # z * c and z.mul_(c) round identically: cached and regenerated z give the same bits
-            d = (z * (g / q) if z_cache is not None else z.mul_(g / q)) if d is None else d.add_(z, alpha=g / q)
+            if d is not None:
+                d.add_(z, alpha=g / q)
+            elif z_cache is not None:  # a kept z is reused: leave it intact (z * c rounds like z.mul_(c))
+                d = z * (g / q)
+            else:
+                d = z.mul_(g / q)
         assert d is not None  # seeds is never empty (internal invariant, not user input)
         if config.weight_decay and p.dim() >= 2:  # no decay on norms and biases (1-D)
             d.add_(p.to(Z_DTYPE), alpha=config.weight_decay)
