@@ -1,0 +1,104 @@
+"""Behaviour pin for refactors: a fixed set of tune runs must keep writing the same patch bytes.
+
+The sha256 values in ``fixtures/golden_patch_sha256.json`` were recorded with the
+code as it stood before the package redesign (issue 12). Runs: tiny Llama and tiny
+Qwen3, one layer, ``--layers all``, LoRA-ZO, q=2 with momentum, and a run stopped
+by a crash right after a checkpoint and resumed.
+
+Local paths (the tmp checkpoint and data folders) differ per test session, so the
+manifest and card are hashed with those two paths replaced by placeholders; the
+weight and trajectory files are hashed as they are. Regenerate the file only when
+a change is MEANT to alter the bytes: ``LAYERZO_WRITE_GOLDEN=1 pytest tests/test_golden_bytes.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import make_tiny_model
+from layerzo.errors import CheckpointError
+from layerzo.models import load_model
+
+GOLDEN = Path(__file__).parent / "fixtures" / "golden_patch_sha256.json"
+PATCH_FILES = ("layer_patch.safetensors", "layerzo_patch.json", "trajectory.jsonl", "README.md")
+# num_dev=0: the final weights are the result, so every run records all its steps (a dev set whose
+# accuracy never beats zero-shot would leave an empty trajectory and pin nothing); one run keeps a dev set.
+COMMON = dict(task="sst2", steps=6, batch_size=4, num_train=24, num_dev=0, num_test=8, eval_every=2,
+              lr=1e-3, eps=1e-2, eval_batch_size=8, max_length=64)
+RUNS = {
+    "llama_layer": dict(arch="llama", layers="2"),
+    "llama_layer_dev": dict(arch="llama", layers="2", num_dev=8),
+    "llama_all": dict(arch="llama", layers="all", lr=1e-4),
+    "llama_lora": dict(arch="llama", layers="1", lora=True, lora_rank=4, lora_alpha=8.0),
+    "qwen3_layer": dict(arch="qwen3", layers="1"),
+    "qwen3_q2_momentum": dict(arch="qwen3", layers="2", q=2, momentum=0.9, weight_decay=0.01),
+    "llama_resumed": dict(arch="llama", layers="2", momentum=0.5, checkpoint_every=3),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_llama_dir, tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
+    qwen3 = tmp_path_factory.mktemp("tiny-qwen3")
+    make_tiny_model("qwen3", num_layers=4, seed=3).save_pretrained(qwen3)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, qwen3 / f.name)
+    return {"llama": tiny_llama_dir, "qwen3": qwen3}
+
+
+def patch_digests(out: Path, placeholders: dict[str, str]) -> dict[str, str]:
+    digests = {}
+    for name in PATCH_FILES:
+        data = (out / name).read_bytes()
+        if name.endswith((".json", ".md")):
+            text = data.decode("utf-8")
+            for path, tag in placeholders.items():
+                text = text.replace(path, tag)
+            data = text.encode("utf-8")
+        digests[name] = hashlib.sha256(data).hexdigest()
+    return digests
+
+
+def run_golden(name: str, model_dir: Path, data_dir: Path, out: Path, monkeypatch) -> None:
+    import layerzo.train as loop
+    from layerzo.train import TuneConfig, tune
+
+    spec = dict(RUNS[name])
+    spec.pop("arch")
+    config = TuneConfig(model=str(model_dir), data_dir=str(data_dir), **{**COMMON, **spec})
+    if name != "llama_resumed":
+        tune(config, out, progress=False, loaded=load_model(str(model_dir)))
+        return
+    real = loop.save_checkpoint
+
+    def save_then_crash(folder, ckpt):  # a crash right after the step-3 checkpoint
+        real(folder, ckpt)
+        raise CheckpointError("simulated crash after the checkpoint")
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    with pytest.raises(CheckpointError, match="simulated crash"):
+        tune(config, out, progress=False)
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    tune(config, out, progress=False, resume=True)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_patch_bytes_match_the_recorded_run(name, checkpoints, data_dir, tmp_path, monkeypatch):
+    model_dir = checkpoints[RUNS[name]["arch"]]
+    out = tmp_path / "patch"
+    run_golden(name, model_dir, data_dir, out, monkeypatch)
+    trajectory = (out / "trajectory.jsonl").read_text().splitlines()
+    if name != "llama_layer_dev":  # this run's best dev accuracy is at step 0: it pins the best-dev path
+        assert len(trajectory) == COMMON["steps"]
+    got = patch_digests(out, {str(model_dir.absolute()): "<MODEL>", str(Path(data_dir).absolute()): "<DATA>"})
+    recorded = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}
+    if os.environ.get("LAYERZO_WRITE_GOLDEN") == "1":
+        GOLDEN.write_text(json.dumps({**recorded, name: got}, indent=2, sort_keys=True) + "\n")
+        return
+    assert name in recorded, f"no recorded digests for {name}; see the module docstring"
+    assert got == recorded[name]
