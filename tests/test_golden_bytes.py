@@ -52,15 +52,24 @@ def checkpoints(tiny_llama_dir, tokenizer_dir, tmp_path_factory) -> dict[str, Pa
 
 
 def patch_digests(out: Path, placeholders: dict[str, str]) -> dict[str, str]:
-    digests = {}
+    def unplaced(text: str) -> bytes:
+        for path, tag in placeholders.items():
+            text = text.replace(path, tag)
+        return text.encode("utf-8")
+
+    raw = {name: (out / name).read_bytes() for name in PATCH_FILES}
+    digests: dict[str, str] = {}
     for name in PATCH_FILES:
-        data = (out / name).read_bytes()
-        if name.endswith((".json", ".md")):
-            text = data.decode("utf-8")
-            for path, tag in placeholders.items():
-                text = text.replace(path, tag)
-            data = text.encode("utf-8")
+        data = raw[name]
+        if name.endswith(".safetensors"):  # the header's metadata names the base model's path
+            n = int.from_bytes(data[:8], "little")
+            data = unplaced(data[8 : 8 + n].decode("utf-8")) + data[8 + n :]
         digests[name] = hashlib.sha256(data).hexdigest()
+    # the manifest and card carry the raw weight file's sha256, which the header's path changes
+    weights_sha = hashlib.sha256(raw["layer_patch.safetensors"]).hexdigest()
+    for name in ("layerzo_patch.json", "README.md"):
+        text = raw[name].decode("utf-8").replace(weights_sha, "<WEIGHTS_SHA>")
+        digests[name] = hashlib.sha256(unplaced(text)).hexdigest()
     return digests
 
 
