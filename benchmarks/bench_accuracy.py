@@ -1,8 +1,8 @@
 """Benchmark: accuracy at EQUAL steps - zero-shot vs dominant-layer ZO vs full-model MeZO vs LoRA-ZO.
 
-One process, one loaded model; every run is ``layerzo.train.tune`` with the
+One process, one loaded model; every run is ``layerzo.tune.loop.tune`` with the
 same recipe, steps and seed, then the model is put back bit-exactly
-(``layerzo.sweep.snapshot``/``restore``; LoRA wrappers removed), so all
+(``layerzo.sweep.run.snapshot``/``restore``; LoRA wrappers removed), so all
 methods start from the same base. Several seeds give mean ± std.
 
 * ``dominant``  the profiled layer alone, ``--lr``;
@@ -39,10 +39,10 @@ METHODS = ("zero_shot", "dominant", "full", "lora")
 
 
 def run_method(method: str, task: str, seed: int, args, loaded, layer: int, work: Path, cache: dict) -> dict:
-    from layerzo.layers import layer_parameter_names
-    from layerzo.lora import remove_lora
-    from layerzo.sweep import layer_sha256, restore, reuse_base_accuracy, snapshot
-    from layerzo.train import TuneConfig, tune
+    from layerzo.model.layers import layer_parameter_names
+    from layerzo.model.lora import remove_lora
+    from layerzo.sweep.run import layer_sha256, restore, reuse_base_accuracy, snapshot
+    from layerzo.tune.loop import TuneConfig, tune
 
     model, layout, n = loaded.model, loaded.layout, loaded.layout.num_layers
     d_layer = sum(dict(model.named_parameters())[nm].numel() for nm in layer_parameter_names(model, layout, layer))
@@ -94,8 +94,8 @@ def main() -> None:
     if args.threads or args.quick:
         torch.set_num_threads(args.threads or 1)
 
-    from layerzo.models import load_model
-    from layerzo.train import TuneConfig, resolve_layers
+    from layerzo.model.loading import load_model
+    from layerzo.tune.loop import TuneConfig, resolve_layers
 
     loaded = load_model(args.model, device=args.device)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -127,7 +127,7 @@ def main() -> None:
 
 
 def _se_pts(r: dict) -> float:
-    from layerzo.sweep_report import standard_error
+    from layerzo.sweep.report import standard_error
 
     accs = [row["test_acc"] for row in r["runs"] if row.get("test_acc") is not None] or [0.5]
     return 100 * standard_error(statistics.fmean(accs), max(1, r["num_test"]))

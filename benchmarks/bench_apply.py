@@ -40,8 +40,8 @@ def child(mode: str, base: str, patch: str, out: str) -> None:
     """Run one variant in this (fresh) process and print its timing and peak RSS as JSON."""
     import torch  # noqa: F401  (imported before the baseline so both variants pay it equally)
 
-    from layerzo.merge import apply_patch
-    from layerzo.patch import LayerPatch
+    from layerzo.patch.apply import apply_patch
+    from layerzo.patch.format import LayerPatch
 
     rss_before = peak_rss_bytes()
     t0 = time.perf_counter()
@@ -67,11 +67,11 @@ def prepare(work: Path, shard_size: str) -> tuple[Path, Path]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from layerzo.layers import layer_parameter_names
-    from layerzo.models import load_model
-    from layerzo.patch import FORMAT_VERSION, LayerPatch, PatchManifest
+    from layerzo.model.layers import layer_parameter_names
+    from layerzo.model.loading import load_model
+    from layerzo.patch.format import FORMAT_VERSION, LayerPatch, PatchManifest
     from layerzo import __version__
-    from layerzo.hashing import tensor_sha256
+    from layerzo.core.hashing import tensor_sha256
 
     base, patch_dir = work / "base", work / "patch"
     if (base / "model.safetensors.index.json").is_file() and (patch_dir / "layerzo_patch.json").is_file():

@@ -34,10 +34,10 @@ def prepare_patch(work: Path) -> Path:
     import torch
 
     from layerzo import __version__
-    from layerzo.hashing import tensor_sha256
-    from layerzo.layers import layer_parameter_names
-    from layerzo.models import load_model
-    from layerzo.patch import FORMAT_VERSION, MANIFEST_NAME, LayerPatch, PatchManifest
+    from layerzo.core.hashing import tensor_sha256
+    from layerzo.model.layers import layer_parameter_names
+    from layerzo.model.loading import load_model
+    from layerzo.patch.format import FORMAT_VERSION, MANIFEST_NAME, LayerPatch, PatchManifest
 
     patch_dir = work / "patch"
     if (patch_dir / MANIFEST_NAME).is_file():
@@ -85,14 +85,14 @@ def measure(out: Path, patch: Path | None, shapes: list[tuple[int, int]], runs: 
     """
     import torch
 
-    from layerzo.export import ONNX_FILE_NAME, make_verification_inputs, measure_latency, ort_session, verify_onnx
+    from layerzo.export.onnx import ONNX_FILE_NAME, make_verification_inputs, measure_latency, ort_session, verify_onnx
 
     if patch is not None:
         from layerzo.api import load
 
         model, tokenizer = load(None, patch)
     else:
-        from layerzo.models import load_model
+        from layerzo.model.loading import load_model
 
         loaded = load_model(None)
         model, tokenizer = loaded.model, loaded.tokenizer

@@ -43,13 +43,13 @@ TARGET = 1.2
 def child(args) -> None:
     import torch
 
-    from layerzo.layers import layer_parameter_names
-    from layerzo.lora import add_lora
-    from layerzo.lower_cache import cached_lower_layers
-    from layerzo.models import load_model
-    from layerzo.scoring import batch_loss, encode_batch
-    from layerzo.tasks import load_task
-    from layerzo.zo import TunedParams, ZOConfig, ZOState, z_cache_budget, zo_step
+    from layerzo.model.layers import layer_parameter_names
+    from layerzo.model.lora import add_lora
+    from layerzo.tune.prefix_cache import cached_lower_layers
+    from layerzo.model.loading import load_model
+    from layerzo.data.scoring import batch_loss, encode_batch
+    from layerzo.data.tasks import load_task
+    from layerzo.zo.engine import TunedParams, ZOConfig, ZOState, z_cache_budget, zo_step
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,8 +118,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from common import save_plain_copy
-    from layerzo.models import load_model
-    from layerzo.train import TuneConfig, resolve_layers
+    from layerzo.model.loading import load_model
+    from layerzo.tune.loop import TuneConfig, resolve_layers
 
     loaded = load_model(args.model)
     if args.layer is None:

@@ -5,7 +5,7 @@ wall time of each (so machine-load drift hits every variant alike):
 
 * ``bare``    ``model(input_ids, attention_mask, use_cache=False)`` - the whole model, LM head included;
 * ``trunk``   the same forward stopped after the last decoder layer (what profile runs, minus statistics);
-* ``profile`` ``layerzo.profile.profile_model`` end to end (tokenize, hooked forward, stats, fingerprint).
+* ``profile`` ``layerzo.profile.run.profile_model`` end to end (tokenize, hooked forward, stats, fingerprint).
 
 Peak memory: torch's CPU allocations are invisible to tracemalloc, so each
 variant runs once in its OWN subprocess that loads the model, trims the heap
@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (header, interleaved, medians, peak_rss_bytes, rss_sampler, save_plain_copy,  # noqa: E402
                     stamp, trim_heap, write_report)
 
-from layerzo.models import load_model
-from layerzo.profile import DEFAULT_CALIBRATION_TEXTS, ProfileConfig, _encode, _pad, _StopForward, profile_model
-from layerzo.layers import get_layers
+from layerzo.model.loading import load_model
+from layerzo.profile.run import DEFAULT_CALIBRATION_TEXTS, ProfileConfig, _encode, _pad, _StopForward, profile_model
+from layerzo.model.layers import get_layers
 
 VARIANTS = ("bare", "trunk", "profile")
 
@@ -115,7 +115,7 @@ def main() -> None:
     with torch.no_grad():
         times = interleaved(runners, repeats=args.repeats, warmup=1)
     report = profile_model(loaded.model, loaded.tokenizer, texts, config, loaded.layout)
-    from layerzo.profile import model_fingerprint
+    from layerzo.profile.run import model_fingerprint
 
     t0 = time.perf_counter()
     model_fingerprint(loaded.model, loaded.layout)

@@ -7,7 +7,7 @@ median of each is reported, with ratios:
 * ``floor``     two plain forwards of the batch with the same scoring (``batch_loss``: left padding,
                 ``logits_to_keep``) - what any two-point ZO step must pay at least;
 * ``dominant``  ``zo_step`` on the profiled layer's tensors inside ``cached_lower_layers``, exactly as
-                ``layerzo.train.tune`` runs it (layers below run once per step, functional perturbation);
+                ``layerzo.tune.loop.tune`` runs it (layers below run once per step, functional perturbation);
 * ``dominant_nocache``  the same without the lower-layer cache (what the cache buys);
 * ``full``      ``zo_step`` on every decoder-layer tensor as ``tune --layers all`` runs it: MeZO's seed
                 trick (z regenerated for +eps, -eps and the update, never stored; no lower-layer cache possible);
@@ -46,14 +46,14 @@ TARGET_DOMINANT_OVER_FLOOR = 1.1
 
 def build(args):
     """Load the model, the batch, the profiled layer and one step function per variant."""
-    from layerzo.layers import layer_parameter_names
-    from layerzo.lora import add_lora, remove_lora
-    from layerzo.lower_cache import cached_lower_layers
-    from layerzo.models import load_model
-    from layerzo.scoring import batch_loss, encode_batch
-    from layerzo.tasks import load_task
-    from layerzo.train import TuneConfig, resolve_layers
-    from layerzo.zo import TunedParams, ZOConfig, ZOState, z_cache_budget, zo_step
+    from layerzo.model.layers import layer_parameter_names
+    from layerzo.model.lora import add_lora, remove_lora
+    from layerzo.tune.prefix_cache import cached_lower_layers
+    from layerzo.model.loading import load_model
+    from layerzo.data.scoring import batch_loss, encode_batch
+    from layerzo.data.tasks import load_task
+    from layerzo.tune.loop import TuneConfig, resolve_layers
+    from layerzo.zo.engine import TunedParams, ZOConfig, ZOState, z_cache_budget, zo_step
 
     loaded = load_model(args.model, device=args.device)
     model, layout, n = loaded.model, loaded.layout, loaded.layout.num_layers
@@ -105,7 +105,7 @@ def profile_steps(loaded, extra) -> dict[str, str]:
     """torch.profiler tables (top ops by self CPU time) of one dominant and one full step."""
     from torch.profiler import ProfilerActivity, profile
 
-    from layerzo.zo import ZOState, zo_step
+    from layerzo.zo.engine import ZOState, zo_step
 
     p_dom, p_full, cfg_dom, cfg_full, loss, dominant = extra
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])

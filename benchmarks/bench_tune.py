@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 
-from layerzo.layers import layer_parameter_names
-from layerzo.lower_cache import cached_lower_layers
-from layerzo.models import load_model
-from layerzo.scoring import batch_loss, encode_batch
-from layerzo.tasks import load_task
-from layerzo.zo import TunedParams, ZOConfig, ZOState, zo_step
+from layerzo.model.layers import layer_parameter_names
+from layerzo.tune.prefix_cache import cached_lower_layers
+from layerzo.model.loading import load_model
+from layerzo.data.scoring import batch_loss, encode_batch
+from layerzo.data.tasks import load_task
+from layerzo.zo.engine import TunedParams, ZOConfig, ZOState, zo_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("two_forwards", "step_plain", "step_cached", "one_forward")
@@ -57,8 +57,8 @@ def main() -> None:
     model, layout = loaded.model, loaded.layout
     layer = args.layer
     if layer is None:
-        from layerzo.profile import profile_model
-        from layerzo.tasks import calibration_texts
+        from layerzo.profile.run import profile_model
+        from layerzo.data.tasks import calibration_texts
 
         layer = profile_model(model, loaded.tokenizer, calibration_texts(args.task, args.data_dir), layout=layout).pick.layer
     examples = load_task(args.task, args.data_dir, num_train=args.batch_size, num_dev=0, num_test=0).train

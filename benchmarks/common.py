@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
-from layerzo.atomic import atomic_write_text
+from layerzo.core.atomic import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

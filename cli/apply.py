@@ -37,14 +37,14 @@ def apply(
 ) -> None:
     """Write OUT = BASE with PATCH applied: a complete checkpoint for AutoModelForCausalLM.from_pretrained."""
     from layerzo.errors import ConfigError, PatchError
-    from layerzo.patch import LayerPatch
+    from layerzo.patch.format import LayerPatch
 
     if out is None and not replay:
         raise ConfigError("give the output folder with -o OUT (or use --replay to only verify the patch)")
     layer_patch = LayerPatch.from_pretrained(patch, revision=patch_revision, token=token)
     result: dict = {"patch": layer_patch.source, "patch_revision": layer_patch.source_revision}
     if replay:
-        from layerzo.replay import replay_patch
+        from layerzo.patch.replay import replay_patch
 
         err_console.print(f"replaying {len(layer_patch.trajectory)} ZO steps on {base} ...")
         replayed = replay_patch(None if base == "demo" else base, layer_patch, revision=revision)
@@ -60,7 +60,7 @@ def apply(
             raise PatchError(f"the trajectory does not reproduce the patch (max abs diff {replayed.max_abs_diff:.3g})",
                              "the patch's tensors or trajectory were changed, or replay ran on another device type")
     if out is not None:
-        from layerzo.merge import apply_patch
+        from layerzo.patch.apply import apply_patch
 
         report = apply_patch(None if base == "demo" else base, layer_patch, out, overwrite=overwrite, force=force,
                              revision=revision, token=token, log=lambda line: err_console.print(line))

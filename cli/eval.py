@@ -1,6 +1,6 @@
 """``layerzo eval``: lm-evaluation-harness on the base model and on base + patch, one command.
 
-Options map onto :class:`layerzo.evaluate.EvalConfig`; the table goes to
+Options map onto :class:`layerzo.eval.harness.EvalConfig`; the table goes to
 stderr, ``--json`` prints the report on stdout, ``--output`` saves it and
 ``--write-card`` adds it to the patch's README.md.
 """
@@ -66,9 +66,9 @@ def eval_command(
     if not debug_enabled():
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
     from layerzo.errors import EvalError
-    from layerzo.eval_report import save_json, write_card_section
-    from layerzo.evaluate import EvalConfig, evaluate, load_patch
-    from layerzo.patch import CARD_NAME
+    from layerzo.eval.report import save_json, write_card_section
+    from layerzo.eval.harness import EvalConfig, evaluate, load_patch
+    from layerzo.patch.format import CARD_NAME
 
     if write_card and patch is None:
         raise EvalError("--write-card needs --patch")
@@ -95,7 +95,7 @@ def eval_command(
 def _print_table(report) -> None:
     from rich.table import Table
 
-    from layerzo.eval_report import METRIC_NOTES, TABLE_HEADER, table_cells
+    from layerzo.eval.report import METRIC_NOTES, TABLE_HEADER, table_cells
 
     s = report.settings
     title = (f"{report.base_model}" + (" + patch" if report.patched is not None else "")

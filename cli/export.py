@@ -99,7 +99,7 @@ def _run(
     trust_remote_code: bool, json_out: bool,
 ) -> None:
     from layerzo.errors import OutputExistsError
-    from layerzo.export import ExportConfig, export_model
+    from layerzo.export.onnx import ExportConfig, export_model
 
     config = ExportConfig(opset=opset, dtype=dtype, atol=atol, exporter=exporter, verify_batch=verify_batch,
                           verify_len=verify_len, latency_runs=runs)
@@ -112,11 +112,11 @@ def _run(
 
             lm, tokenizer = load(model, patch, dtype=dtype, revision=revision, token=token,
                                  trust_remote_code=trust_remote_code)
-            from layerzo.models import resolve_source
+            from layerzo.model.loading import resolve_source
 
             base_name = resolve_source(model, revision).name
         else:
-            from layerzo.models import load_model
+            from layerzo.model.loading import load_model
 
             loaded = load_model(model, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
             lm, tokenizer, base_name = loaded.model, loaded.tokenizer, loaded.source.name

@@ -57,7 +57,7 @@ def profile(
 ) -> None:
     """Profile residual-stream activations per layer and pick the dominant layer (Sun et al. 2024)."""
     from layerzo.errors import ConfigError
-    from layerzo.profile import DEFAULT_CALIBRATION_TEXTS, ProfileConfig, read_calibration_file
+    from layerzo.profile.run import DEFAULT_CALIBRATION_TEXTS, ProfileConfig, read_calibration_file
 
     config = ProfileConfig(
         max_threshold=max_threshold, ratio_threshold=ratio_threshold, persist_window=persist_window,
@@ -68,7 +68,7 @@ def profile(
     if task is not None and calib is not None:
         raise ConfigError("give either --task or --calib, not both")
     if task is not None:
-        from layerzo.tasks import calibration_texts
+        from layerzo.data.tasks import calibration_texts
 
         texts = calibration_texts(task, data_dir, n=num_sequences, seed=seed)
         calibration = f"task {task} (training inputs, seed {seed})"
@@ -80,8 +80,8 @@ def profile(
         calibration = "built-in generic English sentences"
         err_console.print("no --task or --calib: calibrating on built-in generic English sentences")
 
-    from layerzo.models import load_model
-    from layerzo.profile import profile_model
+    from layerzo.model.loading import load_model
+    from layerzo.profile.run import profile_model
 
     with err_console.status("loading model..."):
         loaded = load_model(model, dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code)
@@ -92,7 +92,7 @@ def profile(
         )
     _print_table(report)
     if plot is not None:
-        from layerzo.plotting import plot_profile
+        from layerzo.profile.plot import plot_profile
 
         written = plot_profile(report, plot)
         err_console.print(f"plot written to {written}")
@@ -104,7 +104,7 @@ def _print_table(report) -> None:
     from rich import box
     from rich.table import Table
 
-    from layerzo.profile import is_outlier
+    from layerzo.profile.run import is_outlier
 
     table = Table(title=f"{report.model} — {report.num_sequences} sequences, {report.num_tokens} tokens "
                   f"({report.calibration})", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)

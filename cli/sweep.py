@@ -1,6 +1,6 @@
 """``layerzo sweep``: ZO-tune every layer alone (same recipe, same seed) + the whole-model MeZO baseline.
 
-Options map one to one onto :class:`layerzo.sweep.SweepConfig` fields.
+Options map one to one onto :class:`layerzo.sweep.run.SweepConfig` fields.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def sweep(
     json_out: JsonOpt = False,
 ) -> None:
     """Tune each layer ALONE with one recipe, compare with whole-model MeZO, mark the profiled layer."""
-    from layerzo.sweep import SweepConfig, run_sweep
+    from layerzo.sweep.run import SweepConfig, run_sweep
 
     names = tuple(t.strip() for t in (tasks or task).split(",") if t.strip())
     config = SweepConfig(
@@ -73,7 +73,7 @@ def sweep(
 def _print_table(doc: dict) -> None:
     from rich.table import Table
 
-    from layerzo.sweep_report import pct, rank_of
+    from layerzo.sweep.report import pct, rank_of
 
     for task, s in doc["tasks"].items():
         table = Table(title=f"{task}: each layer tuned alone", title_justify="left")

@@ -1,6 +1,6 @@
 """``layerzo tune``: ZO-tune the dominant (or given) layer and write a layer patch.
 
-Every option maps onto one :class:`layerzo.train.TuneConfig` field (the recipe
+Every option maps onto one :class:`layerzo.tune.loop.TuneConfig` field (the recipe
 keys); options left out fall back to ``--recipe``, then to the defaults.
 """
 
@@ -94,9 +94,9 @@ def tune(
 ) -> None:
     """ZO-tune one layer (MeZO two-sided SPSA, forward passes only) and save a layer patch."""
     options = dict(locals())  # first statement: exactly the parsed options
-    from layerzo.recipes import build_config, load_recipe, recipe_fields
-    from layerzo.train import check_output_dir
-    from layerzo.train import tune as run_tune
+    from layerzo.tune.config import build_config, load_recipe, recipe_fields
+    from layerzo.tune.loop import check_output_dir
+    from layerzo.tune.loop import tune as run_tune
 
     overrides = {k: options[k] for k in recipe_fields()}
     config = build_config(load_recipe(recipe) if recipe else None, overrides)
@@ -110,7 +110,7 @@ def tune(
         err_console.print(str(exc), style="yellow", markup=False, highlight=False, soft_wrap=True)
         err_console.print(f"resume with: {resume_command(ctx)}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(code=130) from None
-    from layerzo.distributed import is_main_process
+    from layerzo.zo.distributed import is_main_process
 
     if not is_main_process():  # under torchrun rank 0 alone reports
         return

@@ -10,15 +10,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from layerzo.version import __version__
 
 # public name -> "module:attribute" (imported on first use)
 _LAZY = {
     "load": "layerzo.api:load",
-    "LayerPatch": "layerzo.patch:LayerPatch",
-    "load_model": "layerzo.models:load_model",
-    "profile_model": "layerzo.profile:profile_model",
-    "load_task": "layerzo.tasks:load_task",
+    "LayerPatch": "layerzo.patch.format:LayerPatch",
+    "load_model": "layerzo.model.loading:load_model",
+    "profile_model": "layerzo.profile.run:profile_model",
+    "load_task": "layerzo.data.tasks:load_task",
     "LayerzoError": "layerzo.errors:LayerzoError",
 }
 

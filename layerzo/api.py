@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .merge import apply_to_model
-from .models import load_model
-from .patch import LayerPatch
+from layerzo.patch.apply import apply_to_model
+from layerzo.model.loading import load_model
+from layerzo.patch.format import LayerPatch
 
 
 def load(

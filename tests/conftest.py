@@ -93,7 +93,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     """The demo model's tokenizer, extracted from the GGUF once and saved as tokenizer.json."""
     from transformers import AutoTokenizer
 
-    from layerzo.models import demo_model_path
+    from layerzo.model.loading import demo_model_path
 
     gguf = demo_model_path()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -159,6 +159,6 @@ def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def demo_model():
     """The real SmolLM2-135M-Instruct demo model (loaded once per session; ~15-35 s)."""
-    from layerzo.models import load_model
+    from layerzo.model.loading import load_model
 
     return load_model(None)

@@ -1,8 +1,8 @@
 """Worker for tests/test_distributed.py: a few ZO steps on a tiny model, three ways.
 
-    --mode dist     under torchrun: layerzo.distributed.DataParallel.zo_step (q per rank)
-    --mode zo       one process: layerzo.zo.zo_step with q = q·world (the reference)
-    --mode emulate  one process: layerzo.distributed.emulate_step over ``--world`` virtual ranks
+    --mode dist     under torchrun: layerzo.zo.distributed.DataParallel.zo_step (q per rank)
+    --mode zo       one process: layerzo.zo.engine.zo_step with q = q·world (the reference)
+    --mode emulate  one process: layerzo.zo.distributed.emulate_step over ``--world`` virtual ranks
 
 Every rank writes its tuned tensors to ``<out>/rank<r>.safetensors``; rank 0
 also writes ``<out>/trajectory.json`` (applied steps: seeds, grads, lr) and
@@ -22,15 +22,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from layerzo.distributed import DataParallel, emulate_step, init_data_parallel, shutdown
+from layerzo.zo.distributed import DataParallel, emulate_step, init_data_parallel, shutdown
 from layerzo.errors import ConfigError
-from layerzo.layers import layer_parameter_names
-from layerzo.lower_cache import cached_lower_layers
-from layerzo.models import load_model
-from layerzo.scoring import batch_loss, encode_batch
-from layerzo.tasks import load_task
-from layerzo.train import EvalSet, train_batches
-from layerzo.zo import TunedParams, ZOConfig, ZOState, zo_step
+from layerzo.model.layers import layer_parameter_names
+from layerzo.tune.prefix_cache import cached_lower_layers
+from layerzo.model.loading import load_model
+from layerzo.data.scoring import batch_loss, encode_batch
+from layerzo.data.tasks import load_task
+from layerzo.tune.loop import EvalSet, train_batches
+from layerzo.zo.engine import TunedParams, ZOConfig, ZOState, zo_step
 
 
 def main() -> None:

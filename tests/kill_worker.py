@@ -15,7 +15,7 @@ import time
 
 def main() -> None:
     delay = float(sys.argv[1])
-    import layerzo.train as train
+    import layerzo.tune.loop as train
 
     encode = train.encode_batch
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_model
-from layerzo.distributed import (
+from layerzo.zo.distributed import (
     DataParallel,
     bytes_per_step,
     check_tuned_placement,
@@ -27,8 +27,8 @@ from layerzo.distributed import (
     weights_digest,
 )
 from layerzo.errors import ConfigError
-from layerzo.layers import find_layer_layout, layer_parameter_names
-from layerzo.zo import TunedParams, ZOConfig, ZOState, direction_seeds, replay_trajectory, zo_step
+from layerzo.model.layers import find_layer_layout, layer_parameter_names
+from layerzo.zo.engine import TunedParams, ZOConfig, ZOState, direction_seeds, replay_trajectory, zo_step
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 
@@ -172,7 +172,7 @@ def test_shard_and_device_and_payload():
 
 
 def test_init_without_torchrun_is_single_process(monkeypatch):
-    from layerzo.distributed import init_data_parallel
+    from layerzo.zo.distributed import init_data_parallel
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     dp = init_data_parallel(shard_batch=True)
@@ -238,7 +238,7 @@ def _steps_on(loaded, layer: int, steps: int = 2) -> dict:
 @pytest.mark.parametrize("device_map", ["auto", "offload-layer-1"])
 def test_zo_under_device_map_matches_plain_load(tiny_llama_dir, device_map):
     """Frozen layer 1 offloaded to disk by accelerate (or 'auto' on CPU); tuning layer 2 gives the plain result."""
-    from layerzo.models import load_model
+    from layerzo.model.loading import load_model
 
     spec = device_map if device_map == "auto" else json.dumps(_disk_map(1))
     mapped = load_model(str(tiny_llama_dir), device_map=parse_device_map(spec))
@@ -249,7 +249,7 @@ def test_zo_under_device_map_matches_plain_load(tiny_llama_dir, device_map):
 
 
 def test_offloaded_tuned_layer_is_refused(tiny_llama_dir):
-    from layerzo.models import load_model
+    from layerzo.model.loading import load_model
 
     loaded = load_model(str(tiny_llama_dir), device_map=_disk_map(2))
     assert check_tuned_placement(loaded.model, loaded.layout, [1, 3]) == "cpu"
@@ -259,7 +259,7 @@ def test_offloaded_tuned_layer_is_refused(tiny_llama_dir):
 
 # ----------------------------------------------------------------------------- torchrun (2 ranks, gloo, CPU)
 def _base_and_replayed(model_dir: Path, out: Path, names: list[str], config: ZOConfig) -> tuple[dict, dict]:
-    from layerzo.models import load_model
+    from layerzo.model.loading import load_model
 
     state = dict(load_model(str(model_dir)).model.named_parameters())
     base = {n: state[n].detach().clone() for n in names}
@@ -307,7 +307,7 @@ def test_torchrun_sharded_batch_and_rejected_step(tiny_llama_dir, data_dir, tmp_
 
 def test_torchrun_layerzo_tune_matches_single_process_q2(tiny_llama_dir, data_dir, tmp_path):
     """The real ``layerzo tune`` under torchrun: rank 0's patch == a one-process ``--q 2`` patch, bit for bit."""
-    from layerzo.patch import LayerPatch
+    from layerzo.patch.format import LayerPatch
 
     common = ["-m", "layerzo.cli.main", "tune", "--model", str(tiny_llama_dir), "--task", "sst2", "--data-dir",
               str(data_dir), "--layers", "2", "--steps", "3", "--batch-size", "4", "--num-train", "16", "--num-dev", "0",
@@ -330,7 +330,7 @@ def test_tune_cli_device_map_offloading_a_frozen_layer(tiny_llama_dir, data_dir,
     from typer.testing import CliRunner
 
     from layerzo.cli.main import app
-    from layerzo.patch import LayerPatch
+    from layerzo.patch.format import LayerPatch
 
     args = ["tune", "--model", str(tiny_llama_dir), "--task", "sst2", "--data-dir", str(data_dir), "--layers", "2",
             "--steps", "2", "--batch-size", "2", "--num-train", "4", "--num-dev", "0", "--num-test", "0",

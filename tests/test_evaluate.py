@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from conftest import make_tiny_model
 from layerzo.errors import EvalError
-from layerzo.eval_report import (
+from layerzo.eval.report import (
     CARD_SECTION_TITLE,
     PER_TOKEN_METRIC,
     EvalReport,
@@ -23,14 +23,14 @@ from layerzo.eval_report import (
     save_json,
     write_card_section,
 )
-from layerzo.eval_tasks import (
+from layerzo.eval.tasks import (
     check_data_dir,
     check_harness_tasks,
     harness_task_name,
     parse_tasks,
     write_task_dir,
 )
-from layerzo.tasks import TASK_NAMES, load_task
+from layerzo.data.tasks import TASK_NAMES, load_task
 from patch_helpers import make_patch
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -103,8 +103,8 @@ def test_every_offline_task_runs_layerzo_prompts_through_the_harness(small_data_
     examples for the same rows, and the harness' log-likelihoods give layerzo's scores."""
     import torch
 
-    from layerzo.evaluate import EvalConfig, make_lm, run_harness, task_manager, validate_tasks
-    from layerzo.scoring import candidate_scores, encode_batch, encode_pair
+    from layerzo.eval.harness import EvalConfig, make_lm, run_harness, task_manager, validate_tasks
+    from layerzo.data.scoring import candidate_scores, encode_batch, encode_pair
 
     model = make_tiny_model("llama", num_layers=2)
     config = EvalConfig(tasks=TASK_NAMES, data_dir=str(small_data_dir), limit=3, batch_size=8, seed=1)
@@ -204,7 +204,7 @@ def test_cli_base_and_patch_one_command(tmp_path, tiny_llama_dir, small_data_dir
     assert "delta" in result.stderr and PER_TOKEN_METRIC in result.stderr  # the table
     assert CARD_SECTION_TITLE in (patch_dir / "README.md").read_text()
     assert sorted(p.name for p in tiny_llama_dir.iterdir()) == before  # nothing merged on disk
-    from layerzo.patch import LayerPatch
+    from layerzo.patch.format import LayerPatch
 
     LayerPatch.from_pretrained(patch_dir)  # the card edit keeps the patch loadable
 

@@ -16,9 +16,9 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_tiny_model
-from layerzo import export as ex
+from layerzo.export import onnx as ex
 from layerzo.errors import ConfigError, ExportError, OutputExistsError
-from layerzo.export import ExportConfig, export_model, export_onnx, verify_onnx
+from layerzo.export.onnx import ExportConfig, export_model, export_onnx, verify_onnx
 
 
 @pytest.fixture(scope="module")

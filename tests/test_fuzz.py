@@ -25,11 +25,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_tiny_model
-from layerzo.checkpoint import STATE_JSON, Checkpoint, load_checkpoint, save_checkpoint
+from layerzo.tune.checkpoint import STATE_JSON, Checkpoint, load_checkpoint, save_checkpoint
 from layerzo.errors import CheckpointError
 from layerzo.errors import PatchError
-from layerzo.patch import MANIFEST_NAME, WEIGHTS_NAME, LayerPatch, PatchManifest, TrajectoryStep
-from layerzo.safetensors_io import read_header
+from layerzo.patch.format import MANIFEST_NAME, WEIGHTS_NAME, LayerPatch, PatchManifest, TrajectoryStep
+from layerzo.io.safetensors import read_header
 from patch_helpers import make_patch, reseal, sha256_file
 
 MAX_EXAMPLES = int(os.environ.get("LAYERZO_FUZZ_EXAMPLES", "300"))  # raise it for a long local fuzz run

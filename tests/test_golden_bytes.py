@@ -23,7 +23,7 @@ import pytest
 
 from conftest import make_tiny_model
 from layerzo.errors import CheckpointError
-from layerzo.models import load_model
+from layerzo.model.loading import load_model
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden_patch_sha256.json"
 PATCH_FILES = ("layer_patch.safetensors", "layerzo_patch.json", "trajectory.jsonl", "README.md")
@@ -74,8 +74,8 @@ def patch_digests(out: Path, placeholders: dict[str, str]) -> dict[str, str]:
 
 
 def run_golden(name: str, model_dir: Path, data_dir: Path, out: Path, monkeypatch) -> None:
-    import layerzo.train as loop
-    from layerzo.train import TuneConfig, tune
+    import layerzo.tune.loop as loop
+    from layerzo.tune.loop import TuneConfig, tune
 
     spec = dict(RUNS[name])
     spec.pop("arch")

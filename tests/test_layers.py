@@ -8,7 +8,7 @@ from torch import nn
 
 from conftest import TINY_ARCHS, make_tiny_model
 from layerzo.errors import ArchitectureError, LayerIndexError
-from layerzo.layers import (
+from layerzo.model.layers import (
     KNOWN_LAYER_PATHS,
     LayerLayout,
     find_layer_layout,

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from layerzo import zo
+from layerzo.zo import engine as zo
 from layerzo.errors import ArchitectureError, ConfigError
-from layerzo.layers import find_layer_layout
-from layerzo.lora import LoRALinear, add_lora, lora_base_names, lora_delta, remove_lora
+from layerzo.model.layers import find_layer_layout
+from layerzo.model.lora import LoRALinear, add_lora, lora_base_names, lora_delta, remove_lora
 
 IDS = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
 

@@ -1,4 +1,4 @@
-"""Frozen lower layers shared ACROSS runs (layerzo.lower_cache.shared_lower_outputs), as a sweep uses them."""
+"""Frozen lower layers shared ACROSS runs (layerzo.tune.prefix_cache.shared_lower_outputs), as a sweep uses them."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import torch
 
 from conftest import make_tiny_model
-from layerzo.layers import find_layer_layout, get_layer
-from layerzo.lower_cache import cached_lower_layers, shared_lower_outputs
+from layerzo.model.layers import find_layer_layout, get_layer
+from layerzo.tune.prefix_cache import cached_lower_layers, shared_lower_outputs
 
 
 def _batch(seed: int) -> SimpleNamespace:

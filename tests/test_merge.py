@@ -16,9 +16,9 @@ import layerzo
 from conftest import make_tiny_model
 from layerzo.cli.main import app
 from layerzo.errors import BaseMismatchError
-from layerzo.merge import PROVENANCE_NAME, apply_patch, apply_to_model, map_keys
-from layerzo.patch import MANIFEST_NAME, TRAJECTORY_NAME, WEIGHTS_NAME, LayerPatch, TrajectoryStep
-from layerzo.safetensors_io import read_header
+from layerzo.patch.apply import PROVENANCE_NAME, apply_patch, apply_to_model, map_keys
+from layerzo.patch.format import MANIFEST_NAME, TRAJECTORY_NAME, WEIGHTS_NAME, LayerPatch, TrajectoryStep
+from layerzo.io.safetensors import read_header
 from patch_helpers import copy_tokenizer, edit_manifest, make_patch, replace_weights, reseal
 
 IDS = torch.tensor([[1, 5, 42, 7, 300, 9, 12, 4000]])
@@ -279,7 +279,7 @@ def test_out_equal_to_base_is_refused(tiny_llama_dir, patch_dir):
 
 
 def test_failure_midway_leaves_no_out_and_no_temp_dir(tiny_llama_dir, patch_dir, tmp_path, monkeypatch):
-    import layerzo.merge as merge
+    import layerzo.patch.apply as merge
 
     calls = []
     real = merge.write_shard
@@ -318,8 +318,8 @@ def test_in_memory_mismatch_is_refused(base_model, tiny_llama_dir):
 
 # ---------------------------------------------------------------------------- lora + replay
 def test_lora_patch_merges_alpha_over_r_b_at_a(base_model, tiny_llama_dir, tmp_path):
-    from layerzo.hashing import tensor_sha256
-    from layerzo.patch import PatchManifest
+    from layerzo.core.hashing import tensor_sha256
+    from layerzo.patch.format import PatchManifest
 
     gen = torch.Generator().manual_seed(0)
     tensors, fingerprint = {}, {}
@@ -344,8 +344,8 @@ def test_lora_patch_merges_alpha_over_r_b_at_a(base_model, tiny_llama_dir, tmp_p
 
 def _zo_patch(base_model, tiny_llama_dir, steps=3):
     """A real ZO run (the tune engineer's engine) on layer 1 of the tiny model."""
-    from layerzo.layers import find_layer_layout, layer_parameter_names
-    from layerzo.zo import TunedParams, ZOConfig, ZOState, zo_step
+    from layerzo.model.layers import find_layer_layout, layer_parameter_names
+    from layerzo.zo.engine import TunedParams, ZOConfig, ZOState, zo_step
 
     model = load_dir(tiny_llama_dir)
     names = layer_parameter_names(model, find_layer_layout(model), 1)
@@ -386,7 +386,7 @@ def test_replay_catches_an_edited_trajectory(base_model, tiny_llama_dir, tmp_pat
 # ---------------------------------------------------------------------------- demo GGUF
 @pytest.mark.demo
 def test_demo_gguf_base_round_trip(demo_model, tmp_path):
-    from layerzo.models import demo_model_path
+    from layerzo.model.loading import demo_model_path
 
     model = demo_model.model
     patch = make_patch(model, 3, scale=0.01, base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -413,8 +413,8 @@ def test_demo_gguf_base_round_trip(demo_model, tmp_path):
 
 def test_patch_from_layerzo_tune_applies_and_replays(tiny_llama_dir, data_dir, tmp_path):
     """End to end through the tune engineer's train.py: tune -> patch -> apply -> same logits; replay exact."""
-    from layerzo.replay import replay_patch
-    from layerzo.train import TuneConfig, tune
+    from layerzo.patch.replay import replay_patch
+    from layerzo.tune.loop import TuneConfig, tune
 
     config = TuneConfig(task="sst2", model=str(tiny_llama_dir), data_dir=str(data_dir), layers="2", steps=3,
                         batch_size=2, lr=1e-2, num_train=8, num_dev=0, num_test=4, eval_every=3, max_length=64,

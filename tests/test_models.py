@@ -10,7 +10,7 @@ import torch
 
 from conftest import make_tiny_model
 from layerzo.errors import ConfigError, ModelLoadError, OfflineError
-from layerzo.models import (
+from layerzo.model.loading import (
     DEMO_GGUF_FILE,
     DEMO_MODEL_ID,
     ModelSource,

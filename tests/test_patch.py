@@ -11,7 +11,7 @@ import yaml
 
 from conftest import make_tiny_model
 from layerzo.errors import OutputExistsError, PatchError, PatchFormatError
-from layerzo.patch import (
+from layerzo.patch.format import (
     CARD_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -21,7 +21,7 @@ from layerzo.patch import (
     PatchManifest,
     TrajectoryStep,
 )
-from layerzo.safetensors_io import check_file_name, read_header
+from layerzo.io.safetensors import check_file_name, read_header
 from patch_helpers import edit_manifest, make_patch, replace_weights, reseal
 
 STEPS = (TrajectoryStep(0, (11, 12), (0.5, -0.25), 1e-3), TrajectoryStep(1, (13, 14), (1.5, 0.0), 1e-3))

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from conftest import make_tiny_model
 from layerzo.errors import ConfigError, DataRowError
-from layerzo.profile import (
+from layerzo.profile.run import (
     ProfileConfig,
     ProfileReport,
     LayerStats,
@@ -271,7 +271,7 @@ def test_cli_malformed_jsonl_calib(runner, tiny_llama_dir, tmp_path):
 
 
 def test_cli_architecture_without_decoder_layers(runner, tiny_llama_dir, calib_file, monkeypatch):
-    import layerzo.layers as layers
+    import layerzo.model.layers as layers
 
     monkeypatch.setattr(layers, "KNOWN_LAYER_PATHS", ("decoder.blocks",))
     monkeypatch.setattr(layers, "_config_num_layers", lambda model: None)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from layerzo.errors import ConfigError
-from layerzo.recipes import build_config, dump_recipe, load_recipe, recipe_fields, validate_recipe
-from layerzo.train import TuneConfig
+from layerzo.tune.config import build_config, dump_recipe, load_recipe, recipe_fields, validate_recipe
+from layerzo.tune.loop import TuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -82,7 +82,7 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 
 def test_a_bare_name_loads_the_shipped_recipe_and_a_wrong_one_lists_them(tmp_path, monkeypatch):
-    from layerzo.recipes import shipped_recipe_names
+    from layerzo.tune.config import shipped_recipe_names
 
     monkeypatch.chdir(tmp_path)  # no recipes/ folder here: the name must resolve inside the package
     assert load_recipe("smollm2-135m") == load_recipe(ROOT / "recipes" / "smollm2-135m.yaml")

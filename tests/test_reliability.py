@@ -25,13 +25,13 @@ import torch
 from typer.testing import CliRunner
 
 from hub_server import FakeHub
-from layerzo.checkpoint import STATE_JSON, checkpoint_dir, load_checkpoint
+from layerzo.tune.checkpoint import STATE_JSON, checkpoint_dir, load_checkpoint
 from layerzo.cli.main import app
 from layerzo.errors import OutputExistsError
-from layerzo.patch import PATCH_FILES, WEIGHTS_NAME, LayerPatch
-from layerzo.safetensors_io import CheckpointReader
-from layerzo.train import METRICS_NAME, TuneConfig, tune
-from layerzo.zo import replay_trajectory
+from layerzo.patch.format import PATCH_FILES, WEIGHTS_NAME, LayerPatch
+from layerzo.io.safetensors import CheckpointReader
+from layerzo.tune.loop import METRICS_NAME, TuneConfig, tune
+from layerzo.zo.engine import replay_trajectory
 from test_hub import TOKEN, files_containing, online  # noqa: F401  (online: fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,7 +176,7 @@ def test_in_process_interrupt_then_resume_with_another_checkpoint_interval(refer
                                                                            tmp_path, monkeypatch):
     """SIGINT delivered mid-step to the library call (not the CLI): TuneInterrupted after that step.
     checkpoint_every may differ on resume (it changes when we save, not what is computed)."""
-    import layerzo.train as train
+    import layerzo.tune.loop as train
     from layerzo.errors import TuneInterrupted
 
     # stop just after the reference's best step: the checkpoint's best weights then differ from its
@@ -211,7 +211,7 @@ def test_in_process_interrupt_then_resume_with_another_checkpoint_interval(refer
 
 
 def test_batch_stream_resumes_from_epoch_and_position():
-    from layerzo.train import TrainBatches, train_batches
+    from layerzo.tune.loop import TrainBatches, train_batches
 
     live = train_batches(10, 4, seed=1)
     for _ in range(7):  # 3+ epochs of 2 batches: mid-epoch position
@@ -222,7 +222,7 @@ def test_batch_stream_resumes_from_epoch_and_position():
 
 def _interrupted_checkpoint(tiny_llama_dir, data_dir, out: Path) -> list[str]:
     """Leave a checkpoint at step 3 (a run made to crash right after saving it); returns the run's args."""
-    import layerzo.train as train
+    import layerzo.tune.loop as train
 
     args = tune_args(tiny_llama_dir, data_dir, out, "--steps", "6")
     real = train.save_checkpoint
@@ -301,7 +301,7 @@ def test_runaway_gradients_stop_the_run_with_one_line_and_the_best_patch_intact(
 
 def test_non_finite_losses_are_rejected_and_leave_no_trace_in_the_layer(tiny_llama_dir, data_dir, tmp_path,
                                                                         monkeypatch):
-    import layerzo.train as train
+    import layerzo.tune.loop as train
 
     calls = {"n": 0}
     real = train.batch_loss
@@ -356,7 +356,7 @@ def _enospc(*args, **kwargs):
 
 def test_disk_full_at_the_patch_write_leaves_no_partial_output_and_the_run_resumable(reference, tiny_llama_dir,
                                                                                       data_dir, tmp_path, monkeypatch):
-    import layerzo.patch as patch_module
+    import layerzo.patch.format as patch_module
 
     real = patch_module.write_shard
     monkeypatch.setattr(patch_module, "write_shard", _enospc)
@@ -385,7 +385,7 @@ class _FullAfterOneTensor(dict):
 
 @pytest.mark.parametrize("where", ["tensors", "commit"])
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(where, tiny_llama_dir, data_dir, tmp_path, monkeypatch):
-    import layerzo.checkpoint as checkpoint
+    import layerzo.tune.checkpoint as checkpoint
 
     saves = {"n": 0}
     real_write, real_fsync = checkpoint.write_shard, os.fsync
@@ -418,7 +418,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(where, tiny_llama_
 def test_unwritable_output_fails_before_any_work_in_one_line(tiny_llama_dir, data_dir, tmp_path, monkeypatch):
     """Tests run as root, where chmod does not stop writes: a FILE where a folder must be is
     something even root cannot write into."""
-    import layerzo.models as models
+    import layerzo.model.loading as models
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded although the output cannot be written")

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_tiny_model
-from layerzo import scoring
+from layerzo.data import scoring
 from layerzo.errors import ConfigError, DataRowError
-from layerzo.tasks import Example, load_task
+from layerzo.data.tasks import Example, load_task
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 from layerzo.errors import ConfigError, LayerIndexError, OutputExistsError
-from layerzo.models import load_model
-from layerzo.sweep import FULL, SweepConfig, layer_ranges, layer_sha256, run_sweep
-from layerzo.sweep_report import rank_of, verdict
+from layerzo.model.loading import load_model
+from layerzo.sweep.run import FULL, SweepConfig, layer_ranges, layer_sha256, run_sweep
+from layerzo.sweep.report import rank_of, verdict
 
 
 @pytest.fixture()
@@ -28,7 +28,7 @@ def _config(data_dir, **kw) -> SweepConfig:
 
 
 def test_sweep_restores_every_layer_bit_exactly_and_writes_outputs(tiny, data_dir, tmp_path, monkeypatch):
-    import layerzo.sweep as sweep_mod
+    import layerzo.sweep.run as sweep_mod
 
     before = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
     base_sha = {i: layer_sha256(tiny.model, tiny.layout, [i]) for i in range(4)}
@@ -69,7 +69,7 @@ def test_sweep_restores_every_layer_bit_exactly_and_writes_outputs(tiny, data_di
 
 
 def test_base_accuracy_is_evaluated_once_per_example_set(tiny, data_dir, tmp_path, monkeypatch):
-    import layerzo.train as train
+    import layerzo.tune.loop as train
 
     calls = []
     real = train.EvalSet.accuracy
@@ -89,8 +89,8 @@ def test_sharing_frozen_outputs_across_runs_changes_no_number_and_skips_lower_la
                                                                                      monkeypatch):
     import contextlib
 
-    import layerzo.sweep as sweep_mod
-    from layerzo.layers import get_layer
+    import layerzo.sweep.run as sweep_mod
+    from layerzo.model.layers import get_layer
 
     calls = [0]
     get_layer(tiny.model, tiny.layout, 0).register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
@@ -110,13 +110,13 @@ def test_sharing_frozen_outputs_across_runs_changes_no_number_and_skips_lower_la
 
 
 def test_merge_folds_two_half_sweeps_into_the_whole_and_refuses_disagreeing_copies(tiny, data_dir, tmp_path):
-    from layerzo.sweep import merge_records
+    from layerzo.sweep.run import merge_records
 
     whole = run_sweep(_config(data_dir, layers="0-2"), tmp_path / "whole", loaded=tiny, progress=False)
     run_sweep(_config(data_dir, layers="0", full=False), tmp_path / "a", loaded=tiny, progress=False)
     run_sweep(_config(data_dir, layers="1-2"), tmp_path / "b", loaded=tiny, progress=False)
     calls = []
-    import layerzo.sweep as sweep_mod
+    import layerzo.sweep.run as sweep_mod
 
     real = sweep_mod.run_one
     sweep_mod.run_one = lambda *a, **k: calls.append(a[2]) or real(*a, **k)
@@ -141,7 +141,7 @@ def test_merge_folds_two_half_sweeps_into_the_whole_and_refuses_disagreeing_copi
 
 
 def test_resume_skips_done_layers_and_refuses_a_changed_recipe(tiny, data_dir, tmp_path, monkeypatch):
-    import layerzo.train as train
+    import layerzo.tune.loop as train
 
     out = tmp_path / "s"
     run_sweep(_config(data_dir, layers="0-1", full=False), out, loaded=tiny, progress=False)
@@ -196,7 +196,7 @@ def test_rank_and_verdict_name_the_profiled_layer_and_the_gap():
 
 
 def test_near_best_uses_the_test_sets_standard_error_and_the_verdict_says_so():
-    from layerzo.sweep_report import standard_error, task_summary
+    from layerzo.sweep.report import standard_error, task_summary
 
     assert standard_error(0.5, 100) == pytest.approx(0.05) and standard_error(None, 100) is None
     records = [{"kind": "profile", "task": "t", "pick": 2, "confidence": "high"}]
@@ -237,7 +237,7 @@ def test_a_diverging_layer_is_recorded_restored_and_the_sweep_goes_on(tiny, data
 
 
 def test_when_every_layer_ties_on_test_the_verdict_says_so_and_final_dev_decides():
-    from layerzo.sweep_report import task_summary
+    from layerzo.sweep.report import task_summary
 
     records = [{"kind": "profile", "task": "t", "pick": 1, "confidence": "high"}] + [
         {"kind": "layer", "task": "t", "layer": i, "test_acc": 0.5, "dev_acc": 0.7, "final_dev_acc": fd,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from layerzo import templates
+from layerzo.data import templates
 from layerzo.errors import DataRowError, OfflineError, TaskError
-from layerzo.tasks import TASK_NAMES, Example, calibration_texts, get_task, load_examples, load_task
+from layerzo.data.tasks import TASK_NAMES, Example, calibration_texts, get_task, load_examples, load_task
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ ROW_COUNTS = {
     "sst2": (67349, 872), "rte": (2490, 277), "cb": (250, 56),
     "copa": (400, 100), "wic": (5428, 638), "wsc": (554, 104),
 }
-# raw "label" value -> candidate index, written out independently of layerzo.tasks
+# raw "label" value -> candidate index, written out independently of layerzo.data.tasks
 LABEL_INDEX = {
     "sst2": {0: 0, 1: 1},
     "rte": {"entailment": 0, "not_entailment": 1},

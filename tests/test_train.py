@@ -11,11 +11,11 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from layerzo.errors import ConfigError, DivergenceError, LayerIndexError, OutputExistsError
-from layerzo.hashing import tensor_sha256
-from layerzo.models import load_model
-from layerzo.patch import MANIFEST_NAME, TRAJECTORY_NAME, WEIGHTS_NAME, LayerPatch
-from layerzo.train import METRICS_NAME, TuneConfig, train_batches, tune
-from layerzo.zo import TunedParams, replay_trajectory
+from layerzo.core.hashing import tensor_sha256
+from layerzo.model.loading import load_model
+from layerzo.patch.format import MANIFEST_NAME, TRAJECTORY_NAME, WEIGHTS_NAME, LayerPatch
+from layerzo.tune.loop import METRICS_NAME, TuneConfig, train_batches, tune
+from layerzo.zo.engine import TunedParams, replay_trajectory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -169,10 +169,10 @@ def test_demo_cli_tune_writes_a_small_one_layer_patch(data_dir, tmp_path):
 
 def test_eval_set_with_stored_lower_layers_matches_plain_accuracy(tokenizer, data_dir):
     from conftest import make_tiny_model
-    from layerzo.layers import find_layer_layout, get_layer
-    from layerzo.scoring import accuracy
-    from layerzo.tasks import load_task
-    from layerzo.train import EvalSet
+    from layerzo.model.layers import find_layer_layout, get_layer
+    from layerzo.data.scoring import accuracy
+    from layerzo.data.tasks import load_task
+    from layerzo.tune.loop import EvalSet
 
     model = make_tiny_model("llama", seed=2)
     layout = find_layer_layout(model)

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_tiny_model
-from layerzo import zo
+from layerzo.zo import engine as zo
 from layerzo.errors import ConfigError, DivergenceError
-from layerzo.layers import find_layer_layout, get_layer, layer_parameter_names
-from layerzo.lower_cache import cached_lower_layers
-from layerzo.precision import fp32_master
+from layerzo.model.layers import find_layer_layout, get_layer, layer_parameter_names
+from layerzo.tune.prefix_cache import cached_lower_layers
+from layerzo.model.precision import fp32_master
 
 LAYER = 2
 

@@ -1,11 +1,11 @@
 """lm-eval hooks for layerzo's offline tasks (``!function utils.*`` in the YAMLs).
 
-``layerzo.eval_tasks.write_task_dir`` copies this file next to the task YAMLs,
+``layerzo.eval.tasks.write_task_dir`` copies this file next to the task YAMLs,
 together with ``layerzo_eval.json``: ``{"data_dir": str | null, "seed": int,
 "num_test": int}``. The harness loads the raw rows itself (local JSONL files
 or the Hub dataset); ``process_docs`` then replaces each split by the
 examples layerzo renders from the same data, so there is exactly one source
-of prompts (``layerzo.tasks``) and one rule for which rows are evaluated:
+of prompts (``layerzo.data.tasks``) and one rule for which rows are evaluated:
 
 * validation -> ``load_task(...).test``: the rows ``layerzo tune`` reports
   its test accuracy on, in the same order (same ``seed`` and ``num_test``);
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import datasets
 
-from layerzo.tasks import TASK_NAMES, Example, load_task
+from layerzo.data.tasks import TASK_NAMES, Example, load_task
 
 SETTINGS_NAME = "layerzo_eval.json"
 _SETTINGS = json.loads(Path(__file__).with_name(SETTINGS_NAME).read_text(encoding="utf-8"))

@@ -1,0 +1,1 @@
+"""layerzo.patch.format."""

@@ -1,0 +1,323 @@
+"""Applying a layer patch: in memory to a model, or on disk to a whole checkpoint.
+
+On disk the merge is shard-aware and lazy (mergekit-style): the base index's
+``weight_map`` says which shard(s) hold the patched keys; only those are
+rewritten (streamed tensor by tensor, original shard metadata kept); every
+other shard is hard-linked (or copied) and config/tokenizer files are copied
+unchanged. Everything is checked BEFORE anything is written (architecture,
+layer count, keys, shapes, fingerprints, dtypes, finiteness), the output is
+built in a temp dir beside ``out`` and renamed into place, and the base is
+never written to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+from layerzo.core.atomic import atomic_dir, check_output_free
+from layerzo.errors import BaseMismatchError, ModelLoadError, OfflineError, OutputExistsError, PatchError
+from layerzo.core.hashing import tensor_sha256
+from layerzo.model.loading import is_offline, resolve_source
+from layerzo.patch.format import LayerPatch, all_finite, lora_base_key
+from layerzo.io.safetensors import INDEX_NAME, CheckpointReader, ShardView, write_shard
+
+PROVENANCE_NAME = "layerzo_apply.json"
+_HUB_BASE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+
+@dataclass
+class ApplyReport:
+    """What ``apply_patch`` did (also written to ``out/layerzo_apply.json``)."""
+
+    out: str
+    base: str
+    base_kind: str
+    base_revision: str | None
+    patch: str | None
+    patch_revision: str | None
+    layers: list[int]
+    rewritten: list[str] = field(default_factory=list)
+    linked: list[str] = field(default_factory=list)
+    copied: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------- checks + tensor maths
+def check_model_identity(patch: LayerPatch, architectures: list[str], num_layers: int | None) -> None:
+    """Refuse a base of another architecture or layer count than the patch was made for."""
+    m = patch.manifest
+    if architectures and m.architecture not in architectures:
+        raise BaseMismatchError(f"the patch was made for {m.architecture} ({m.base_model}) but the base is "
+                                f"{', '.join(architectures)}", "apply it to the base model named in the patch")
+    if num_layers is not None and num_layers != m.num_layers:
+        raise BaseMismatchError(f"the patch was made for a {m.num_layers}-layer {m.base_model} but the base has "
+                                f"{num_layers} layers", "apply it to the base model named in the patch")
+
+
+def merge_tensors(patch: LayerPatch, base: Mapping, *, force: bool = False) -> tuple[dict, list[str]]:
+    """New values of the base tensors the patch replaces, in each base tensor's dtype.
+
+    ``base`` maps the patch's base keys (``manifest.base_fingerprint``) to the
+    base tensors. Checks, in order: key present, shape equal, fingerprint equal
+    (``force`` skips only this one, noting what it overrode), result finite.
+    kind "layers": the patch tensor (cast to the base dtype); kind "lora":
+    ``W + (alpha/r) · B @ A`` computed in float32. Returns (tensors, notes).
+    """
+    import torch
+
+    m = patch.manifest
+    notes: list[str] = []
+    expected_shapes = _expected_shapes(patch)
+    for key in sorted(m.base_fingerprint):
+        if key not in base:
+            raise BaseMismatchError(f"the base has no tensor {key}; the patch was made for {m.base_model}")
+        if tuple(base[key].shape) != expected_shapes[key]:
+            raise BaseMismatchError(f"base tensor {key} has shape {tuple(base[key].shape)} but the patch needs "
+                                    f"{expected_shapes[key]}; the patch was made for {m.base_model}")
+    for key in sorted(m.base_fingerprint):
+        if tensor_sha256(base[key]) != m.base_fingerprint[key]:
+            if not force:
+                base_dtype = str(base[key].dtype).removeprefix("torch.")
+                hint = (f"the base is loaded as {base_dtype} but the patch was made from {m.dtype} values: load it "
+                        f"as {m.dtype}" if base_dtype != m.dtype and m.kind == "layers" else
+                        "use the patch's base model, or --force to apply anyway")
+                raise BaseMismatchError(f"base tensor {key} differs from the one the patch was made from "
+                                        f"({m.base_model})", hint)
+            notes.append(f"--force: base tensor {key} does not match the patch's fingerprint; applied anyway")
+    merged: dict = {}
+    casts: set[str] = set()
+    for key in sorted(m.base_fingerprint):
+        target = base[key]
+        if not target.is_floating_point():
+            raise BaseMismatchError(f"base tensor {key} is {target.dtype} (quantized?); only float bases can be patched")
+        if m.kind == "layers":
+            value = patch.tensors[key]
+        else:
+            stem = key[: -len(".weight")]
+            a, b = patch.tensors[stem + ".lora_A.weight"], patch.tensors[stem + ".lora_B.weight"]
+            value = target.to(torch.float32) + m.lora_scale * (b.to(torch.float32) @ a.to(torch.float32))
+        if value.dtype != target.dtype:
+            casts.add(f"{str(value.dtype).removeprefix('torch.')} -> {str(target.dtype).removeprefix('torch.')}")
+        changed = m.kind == "lora" or value.dtype != target.dtype  # a cast down can overflow to inf
+        value = value.to(dtype=target.dtype, device="cpu").contiguous()
+        if changed and not all_finite(value):
+            raise PatchError(f"patched tensor {key} would contain NaN or infinite values")
+        merged[key] = value
+    notes += [f"cast patch tensors {c} to match the base" for c in sorted(casts)]
+    return merged, notes
+
+
+def _expected_shapes(patch: LayerPatch) -> dict[str, tuple[int, ...]]:
+    if patch.manifest.kind == "layers":
+        return {k: tuple(t.shape) for k, t in patch.tensors.items()}
+    shapes = {}
+    for key, t in patch.tensors.items():
+        if key.endswith(".lora_A.weight"):
+            b = patch.tensors[key[: -len(".lora_A.weight")] + ".lora_B.weight"]
+            shapes[lora_base_key(key)] = (b.shape[0], t.shape[1])
+    return shapes
+
+
+def apply_to_model(model, patch: LayerPatch, *, force: bool = False) -> list[str]:
+    """Patch a loaded model in place (after all checks); returns notes (casts, overrides)."""
+    import torch
+
+    from layerzo.model.layers import find_layer_layout
+
+    layout = find_layer_layout(model)
+    config = getattr(model, "config", None)
+    names = [type(model).__name__, *(getattr(config, "architectures", None) or [])]
+    check_model_identity(patch, names, layout.num_layers)
+    if patch.manifest.layer_path not in (None, layout.path):
+        raise BaseMismatchError(f"the patch's layers live under {patch.manifest.layer_path} but this model's under {layout.path}")
+    params = dict(model.named_parameters())
+    merged, notes = merge_tensors(patch, params, force=force)
+    with torch.no_grad():
+        for key, value in merged.items():
+            params[key].copy_(value)
+    return notes
+
+
+# ---------------------------------------------------------------------------- on disk
+def apply_patch(base: str | os.PathLike | None, patch: LayerPatch | str | os.PathLike, out: str | os.PathLike, *,
+                overwrite: bool = False, force: bool = False, revision: str | None = None, token: str | None = None,
+                log: Callable[[str], None] | None = None) -> ApplyReport:
+    """Write a complete HF checkpoint ``out`` = ``base`` with ``patch`` applied.
+
+    ``base``: checkpoint dir (single file or sharded), Hub id, or .gguf (the
+    dequantized model is rebuilt and saved as safetensors).
+    """
+    if not isinstance(patch, LayerPatch):
+        patch = LayerPatch.from_pretrained(patch, token=token)
+    out = Path(out).expanduser().absolute()
+    check_output_free(out, overwrite)
+    source = resolve_source(base, revision)
+    base_dir, base_revision = None, source.revision
+    if source.kind == "hub":
+        base_dir, base_revision = _download_base(source.location, revision, token)
+    elif source.kind == "dir":
+        base_dir = Path(source.location)
+    if base_dir is not None and out.resolve() == base_dir.resolve():
+        raise OutputExistsError(f"{out} is the base checkpoint; layerzo never writes into the base")
+    report = ApplyReport(out=str(out), base=source.name, base_kind=source.kind, base_revision=base_revision,
+                         patch=patch.source, patch_revision=patch.source_revision, layers=list(patch.manifest.layers))
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        if base_dir is not None:
+            _apply_to_dir(base_dir, patch, tmp, report, force=force, log=log)
+        else:
+            _apply_to_gguf(source.location, patch, tmp, report, force=force)
+        (tmp / PROVENANCE_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def _apply_to_dir(base_dir: Path, patch: LayerPatch, tmp: Path, report: ApplyReport, *, force: bool,
+                  log: Callable[[str], None] | None) -> None:
+    reader = CheckpointReader(base_dir)
+    config = _read_config(base_dir)
+    check_model_identity(patch, list(config.get("architectures") or []), _config_layers(config))
+    key_map = map_keys(list(patch.manifest.base_fingerprint), reader.weight_map, lambda: _base_model_prefix(config))
+    base = reader.tensors([key_map[k] for k in key_map])  # only the patched tensors are read
+    merged, notes = merge_tensors(patch, {k: base[key_map[k]] for k in key_map}, force=force)
+    del base
+    report.notes += notes + [f"patch key {k} is stored as {v} in the base" for k, v in key_map.items() if k != v]
+    by_shard: dict[str, dict] = {}
+    for key, value in merged.items():
+        by_shard.setdefault(reader.weight_map[key_map[key]], {})[key_map[key]] = value
+    for entry in sorted(base_dir.iterdir()):
+        target = tmp / entry.name
+        if entry.name in by_shard:
+            if log:
+                log(f"rewriting {entry.name} ({len(by_shard[entry.name])} patched tensors)")
+            with ShardView(entry, by_shard[entry.name]) as view:
+                write_shard(target, view, view.header.metadata)
+            report.rewritten.append(entry.name)
+        elif entry.name.startswith(".") or entry.name == PROVENANCE_NAME:
+            continue  # VCS/cache folders and an older apply's provenance are not part of the model
+        elif entry.is_dir():
+            shutil.copytree(entry, target)
+            report.copied.append(entry.name + "/")
+        elif entry.suffix == ".safetensors":
+            try:
+                os.link(entry, target)  # follows symlinks (Hub cache snapshots point at blobs)
+                report.linked.append(entry.name)
+            except OSError:
+                shutil.copy2(entry, target)
+                report.copied.append(entry.name)
+        else:
+            shutil.copy2(entry, target)
+            report.copied.append(entry.name)
+
+
+def _apply_to_gguf(gguf: str, patch: LayerPatch, tmp: Path, report: ApplyReport, *, force: bool) -> None:
+    """GGUF base: dequantize, patch in memory, rebuild a plain model (transformers refuses to
+    save a GGUF-loaded one) and save it + its tokenizer as a safetensors checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from layerzo.model.loading import load_model
+
+    loaded = load_model(gguf, dtype="float32")
+    report.notes += apply_to_model(loaded.model, patch, force=force)
+    state = loaded.model.state_dict()
+    config = loaded.model.config
+    del loaded.model
+    rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = rebuilt.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if k not in _tied_keys(rebuilt)]:
+        raise ModelLoadError(f"cannot rebuild the GGUF model as a plain checkpoint: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+    rebuilt.tie_weights()
+    rebuilt.save_pretrained(tmp)
+    loaded.tokenizer.save_pretrained(tmp)
+    report.rewritten.append("(whole model, dequantized from GGUF)")
+
+
+def _tied_keys(model) -> set[str]:
+    tied = getattr(model, "_tied_weights_keys", None) or []
+    return set(tied) if not isinstance(tied, dict) else set(tied)
+
+
+def map_keys(patch_keys: list[str], checkpoint_keys: Mapping[str, str] | list[str],
+             prefix: str | None | Callable[[], str | None]) -> dict[str, str]:
+    """Patch (state-dict) key -> checkpoint key: exact match, else with the base_model_prefix
+    stripped or added (old GPT-2 checkpoints store ``h.0...`` for ``transformer.h.0...``).
+
+    ``prefix`` may be a callable, asked only when some key has no exact match
+    (finding it imports the model class, which costs seconds).
+    """
+    keys = set(checkpoint_keys)
+    mapping = {}
+    for key in patch_keys:
+        if key in keys:
+            mapping[key] = key
+            continue
+        if callable(prefix):
+            prefix = prefix()
+        candidates = []
+        if prefix:
+            if key.startswith(prefix + "."):
+                candidates.append(key[len(prefix) + 1:])
+            candidates.append(f"{prefix}.{key}")
+        found = next((c for c in candidates if c in keys), None)
+        if found is None:
+            raise BaseMismatchError(f"the base checkpoint has no tensor {key}", "apply the patch to the base model named in it")
+        mapping[key] = found
+    return mapping
+
+
+def _read_config(base_dir: Path) -> dict:
+    try:
+        config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{base_dir} has no readable config.json: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{base_dir}/config.json is not a JSON object")
+    return config
+
+
+def _config_layers(config: dict) -> int | None:
+    for source in (config, config.get("text_config") or {}):
+        for name in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(source.get(name), int):
+                return source[name]
+    return None
+
+
+def _base_model_prefix(config: dict) -> str | None:
+    """``base_model_prefix`` of the model class for this config (``model``, ``transformer``, ...)."""
+    try:
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type", ""))
+        return getattr(getattr(transformers, name), "base_model_prefix", None) if name else None
+    except (ImportError, AttributeError):
+        return None
+
+
+def _download_base(repo_id: str, revision: str | None, token: str | None) -> tuple[Path, str]:
+    from huggingface_hub import snapshot_download
+
+    from layerzo.io.hub import _client_errors, _hub_error, _token
+
+    token = _token(token)
+    try:
+        local = snapshot_download(repo_id, revision=revision, token=token, allow_patterns=_HUB_BASE_PATTERNS,
+                                  local_files_only=is_offline())
+    except _client_errors() as exc:
+        if is_offline():
+            raise OfflineError(f"base {repo_id} is a Hub id but HF_HUB_OFFLINE is set and it is not in the local cache",
+                               "unset HF_HUB_OFFLINE, or pass a local checkpoint directory or .gguf file") from None
+        raise _hub_error("download", repo_id, exc, token) from None
+    local_path = Path(local)
+    if not (local_path / INDEX_NAME).is_file() and not (local_path / "model.safetensors").is_file():
+        raise ModelLoadError(f"Hub model {repo_id} has no safetensors weights (pickled .bin checkpoints are refused)")
+    return local_path, local_path.name

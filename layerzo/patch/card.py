@@ -1,0 +1,64 @@
+"""The model card (README.md) written beside every layer patch.
+
+Hub front matter marks the patch as an adapter of its base model, so the Hub
+links the two; the body gives results, the recipe, the dominant layer, and how
+to apply the patch from the CLI and from Python.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from layerzo.patch.format import LayerPatch
+
+
+def build_model_card(patch: "LayerPatch") -> str:
+    """README.md with Hub front matter, a results table, the recipe and how to apply the patch."""
+    import yaml
+
+    from layerzo.patch.format import MANIFEST_NAME, TRAJECTORY_NAME, WEIGHTS_NAME
+
+    m = patch.manifest
+    front = {
+        "base_model": m.base_model,
+        "base_model_relation": "adapter",
+        "library_name": "layerzo",
+        "tags": ["layerzo", "zeroth-order", "mezo", "layer-patch", m.architecture],
+    }
+    if m.base_revision:
+        front["base_model_revision"] = m.base_revision
+    layers = ", ".join(map(str, m.layers))
+    dominant = (m.profile or {}).get("dominant_layer")
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# layerzo layer patch for {m.base_model}", "",
+             f"A {m.kind} patch of decoder layer(s) {layers} of {m.base_model} ({m.architecture}, "
+             f"{m.num_layers} layers), tuned with zeroth-order (MeZO / SPSA) optimisation on that layer only "
+             f"({len(patch.trajectory)} recorded steps). Made with layerzo {m.layerzo_version}.", ""]
+    if dominant is not None:
+        lines += [f"Dominant layer (first massive-activation layer) found by `layerzo profile`: **{dominant}**.", ""]
+    lines += ["## Results", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(_flatten(m.metrics).items())] or ["| (none recorded) | |"]
+    lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(m.recipe, sort_keys=True).strip() or "{}", "```", "",
+              "## How to apply", "", "Command line (writes a full Hugging Face checkpoint):", "", "```bash",
+              f"layerzo apply {m.base_model} <this-repo-or-folder> -o patched-model", "```", "",
+              "Python (patch applied in memory; the base fingerprint is checked first):", "", "```python",
+              "import layerzo", f'model, tokenizer = layerzo.load("{m.base_model}", "<this-repo-or-folder>")', "```", "",
+              f"Files: `{WEIGHTS_NAME}` (layer tensors only), `{MANIFEST_NAME}` (manifest, base fingerprint), "
+              f"`{TRAJECTORY_NAME}` (ZO seeds and projected gradients; `layerzo apply --replay` rebuilds the "
+              f"tensors from them).", ""]
+    return "\n".join(lines)
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
