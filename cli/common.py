@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, TypeVar
@@ -16,6 +15,7 @@ from typing import Annotated, Any, Callable, Optional, TypeVar
 import typer
 from rich.console import Console
 
+from layerzo.core.env import debug_enabled
 from layerzo.errors import LayerzoError
 
 err_console = Console(stderr=True)
@@ -42,10 +42,6 @@ TokenOpt = Annotated[
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def debug_enabled() -> bool:
-    return os.environ.get("LAYERZO_DEBUG", "").strip() not in ("", "0", "false", "False")
 
 
 def handle_errors(func: F) -> F:

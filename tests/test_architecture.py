@@ -147,12 +147,24 @@ def test_no_reexports_monkeypatching_or_module_registries():
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr"
                     and node.args and isinstance(node.args[0], ast.Name) and node.args[0].id in {"layerzo", "sys"}):
                 bad.append(f"{module}:{node.lineno}: setattr on a module")
+        aliases = {(a.asname or a.name).split(".")[0] for node in ast.walk(tree)
+                   if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names
+                   if isinstance(node, ast.Import) and a.name.startswith("layerzo")
+                   or isinstance(node, ast.ImportFrom) and (node.module or "").startswith("layerzo")}
+        for node in ast.walk(tree):  # `other_module.name = ...`: changing another module at run time
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            for t in targets:
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in aliases:
+                    bad.append(f"{module}:{node.lineno}: assigns {t.value.id}.{t.attr} (monkeypatching)")
         for node in tree.body:  # module-level mutable containers that code fills at run time
-            if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(getattr(node, "value", None), ast.Call):
-                func = node.value.func
+            value = getattr(node, "value", None) if isinstance(node, (ast.Assign, ast.AnnAssign)) else None
+            if isinstance(value, ast.Call):
+                func = value.func
                 name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
                 if name in {"WeakKeyDictionary", "WeakValueDictionary", "dict", "defaultdict", "list", "set"}:
                     bad.append(f"{module}:{node.lineno}: module-level registry {name}()")
+            elif isinstance(value, (ast.Dict, ast.List, ast.Set)) and not getattr(value, "keys", getattr(value, "elts", None)):
+                bad.append(f"{module}:{node.lineno}: module-level registry (an empty container filled at run time)")
     assert bad == []
 
 

@@ -10,12 +10,12 @@ import torch
 
 from conftest import make_tiny_model
 from layerzo.errors import ConfigError, ModelLoadError, OfflineError
+from layerzo.core.env import is_offline
 from layerzo.model.loading import (
     DEMO_GGUF_FILE,
     DEMO_MODEL_ID,
     ModelSource,
     demo_model_path,
-    is_offline,
     load_model,
     resolve_source,
     torch_dtype,

@@ -306,7 +306,7 @@ def _read_jsonl_cached(spec: TaskSpec, path: str, mtime_ns: int, size: int) -> t
 
 
 def _datasets_offline() -> bool:
-    from layerzo.model.loading import is_offline
+    from layerzo.core.env import is_offline
 
     flag = os.environ.get("HF_DATASETS_OFFLINE", "").strip().upper()
     return is_offline() or flag in ("1", "ON", "YES", "TRUE")

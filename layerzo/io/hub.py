@@ -16,7 +16,7 @@ from pathlib import Path
 
 from layerzo.core.atomic import atomic_dir, check_output_free
 from layerzo.errors import HubError, OfflineError
-from layerzo.model.loading import is_offline
+from layerzo.core.env import is_offline
 from layerzo.io.safetensors import check_file_name
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
 
+from layerzo.core.env import first_line, is_offline
 from layerzo.errors import ConfigError, ModelLoadError, OfflineError
 from layerzo.model.layers import LayerLayout, find_layer_layout
 
@@ -26,12 +27,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 SourceKind = Literal["dir", "gguf", "hub"]
-
-
-def is_offline() -> bool:
-    """True when the user asked for no network (read at call time, not import time)."""
-    flags = (os.environ.get(v, "") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return any(f.strip().upper() in ("1", "ON", "YES", "TRUE") for f in flags)
 
 
 @dataclass(frozen=True)
@@ -153,9 +148,9 @@ def load_model(
                 "the local cache",
                 "unset HF_HUB_OFFLINE, or pass a local checkpoint directory or .gguf file",
             ) from exc
-        raise ModelLoadError(f"cannot load model {source.location}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"cannot load model {source.location}: {first_line(exc)}") from exc
     except ValueError as exc:
-        raise ModelLoadError(f"cannot load model {source.location}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"cannot load model {source.location}: {first_line(exc)}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
@@ -186,7 +181,3 @@ def _quiet_tqdm() -> Iterator[None]:
     finally:
         gguf_utils.tqdm = original
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

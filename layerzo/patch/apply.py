@@ -22,7 +22,8 @@ from typing import Callable, Mapping
 from layerzo.core.atomic import atomic_dir, check_output_free
 from layerzo.errors import BaseMismatchError, ModelLoadError, OfflineError, OutputExistsError, PatchError
 from layerzo.core.hashing import tensor_sha256
-from layerzo.model.loading import is_offline, resolve_source
+from layerzo.core.env import is_offline
+from layerzo.model.loading import resolve_source
 from layerzo.patch.format import LayerPatch, all_finite, lora_base_key
 from layerzo.io.safetensors import INDEX_NAME, CheckpointReader, ShardView, write_shard
 
