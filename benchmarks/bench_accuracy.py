@@ -38,11 +38,11 @@ from common import header, stamp, write_report  # noqa: E402
 METHODS = ("zero_shot", "dominant", "full", "lora")
 
 
-def run_method(method: str, task: str, seed: int, args, loaded, layer: int, work: Path, cache: dict) -> dict:
+def run_method(method: str, task: str, seed: int, args, loaded, layer: int, work: Path, cache) -> dict:
     from layerzo.model.layers import layer_parameter_names
-    from layerzo.model.lora import remove_lora
-    from layerzo.sweep.run import layer_sha256, restore, reuse_base_accuracy, snapshot
-    from layerzo.tune.loop import TuneConfig, tune
+    from layerzo.sweep.run import restore, snapshot
+    from layerzo.tune.config import TuneConfig
+    from layerzo.tune.loop import tune
 
     model, layout, n = loaded.model, loaded.layout, loaded.layout.num_layers
     d_layer = sum(dict(model.named_parameters())[nm].numel() for nm in layer_parameter_names(model, layout, layer))
@@ -50,19 +50,17 @@ def run_method(method: str, task: str, seed: int, args, loaded, layer: int, work
                  if name.rsplit(".", 1)[-1] in ("q_proj", "v_proj") and isinstance(m, torch.nn.Linear))
     spec = {"dominant": (str(layer), False, args.lr), "full": ("all", False, args.lr / n),
             "lora": ("all", True, args.lr * d_layer / d_lora)}[method]
-    cfg = TuneConfig(task=task, data_dir=args.data_dir, layers=spec[0], lora=spec[1], lr=spec[2], eps=args.eps,
+    cfg = TuneConfig.from_dict(dict(task=task, data_dir=args.data_dir, layers=spec[0], lora=spec[1], lr=spec[2], eps=args.eps,
                      steps=args.steps, batch_size=args.batch_size, seed=seed, eval_every=args.steps,
                      num_dev=args.num_dev, num_test=args.num_test, eval_batch_size=32, max_length=args.max_length,
-                     device=args.device)
+                     device=args.device))
     layers = list(range(n)) if spec[0] == "all" else [layer]
     saved = snapshot(model, layout, layers)
-    base_sha = layer_sha256(model, layout, layers)
     t0 = time.perf_counter()
-    try:
-        with reuse_base_accuracy(loaded, layers, base_sha, cache):
-            m = tune(cfg, work / f"{task}-{method}-{seed}", overwrite=True, progress=False, loaded=loaded).metrics
+    try:  # every run starts from the restored base: its zero-shot accuracies come from the shared cache
+        m = tune(cfg, work / f"{task}-{method}-{seed}", overwrite=True, progress=False, loaded=loaded,
+                 zero_shot_cache=cache).metrics
     finally:
-        remove_lora(model)  # no-op unless LoRA wrappers were added
         restore(model, saved)
     return {"task": task, "method": method, "seed": seed, "lr": spec[2], "dev_acc": m["best_dev_acc"],
             "test_acc": m["test_acc"], "best_step": m["best_step"], "zero_shot_dev_acc": m["zero_shot_dev_acc"],
@@ -95,7 +93,9 @@ def main() -> None:
         torch.set_num_threads(args.threads or 1)
 
     from layerzo.model.loading import load_model
-    from layerzo.tune.loop import TuneConfig, resolve_layers
+    from layerzo.tune.loop import resolve_layers
+    from layerzo.tune.batches import ZeroShotCache
+    from layerzo.tune.config import TuneConfig
 
     loaded = load_model(args.model, device=args.device)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -103,7 +103,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-acc-") as tmp:
         for task in tasks:
             (layer,), _ = resolve_layers(TuneConfig(task=task, data_dir=args.data_dir, layers="dominant"), loaded)
-            cache: dict = {}
+            cache = ZeroShotCache()  # base-model accuracies, measured once per task
             for seed in seeds:
                 for method in METHODS[1:]:
                     row = run_method(method, task, seed, args, loaded, layer, Path(tmp), cache)

@@ -69,7 +69,8 @@ def prepare(work: Path, shard_size: str) -> tuple[Path, Path]:
 
     from layerzo.model.layers import layer_parameter_names
     from layerzo.model.loading import load_model
-    from layerzo.patch.format import FORMAT_VERSION, LayerPatch, PatchManifest
+    from layerzo.patch.format import LayerPatch
+    from layerzo.patch.manifest import FORMAT_VERSION, PatchManifest
     from layerzo import __version__
     from layerzo.core.hashing import tensor_sha256
 

@@ -37,7 +37,8 @@ def prepare_patch(work: Path) -> Path:
     from layerzo.core.hashing import tensor_sha256
     from layerzo.model.layers import layer_parameter_names
     from layerzo.model.loading import load_model
-    from layerzo.patch.format import FORMAT_VERSION, MANIFEST_NAME, LayerPatch, PatchManifest
+    from layerzo.patch.format import LayerPatch
+    from layerzo.patch.manifest import FORMAT_VERSION, MANIFEST_NAME, PatchManifest
 
     patch_dir = work / "patch"
     if (patch_dir / MANIFEST_NAME).is_file():
@@ -85,7 +86,8 @@ def measure(out: Path, patch: Path | None, shapes: list[tuple[int, int]], runs: 
     """
     import torch
 
-    from layerzo.export.onnx import ONNX_FILE_NAME, make_verification_inputs, measure_latency, ort_session, verify_onnx
+    from layerzo.export.onnx import ONNX_FILE_NAME
+    from layerzo.export.verify import make_verification_inputs, measure_latency, ort_session, verify_onnx
 
     if patch is not None:
         from layerzo.api import load

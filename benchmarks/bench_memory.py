@@ -67,14 +67,14 @@ def child(args) -> None:
 
         def run():
             with cached_lower_layers(model, layout, layer):
-                zo_step(params, loss, 1, ZOConfig(lr=1e-3, z_cache_max_bytes=budget), ZOState())
+                zo_step(params, loss, 1, ZOConfig(lr=1e-3), ZOState(), z_cache_max_bytes=budget)
     elif v in ("full", "full_zkept"):  # tune --layers all (seed trick) / z kept for the step (4 bytes per weight)
         params = TunedParams.from_model(model, [nm for i in range(n) for nm in layer_parameter_names(model, layout, i)])
         keep = budget if v == "full" else 4 * sum(t.numel() for t in params.tensors)
-        run = lambda: zo_step(params, loss, 1, ZOConfig(lr=1e-3 / n, z_cache_max_bytes=keep), ZOState())  # noqa: E731
+        run = lambda: zo_step(params, loss, 1, ZOConfig(lr=1e-3 / n), ZOState(), z_cache_max_bytes=keep)  # noqa: E731
     else:
         params = TunedParams.from_model(model, add_lora(model, layout, range(n), r=8, alpha=16, seed=0))
-        run = lambda: zo_step(params, loss, 1, ZOConfig(lr=1e-3, z_cache_max_bytes=budget), ZOState())  # noqa: E731
+        run = lambda: zo_step(params, loss, 1, ZOConfig(lr=1e-3), ZOState(), z_cache_max_bytes=budget)  # noqa: E731
     cuda = args.device.startswith("cuda")
     with torch.no_grad():
         loss()  # touch every weight first: safetensors are mmapped, so the baseline must include them
@@ -119,7 +119,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from common import save_plain_copy
     from layerzo.model.loading import load_model
-    from layerzo.tune.loop import TuneConfig, resolve_layers
+    from layerzo.tune.loop import resolve_layers
+    from layerzo.tune.config import TuneConfig
 
     loaded = load_model(args.model)
     if args.layer is None:

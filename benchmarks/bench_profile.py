@@ -38,7 +38,9 @@ from common import (header, interleaved, medians, peak_rss_bytes, rss_sampler, s
                     stamp, trim_heap, write_report)
 
 from layerzo.model.loading import load_model
-from layerzo.profile.run import DEFAULT_CALIBRATION_TEXTS, ProfileConfig, _encode, _pad, _StopForward, profile_model
+from layerzo.data.calibration import DEFAULT_CALIBRATION_TEXTS
+from layerzo.profile.rule import ProfileConfig
+from layerzo.profile.run import _encode, _pad, _StopForward, profile_model
 from layerzo.model.layers import get_layers
 
 VARIANTS = ("bare", "trunk", "profile")

@@ -29,7 +29,6 @@ Writes benchmarks/results/step.json and step.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -52,7 +51,8 @@ def build(args):
     from layerzo.model.loading import load_model
     from layerzo.data.scoring import batch_loss, encode_batch
     from layerzo.data.tasks import load_task
-    from layerzo.tune.loop import TuneConfig, resolve_layers
+    from layerzo.tune.loop import resolve_layers
+    from layerzo.tune.config import TuneConfig
     from layerzo.zo.engine import TunedParams, ZOConfig, ZOState, z_cache_budget, zo_step
 
     loaded = load_model(args.model, device=args.device)
@@ -66,9 +66,8 @@ def build(args):
     p_dom = TunedParams.from_model(model, layer_parameter_names(model, layout, layer))
     p_full = TunedParams.from_model(model, [nm for i in range(n) for nm in layer_parameter_names(model, layout, i)])
     budget = z_cache_budget(model)  # what tune() passes: one layer / LoRA keep z, the full model regenerates it
-    cfg_dom, cfg_full = ZOConfig(lr=1e-3, eps=1e-3, z_cache_max_bytes=budget), ZOConfig(
-        lr=1e-3 / n, eps=1e-3, z_cache_max_bytes=budget)
-    cfg_zkept = dataclasses.replace(cfg_full, z_cache_max_bytes=4 * sum(t.numel() for t in p_full.tensors))
+    cfg_dom, cfg_full = ZOConfig(lr=1e-3, eps=1e-3), ZOConfig(lr=1e-3 / n, eps=1e-3)
+    zkept = 4 * sum(t.numel() for t in p_full.tensors)  # the full model's z kept for the step
     seeds = iter(range(10**9))
     lora_state: dict = {}
 
@@ -84,15 +83,15 @@ def build(args):
 
     def dominant():
         with cached_lower_layers(model, layout, layer):
-            zo_step(p_dom, loss, next(seeds), cfg_dom, ZOState())
+            zo_step(p_dom, loss, next(seeds), cfg_dom, ZOState(), z_cache_max_bytes=budget)
 
     variants = {
         "floor": lambda: (loss(), loss()),
         "dominant": dominant,
-        "dominant_nocache": lambda: zo_step(p_dom, loss, next(seeds), cfg_dom, ZOState()),
-        "full": lambda: zo_step(p_full, loss, next(seeds), cfg_full, ZOState()),
-        "full_zkept": lambda: zo_step(p_full, loss, next(seeds), cfg_zkept, ZOState()),
-        "lora": lambda: zo_step(lora_state["params"], loss, next(seeds), cfg_dom, ZOState()),
+        "dominant_nocache": lambda: zo_step(p_dom, loss, next(seeds), cfg_dom, ZOState(), z_cache_max_bytes=budget),
+        "full": lambda: zo_step(p_full, loss, next(seeds), cfg_full, ZOState(), z_cache_max_bytes=budget),
+        "full_zkept": lambda: zo_step(p_full, loss, next(seeds), cfg_full, ZOState(), z_cache_max_bytes=zkept),
+        "lora": lambda: zo_step(lora_state["params"], loss, next(seeds), cfg_dom, ZOState(), z_cache_max_bytes=budget),
     }
     info = {"model": loaded.source.name, "num_layers": n, "layer": layer, "batch_size": args.batch_size,
             "batch_shape": list(batch.input_ids.shape), "tokens_per_forward": int(batch.attention_mask.sum()),
@@ -105,12 +104,14 @@ def profile_steps(loaded, extra) -> dict[str, str]:
     """torch.profiler tables (top ops by self CPU time) of one dominant and one full step."""
     from torch.profiler import ProfilerActivity, profile
 
-    from layerzo.zo.engine import ZOState, zo_step
+    from layerzo.zo.engine import ZOState, z_cache_budget, zo_step
 
     p_dom, p_full, cfg_dom, cfg_full, loss, dominant = extra
+    budget = z_cache_budget(loaded.model)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     tables = {}
-    for name, fn in (("dominant", dominant), ("full", lambda: zo_step(p_full, loss, 123, cfg_full, ZOState()))):
+    full = lambda: zo_step(p_full, loss, 123, cfg_full, ZOState(), z_cache_max_bytes=budget)  # noqa: E731
+    for name, fn in (("dominant", dominant), ("full", full)):
         with torch.no_grad(), profile(activities=acts) as prof:
             fn()
         tables[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)

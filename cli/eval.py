@@ -67,19 +67,16 @@ def eval_command(
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
     from layerzo.errors import EvalError
     from layerzo.eval.report import save_json, write_card_section
-    from layerzo.eval.harness import EvalConfig, evaluate, load_patch
-    from layerzo.patch.format import CARD_NAME
+    from layerzo.eval.harness import EvalConfig, evaluate, load_patch, resolve_seed
+    from layerzo.patch.manifest import CARD_NAME
 
     if write_card and patch is None:
         raise EvalError("--write-card needs --patch")
     if write_card and not Path(patch).expanduser().is_dir():
         raise EvalError(f"--write-card needs a local patch folder, got {patch}", "pull the patch first")
     layer_patch = load_patch(patch, token=token) if patch is not None else None
-    if seed is None:  # evaluate the rows tune tested on
-        recipe_seed = layer_patch.manifest.recipe.get("seed") if layer_patch is not None else None
-        seed = recipe_seed if type(recipe_seed) is int and recipe_seed >= 0 else 0
     config = EvalConfig(tasks=(tasks,), data_dir=str(data_dir) if data_dir is not None else None, limit=limit,
-                        num_fewshot=num_fewshot, batch_size=batch_size, seed=seed)
+                        num_fewshot=num_fewshot, batch_size=batch_size, seed=resolve_seed(seed, layer_patch))
     report = evaluate(config, model=model, patch=layer_patch, dtype=dtype, device=device, revision=revision,
                       trust_remote_code=trust_remote_code, token=token, force=force,
                       progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))

@@ -1,9 +1,16 @@
-"""``layerzo export-onnx`` (also ``layerzo export --format onnx``): base + patch → verified ONNX."""
+"""``layerzo export-onnx`` (also ``layerzo export --format onnx``): base + patch → verified ONNX.
+
+The options are declared once, on ``export``; ``export-onnx`` is the same
+command without ``--format``. Loading, the output check and the export itself
+are :func:`layerzo.export.onnx.export_checkpoint`.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
@@ -17,8 +24,6 @@ from .common import (
     err_console,
     handle_errors,
 )
-
-FORMATS = ("onnx",)
 
 PatchOpt = Annotated[
     Optional[str], typer.Option("--patch", "-p", help="Layer patch folder or Hub id, applied before export.")
@@ -34,40 +39,21 @@ VerifyLenOpt = Annotated[int, typer.Option("--verify-len", help="Verification se
 RunsOpt = Annotated[int, typer.Option("--runs", help="Timed forward passes per runtime (median reported).")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Model precision for export: float32 (ORT CPU needs it).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the output folder if it exists.")]
+FormatOpt = Annotated[str, typer.Option("--format", "-f", help="Export format: onnx.")]
+
+EXPORT_ONNX_HELP = "Export base (+ patch) to ONNX, then verify it with ONNX Runtime at another shape, with padding."
 
 
 def register(app: typer.Typer) -> None:
     """Add ``export-onnx`` and its alias ``export --format onnx`` to the app."""
-    app.command("export-onnx")(export_onnx)
+    app.command("export-onnx", help=EXPORT_ONNX_HELP)(_without_format(export))
     app.command("export")(export)
-
-
-@handle_errors
-def export_onnx(
-    output: OutOpt,
-    model: ModelOpt = None,
-    patch: PatchOpt = None,
-    opset: OpsetOpt = 18,
-    atol: AtolOpt = 1e-3,
-    dtype: DtypeOpt = "float32",
-    exporter: ExporterOpt = "auto",
-    verify_batch: VerifyBatchOpt = 3,
-    verify_len: VerifyLenOpt = 23,
-    runs: RunsOpt = 5,
-    overwrite: OverwriteOpt = False,
-    revision: RevisionOpt = None,
-    token: TokenOpt = None,
-    trust_remote_code: TrustRemoteCodeOpt = False,
-    json_out: JsonOpt = False,
-) -> None:
-    """Export base (+ patch) to ONNX, then verify it with ONNX Runtime at another shape, with padding."""
-    _run(**locals())
 
 
 @handle_errors
 def export(
     output: OutOpt,
-    format: Annotated[str, typer.Option("--format", "-f", help="Export format: onnx.")] = "onnx",
+    format: FormatOpt = "onnx",
     model: ModelOpt = None,
     patch: PatchOpt = None,
     opset: OpsetOpt = 18,
@@ -84,45 +70,13 @@ def export(
     json_out: JsonOpt = False,
 ) -> None:
     """Export base (+ patch) to a deployable format (same options as export-onnx)."""
-    kwargs = dict(locals())
-    fmt = kwargs.pop("format").lower()
-    if fmt not in FORMATS:
-        from layerzo.errors import ConfigError
-
-        raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    _run(**kwargs)
-
-
-def _run(
-    *, output: Path, model: str | None, patch: str | None, opset: int, atol: float, dtype: str, exporter: str,
-    verify_batch: int, verify_len: int, runs: int, overwrite: bool, revision: str | None, token: str | None,
-    trust_remote_code: bool, json_out: bool,
-) -> None:
-    from layerzo.errors import OutputExistsError
-    from layerzo.export.onnx import ExportConfig, export_model
+    from layerzo.export.onnx import ExportConfig, export_checkpoint
 
     config = ExportConfig(opset=opset, dtype=dtype, atol=atol, exporter=exporter, verify_batch=verify_batch,
                           verify_len=verify_len, latency_runs=runs)
-    # fail before the slow model load
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"output directory {output} already exists", "pass --overwrite to replace it")
-    with err_console.status("loading model"):
-        if patch is not None:
-            from layerzo.api import load
-
-            lm, tokenizer = load(model, patch, dtype=dtype, revision=revision, token=token,
-                                 trust_remote_code=trust_remote_code)
-            from layerzo.model.loading import resolve_source
-
-            base_name = resolve_source(model, revision).name
-        else:
-            from layerzo.model.loading import load_model
-
-            loaded = load_model(model, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
-            lm, tokenizer, base_name = loaded.model, loaded.tokenizer, loaded.source.name
-    source = {"base_model": base_name, "revision": revision, "patch": patch}
-    with err_console.status(f"exporting to ONNX (opset {opset}) and verifying with ONNX Runtime"):
-        report = export_model(lm, tokenizer, output, config, overwrite=overwrite, source=source)
+    with err_console.status("loading model") as status:
+        report = export_checkpoint(output, model, patch, config, fmt=format, overwrite=overwrite, revision=revision,
+                                   token=token, trust_remote_code=trust_remote_code, progress=status.update)
     if report.fallback_reason:
         err_console.print(f"[yellow]note:[/] dynamo exporter failed, used TorchScript ({report.fallback_reason})",
                           highlight=False, soft_wrap=True)
@@ -136,3 +90,16 @@ def _run(
                f"{v.max_abs_diff:.2e} <= {v.atol:g}, argmax identical at {v.real_positions} real positions")
     typer.echo(f"latency at {lat.shape[0]}x{lat.shape[1]} (median of {lat.runs}): ONNX Runtime {lat.ort_ms:.1f} ms, "
                f"PyTorch {lat.torch_ms:.1f} ms (ratio {lat.ratio:.2f})")
+
+
+def _without_format(command: Callable[..., None]) -> Callable[..., None]:
+    """``command`` with its ``--format`` option removed (it keeps its default, onnx): the export-onnx command."""
+    signature = inspect.signature(command, eval_str=True)
+
+    @functools.wraps(command)
+    def without_format(**kwargs: Any) -> None:
+        command(**kwargs)
+
+    without_format.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[p for p in signature.parameters.values() if p.name != "format"])
+    return without_format

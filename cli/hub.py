@@ -32,7 +32,7 @@ def push(
     json_out: JsonOpt = False,
 ) -> None:
     """Upload a layer patch (validated first) to a Hub model repo."""
-    from layerzo.io.hub import push_patch
+    from layerzo.patch.source import push_patch
 
     url = push_patch(patch, repo_id, token=token, private=private, revision=revision, endpoint=endpoint,
                      commit_message=commit_message)
@@ -51,7 +51,7 @@ def pull(
     json_out: JsonOpt = False,
 ) -> None:
     """Download a layer patch, validate it, and save it to a folder (pinned to the resolved commit)."""
-    from layerzo.io.hub import pull_to_dir
+    from layerzo.patch.source import pull_to_dir
 
     folder, commit = pull_to_dir(repo_id, out, revision=revision, token=token, endpoint=endpoint, overwrite=overwrite)
     err_console.print(f"pulled {repo_id}@{commit} to {folder}")

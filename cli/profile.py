@@ -56,8 +56,8 @@ def profile(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of max|h| and ratio per layer.")] = None,
 ) -> None:
     """Profile residual-stream activations per layer and pick the dominant layer (Sun et al. 2024)."""
-    from layerzo.errors import ConfigError
-    from layerzo.profile.run import DEFAULT_CALIBRATION_TEXTS, ProfileConfig, read_calibration_file
+    from layerzo.data.calibration import calibration_for
+    from layerzo.profile.rule import ProfileConfig
 
     config = ProfileConfig(
         max_threshold=max_threshold, ratio_threshold=ratio_threshold, persist_window=persist_window,
@@ -65,30 +65,20 @@ def profile(
         max_length=max_length, batch_size=batch_size,
     )
     # calibration first: a bad task or file fails before the (slow) model load
-    if task is not None and calib is not None:
-        raise ConfigError("give either --task or --calib, not both")
-    if task is not None:
-        from layerzo.data.tasks import calibration_texts
-
-        texts = calibration_texts(task, data_dir, n=num_sequences, seed=seed)
-        calibration = f"task {task} (training inputs, seed {seed})"
-    elif calib is not None:
-        texts = read_calibration_file(calib)
-        calibration = f"file {calib}"
-    else:
-        texts = list(DEFAULT_CALIBRATION_TEXTS)
-        calibration = "built-in generic English sentences"
-        err_console.print("no --task or --calib: calibrating on built-in generic English sentences")
+    calibration = calibration_for(task=task, data_dir=data_dir, text_file=calib, num_sequences=num_sequences, seed=seed)
+    if calibration.note is not None:
+        err_console.print(calibration.note)
 
     from layerzo.model.loading import load_model
     from layerzo.profile.run import profile_model
 
     with err_console.status("loading model..."):
         loaded = load_model(model, dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code)
+    texts = calibration.texts
     with err_console.status(f"profiling {loaded.num_layers} layers on {min(len(texts), num_sequences)} sequences..."):
         report = profile_model(
             loaded.model, loaded.tokenizer, texts, config, loaded.layout,
-            model_name=loaded.source.name, calibration=calibration,
+            model_name=loaded.source.name, calibration=calibration.description,
         )
     _print_table(report)
     if plot is not None:
@@ -104,7 +94,7 @@ def _print_table(report) -> None:
     from rich import box
     from rich.table import Table
 
-    from layerzo.profile.run import is_outlier
+    from layerzo.profile.rule import is_outlier
 
     table = Table(title=f"{report.model} — {report.num_sequences} sequences, {report.num_tokens} tokens "
                   f"({report.calibration})", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)

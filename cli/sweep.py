@@ -1,6 +1,6 @@
 """``layerzo sweep``: ZO-tune every layer alone (same recipe, same seed) + the whole-model MeZO baseline.
 
-Options map one to one onto :class:`layerzo.sweep.run.SweepConfig` fields.
+Options map one to one onto :class:`layerzo.sweep.run.SweepConfig` fields and the runs' recipe keys.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import DataDirOpt, DeviceOpt, JsonOpt, ModelOpt, SeedOpt, emit_json, err_console, handle_errors
+from .common import DataDirOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, SeedOpt, emit_json, err_console, handle_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -43,6 +43,7 @@ def sweep(
     num_test: Annotated[int, typer.Option("--num-test", help="Test examples.")] = 500,
     eval_batch_size: Annotated[int, typer.Option("--eval-batch-size", help="Batch size for dev/test.")] = 32,
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per sequence at most.")] = 128,
+    dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     resume: Annotated[bool, typer.Option("--resume", help="Skip runs already in OUT/sweep.jsonl (same recipe only).")] = False,
     merge: Annotated[Optional[list[Path]], typer.Option(
@@ -54,12 +55,12 @@ def sweep(
     from layerzo.sweep.run import SweepConfig, run_sweep
 
     names = tuple(t.strip() for t in (tasks or task).split(",") if t.strip())
-    config = SweepConfig(
-        tasks=names, model=model, data_dir=str(data_dir) if data_dir else None, layers=layers, full=full,
-        steps=steps, batch_size=batch_size, lr=lr, full_lr=full_lr, eps=eps, seed=seed, eval_every=eval_every,
-        num_train=num_train, num_dev=num_dev, num_test=num_test, eval_batch_size=eval_batch_size,
-        max_length=max_length, device=device,
-    )
+    config = SweepConfig.from_dict({
+        "tasks": names, "layers": layers, "full": full, "full_lr": full_lr, "model": model,
+        "data_dir": str(data_dir) if data_dir else None, "steps": steps, "batch_size": batch_size, "lr": lr,
+        "eps": eps, "seed": seed, "eval_every": eval_every, "num_train": num_train, "num_dev": num_dev,
+        "num_test": num_test, "eval_batch_size": eval_batch_size, "max_length": max_length, "dtype": dtype,
+        "device": device})
     command = "layerzo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     doc = run_sweep(config, out, resume=resume, progress=not quiet, log=lambda m: err_console.print(m, highlight=False),
                     command=command, merge=merge or ())

@@ -1,7 +1,7 @@
 """``layerzo tune``: ZO-tune the dominant (or given) layer and write a layer patch.
 
-Every option maps onto one :class:`layerzo.tune.loop.TuneConfig` field (the recipe
-keys); options left out fall back to ``--recipe``, then to the defaults.
+Every recipe option maps onto one flat :class:`layerzo.tune.config.TuneConfig` key
+(the recipe keys); options left out fall back to ``--recipe``, then to the defaults.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def tune(
     revision: Annotated[Optional[str], _opt("--revision", "Hub revision of the model.")] = None,
     task: Annotated[Optional[str], _opt("--task", "Task name (sst2, rte, ...) or task YAML. [default: sst2]")] = None,
     data_dir: Annotated[Optional[str], _opt("--data-dir", "Folder with <task>/{train,validation}.jsonl.")] = None,
-    layers: Annotated[Optional[str], _opt("--layers", "dominant (profile first), all, 5, or 3,7. [default: dominant]")] = None,
+    layers: Annotated[Optional[str], _opt("--layers", "dominant (profile first), all, 5, 3,7, 0-3,11, or -1 (the last layer). [default: dominant]")] = None,
     lora: Annotated[Optional[bool], _opt("--lora/--no-lora", "LoRA-ZO on q/v of the selected layers.")] = None,
     lora_rank: Annotated[Optional[int], _opt("--lora-rank", "LoRA rank. [default: 8]")] = None,
     lora_alpha: Annotated[Optional[float], _opt("--lora-alpha", "LoRA alpha. [default: 16]")] = None,
@@ -93,16 +93,11 @@ def tune(
     json_out: JsonOpt = False,
 ) -> None:
     """ZO-tune one layer (MeZO two-sided SPSA, forward passes only) and save a layer patch."""
-    options = dict(locals())  # first statement: exactly the parsed options
-    from layerzo.tune.config import build_config, load_recipe, recipe_fields
-    from layerzo.tune.loop import check_output_dir
+    from layerzo.errors import TuneInterrupted
+    from layerzo.tune.config import config_from_options
     from layerzo.tune.loop import tune as run_tune
 
-    overrides = {k: options[k] for k in recipe_fields()}
-    config = build_config(load_recipe(recipe) if recipe else None, overrides)
-    from layerzo.errors import TuneInterrupted
-
-    check_output_dir(out.expanduser().absolute(), overwrite)
+    config = config_from_options(recipe, ctx.params)  # the recipe keys among the parsed options
     try:
         result = run_tune(config, out, overwrite=overwrite, progress=not quiet, resume=resume,
                           note=lambda line: err_console.print(line, highlight=False))

@@ -29,7 +29,7 @@ from layerzo.tune.prefix_cache import cached_lower_layers
 from layerzo.model.loading import load_model
 from layerzo.data.scoring import batch_loss, encode_batch
 from layerzo.data.tasks import load_task
-from layerzo.tune.loop import EvalSet, train_batches
+from layerzo.tune.batches import EvalSet, train_batches
 from layerzo.zo.engine import TunedParams, ZOConfig, ZOState, zo_step
 
 
@@ -63,7 +63,7 @@ def main() -> None:
     params = TunedParams.from_model(model, layer_parameter_names(model, layout, args.layer))
     world = dp.world_size if args.mode == "dist" else args.world
     q = args.q * world if args.mode == "zo" else args.q
-    config = ZOConfig(lr=1e-2, eps=1e-3, q=q, total_steps=args.steps, weight_decay=0.01)
+    config = ZOConfig(lr=1e-2, eps=1e-3, q=q, weight_decay=0.01)
     state = ZOState()
     seed_rng = random.Random(0)
     batches = train_batches(len(train), args.batch_size, 0)

@@ -13,7 +13,8 @@ import torch
 from layerzo import __version__
 from layerzo.core.hashing import tensor_sha256
 from layerzo.model.layers import find_layer_layout, layer_parameter_names
-from layerzo.patch.format import FORMAT_VERSION, MANIFEST_NAME, WEIGHTS_NAME, LayerPatch, PatchManifest, TrajectoryStep
+from layerzo.patch.format import LayerPatch
+from layerzo.patch.manifest import FORMAT_VERSION, MANIFEST_NAME, WEIGHTS_NAME, PatchManifest, TrajectoryStep
 
 
 def make_patch(model, layer: int = 2, *, scale: float = 0.05, seed: int = 0, base_model: str = "tiny/llama",

@@ -28,7 +28,8 @@ from conftest import make_tiny_model
 from layerzo.tune.checkpoint import STATE_JSON, Checkpoint, load_checkpoint, save_checkpoint
 from layerzo.errors import CheckpointError
 from layerzo.errors import PatchError
-from layerzo.patch.format import MANIFEST_NAME, WEIGHTS_NAME, LayerPatch, PatchManifest, TrajectoryStep
+from layerzo.patch.format import LayerPatch
+from layerzo.patch.manifest import MANIFEST_NAME, WEIGHTS_NAME, PatchManifest, TrajectoryStep
 from layerzo.io.safetensors import read_header
 from patch_helpers import make_patch, reseal, sha256_file
 

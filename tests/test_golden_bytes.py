@@ -75,11 +75,12 @@ def patch_digests(out: Path, placeholders: dict[str, str]) -> dict[str, str]:
 
 def run_golden(name: str, model_dir: Path, data_dir: Path, out: Path, monkeypatch) -> None:
     import layerzo.tune.loop as loop
-    from layerzo.tune.loop import TuneConfig, tune
+    from layerzo.tune.loop import tune
+    from layerzo.tune.config import TuneConfig
 
     spec = dict(RUNS[name])
     spec.pop("arch")
-    config = TuneConfig(model=str(model_dir), data_dir=str(data_dir), **{**COMMON, **spec})
+    config = TuneConfig.from_dict({"model": str(model_dir), "data_dir": str(data_dir), **COMMON, **spec})
     if name != "llama_resumed":
         tune(config, out, progress=False, loaded=load_model(str(model_dir)))
         return

@@ -28,11 +28,13 @@ from hub_server import FakeHub
 from layerzo.tune.checkpoint import STATE_JSON, checkpoint_dir, load_checkpoint
 from layerzo.cli.main import app
 from layerzo.errors import OutputExistsError
-from layerzo.patch.format import PATCH_FILES, WEIGHTS_NAME, LayerPatch
+from layerzo.patch.format import LayerPatch
+from layerzo.patch.manifest import PATCH_FILES, WEIGHTS_NAME
 from layerzo.io.safetensors import CheckpointReader
-from layerzo.tune.loop import METRICS_NAME, TuneConfig, tune
+from layerzo.tune.loop import METRICS_NAME, tune
+from layerzo.tune.config import TuneConfig
 from layerzo.zo.engine import replay_trajectory
-from test_hub import TOKEN, files_containing, online  # noqa: F401  (online: fixture)
+from test_io_hub import TOKEN, files_containing, online  # noqa: F401  (online: fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("kill_worker.py")
@@ -192,9 +194,9 @@ def test_in_process_interrupt_then_resume_with_another_checkpoint_interval(refer
             os.kill(os.getpid(), signal.SIGINT)
         return real(model, batch)
 
-    config = TuneConfig(model=str(tiny_llama_dir), data_dir=str(data_dir), task="sst2", layers="2", steps=STEPS,
+    config = TuneConfig.from_dict(dict(model=str(tiny_llama_dir), data_dir=str(data_dir), task="sst2", layers="2", steps=STEPS,
                         batch_size=4, num_train=32, num_dev=8, num_test=8, eval_every=5, lr=1e-3, eps=1e-2,
-                        momentum=0.5, checkpoint_every=3)  # = tune_args
+                        momentum=0.5, checkpoint_every=3))  # = tune_args
     monkeypatch.setattr(train, "batch_loss", loss_then_ctrl_c)
     with pytest.raises(TuneInterrupted, match=f"after step {stop} of {STEPS}") as info:
         tune(config, tmp_path / "patch", progress=False)
@@ -204,14 +206,14 @@ def test_in_process_interrupt_then_resume_with_another_checkpoint_interval(refer
         tune(config, tmp_path / "patch", progress=False)
     assert "--resume" in refused.value.one_line()
     notes = []
-    tune(TuneConfig(**{**config.to_dict(), "checkpoint_every": 5}), tmp_path / "patch", progress=False, resume=True,
+    tune(TuneConfig.from_dict(dict(**{**config.to_dict(), "checkpoint_every": 5})), tmp_path / "patch", progress=False, resume=True,
          note=notes.append)
     assert notes == [f"resuming patch from the checkpoint at step {stop} of {STEPS}"]
     assert_same_run(reference, tmp_path / "patch")
 
 
 def test_batch_stream_resumes_from_epoch_and_position():
-    from layerzo.tune.loop import TrainBatches, train_batches
+    from layerzo.tune.batches import TrainBatches, train_batches
 
     live = train_batches(10, 4, seed=1)
     for _ in range(7):  # 3+ epochs of 2 batches: mid-epoch position
@@ -312,8 +314,8 @@ def test_non_finite_losses_are_rejected_and_leave_no_trace_in_the_layer(tiny_lla
         return {3: float("nan"), 6: float("inf")}.get(calls["n"], value)
 
     monkeypatch.setattr(train, "batch_loss", sometimes_nan)
-    config = TuneConfig(model=str(tiny_llama_dir), data_dir=str(data_dir), layers="2", steps=5, batch_size=4,
-                        num_train=16, num_dev=0, num_test=4, lr=1e-3, eps=1e-2, max_bad_steps=3)
+    config = TuneConfig.from_dict(dict(model=str(tiny_llama_dir), data_dir=str(data_dir), layers="2", steps=5, batch_size=4,
+                        num_train=16, num_dev=0, num_test=4, lr=1e-3, eps=1e-2, max_bad_steps=3))
     result = tune(config, tmp_path / "p", progress=False)
     rows = [json.loads(x) for x in (tmp_path / "p" / METRICS_NAME).read_text().splitlines()]
     assert [r["applied"] for r in rows] == [True, False, False, True, True]
@@ -324,7 +326,7 @@ def test_non_finite_losses_are_rejected_and_leave_no_trace_in_the_layer(tiny_lla
     # the rejected steps were restored exactly, they left no trace
     base = {k: v.float() for k, v in _base_layer(tiny_llama_dir, 2).items()}
     ordered = {n: base[n] for n in patch.manifest.metrics["replay"]["tensor_order"]}
-    replay_trajectory(ordered, patch.trajectory, config.zo_config())
+    replay_trajectory(ordered, patch.trajectory, config.zo)
     assert all(torch.equal(ordered[k], patch.tensors[k]) for k in ordered)
 
 

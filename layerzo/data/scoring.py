@@ -89,7 +89,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 def encode_batch(tokenizer, examples: Sequence, *, max_length: int = 512) -> ScoringBatch:
-    """Tokenize ``examples`` (``layerzo.data.tasks.Example``) into one :class:`ScoringBatch`."""
+    """Tokenize ``examples`` (``layerzo.data.spec.Example``) into one :class:`ScoringBatch`."""
     if max_length < 2:
         raise ConfigError(f"max_length must be at least 2, got {max_length}")
     if not examples:

@@ -32,8 +32,8 @@ from typing import Any
 import yaml
 
 from layerzo.data import templates
+from layerzo.data.spec import Row, TaskSpec
 from layerzo.errors import DataRowError, TaskError
-from layerzo.data.tasks import Row, TaskSpec
 
 KEYS = ("name", "train", "validation", "template", "candidates", "label_field", "label_map")
 _SCALARS = (str, int, float, bool)

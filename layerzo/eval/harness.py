@@ -239,6 +239,18 @@ def load_patch(patch: Any, *, token: str | None = None):
     return patch if isinstance(patch, LayerPatch) else LayerPatch.from_pretrained(patch, token=token)
 
 
+def resolve_seed(seed: int | None, patch=None) -> int:
+    """The eval seed: ``seed`` when given, else the seed in ``patch``'s recipe, else 0.
+
+    With the recipe's seed, layerzo tasks evaluate the very rows tune tested
+    the patch on. A recipe seed that is not an integer >= 0 counts as absent.
+    """
+    if seed is not None:
+        return seed
+    recipe_seed = patch.manifest.recipe.get("seed") if patch is not None else None
+    return recipe_seed if type(recipe_seed) is int and recipe_seed >= 0 else 0
+
+
 def describe_patch(patch) -> dict[str, Any]:
     from layerzo.core.hashing import combine_sha256
 

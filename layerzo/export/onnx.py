@@ -14,7 +14,6 @@ and compares logits and argmax at every real (non-pad) position against PyTorch.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import json
 import logging
@@ -24,28 +23,31 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from layerzo.core.atomic import atomic_dir
+from layerzo.core.atomic import atomic_dir, check_output_free
+from layerzo.core.env import debug_enabled, first_line
 from layerzo.errors import ConfigError, ExportError
-from layerzo.export.verify import (  # noqa: F401  (verify_onnx & co. are part of the export API)
+from layerzo.export.verify import (
+    INPUT_NAMES,
     OUTPUT_NAME,
     LatencyReport,
     VerifyReport,
-    _vocab_size,
+    logits_only,
     make_verification_inputs,
     measure_latency,
     ort_session,
     verify_onnx,
+    vocab_size,
 )
 
 ONNX_FILE_NAME = "model.onnx"
 ONNX_DATA_NAME = "model.onnx.data"  # all weights as one external-data file beside the graph
 REPORT_NAME = "export_report.json"
-INPUT_NAMES = ("input_ids", "attention_mask")
 OPSETS = (17, 18)
 EXPORTERS = ("auto", "dynamo", "torchscript")
 EXPORT_DTYPES = ("float32",)  # ONNX Runtime's CPU provider lacks bf16 kernels for most ops
+EXPORT_FORMATS = ("onnx",)  # what `layerzo export --format` accepts
 
 
 @dataclass(frozen=True)
@@ -101,33 +103,6 @@ class ExportReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def logits_only(model):
-    """Wrap ``model`` as ``(input_ids [B,S] int64, attention_mask [B,S] int64) -> logits [B,S,V]``.
-
-    No cache and no extra outputs, so the graph has exactly two inputs and one
-    output. Position ids come from the mask when the model accepts them.
-    """
-    import torch
-
-    accepts_positions = "position_ids" in inspect.signature(model.forward).parameters
-
-    class LogitsOnly(torch.nn.Module):
-        def __init__(self, inner) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, attention_mask):
-            kwargs = {}
-            if accepts_positions:
-                # Count real tokens so a left-padded row starts at position 0, as it would unpadded.
-                kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            out = self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                             return_dict=True, **kwargs)
-            return out.logits
-
-    return LogitsOnly(model).eval()
 
 
 def export_onnx(
@@ -196,6 +171,51 @@ def export_model(
     return report
 
 
+def check_export_format(fmt: str) -> str:
+    """The normalised (lower-case) export format; :class:`ConfigError` if it is not one of EXPORT_FORMATS."""
+    name = fmt.lower()
+    if name not in EXPORT_FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    return name
+
+
+def export_checkpoint(
+    out_dir: str | os.PathLike,
+    base: str | os.PathLike | None = None,
+    patch: str | os.PathLike | None = None,
+    config: ExportConfig | None = None,
+    *,
+    fmt: str = "onnx",
+    overwrite: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    trust_remote_code: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> ExportReport:
+    """Load ``base`` (None = the demo) with ``patch`` applied, then :func:`export_model` it to ``out_dir``.
+
+    What ``layerzo export`` / ``export-onnx`` do. The format, the config and a
+    taken ``out_dir`` are refused before the slow model load. ``progress`` is
+    told each stage ("loading model", "exporting ...") as it starts.
+    """
+    from layerzo.model.loading import load_model
+    from layerzo.patch.apply import apply_to_model
+    from layerzo.patch.format import LayerPatch
+
+    check_export_format(fmt)
+    config = config or ExportConfig()
+    check_output_free(Path(out_dir).expanduser().absolute(), overwrite)
+    report_stage = progress or (lambda stage: None)
+    report_stage("loading model")
+    layer_patch = None if patch is None else LayerPatch.from_pretrained(patch, token=token)
+    loaded = load_model(base, dtype=config.dtype, revision=revision, trust_remote_code=trust_remote_code)
+    if layer_patch is not None:
+        apply_to_model(loaded.model, layer_patch)
+    source = {"base_model": loaded.source.name, "revision": revision, "patch": None if patch is None else str(patch)}
+    report_stage(f"exporting to ONNX (opset {config.opset}) and verifying with ONNX Runtime")
+    return export_model(loaded.model, loaded.tokenizer, out_dir, config, overwrite=overwrite, source=source)
+
+
 def _check_export_args(opset: int, exporter: str, example_batch: int, example_len: int) -> None:
     if opset not in OPSETS:
         raise ConfigError(f"opset {opset} is not supported; choose one of {', '.join(map(str, OPSETS))}")
@@ -224,7 +244,7 @@ def _export_into(model, directory: Path, *, opset: int, exporter: str, example_b
         except (ConfigError, ExportError):
             raise
         except Exception as exc:  # the exporter raises many unrelated types; any of them means "try the other"
-            errors.append(f"dynamo: {type(exc).__name__}: {_first_line(exc)}")
+            errors.append(f"dynamo: {type(exc).__name__}: {first_line(exc)[:300]}")
             for p in directory.glob(f"{ONNX_FILE_NAME}*"):
                 p.unlink()
             if exporter == "dynamo":
@@ -234,7 +254,7 @@ def _export_into(model, directory: Path, *, opset: int, exporter: str, example_b
         with torch.no_grad(), _attention_implementation(model, "eager"):
             _export_torchscript(wrapper, example, directory / ONNX_FILE_NAME, opset)
     except Exception as exc:
-        errors.append(f"torchscript: {type(exc).__name__}: {_first_line(exc)}")
+        errors.append(f"torchscript: {type(exc).__name__}: {first_line(exc)[:300]}")
         raise ExportError(f"ONNX export failed ({'; '.join(errors)})",
                           "set LAYERZO_DEBUG=1 for the traceback") from exc
     return "torchscript", (errors[0] if errors else None)
@@ -295,7 +315,7 @@ def _example_inputs(model, batch: int, seq_len: int):
     import torch
 
     gen = torch.Generator().manual_seed(1234)
-    input_ids = torch.randint(0, _vocab_size(model), (batch, seq_len), generator=gen, dtype=torch.long)
+    input_ids = torch.randint(0, vocab_size(model), (batch, seq_len), generator=gen, dtype=torch.long)
     attention_mask = torch.ones(batch, seq_len, dtype=torch.long)
     if batch > 1:  # trace with a padded row so mask handling is not specialised to all-ones
         attention_mask[-1, : seq_len // 3] = 0
@@ -325,18 +345,10 @@ def _quiet_exporter() -> Iterator[None]:
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO() if not _debug() else sys.stderr):
+        sink = sys.stderr if debug_enabled() else io.StringIO()
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
             warnings.simplefilter("ignore")
             yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
-
-def _debug() -> bool:
-    return os.environ.get("LAYERZO_DEBUG", "").strip() not in ("", "0", "false", "False")
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(exc).__name__

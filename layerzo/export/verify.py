@@ -4,10 +4,16 @@ Verification never trusts the export example: ONNX Runtime runs at another
 batch size and sequence length, with left- AND right-padded rows, and logits
 and argmax are compared at every real (non-pad) position. Latency is the
 median of interleaved runs, so a noisy neighbour slows both sides alike.
+
+The graph's interface (:data:`INPUT_NAMES`, :data:`OUTPUT_NAME`) and the
+PyTorch side of it (:func:`logits_only`) live here, below the exporter
+(:mod:`layerzo.export.onnx`), which imports them; this module imports nothing
+from it.
 """
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from dataclasses import dataclass
@@ -15,7 +21,8 @@ from pathlib import Path
 
 from layerzo.errors import ExportError
 
-OUTPUT_NAME = "logits"
+INPUT_NAMES = ("input_ids", "attention_mask")  # the exported graph's inputs, int64 [batch, seq]
+OUTPUT_NAME = "logits"  # its one output, float [batch, seq, vocab]
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,43 @@ class LatencyReport:
     torch_threads: int
 
 
+def vocab_size(model) -> int:
+    """The model's vocabulary size: ``config.vocab_size``, else the input embedding's row count."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None:
+        vocab = model.get_input_embeddings().num_embeddings
+    return int(vocab)
+
+
+def logits_only(model):
+    """Wrap ``model`` as ``(input_ids [B,S] int64, attention_mask [B,S] int64) -> logits [B,S,V]``.
+
+    No cache and no extra outputs, so the graph has exactly two inputs and one
+    output. Position ids come from the mask when the model accepts them. The
+    exporter traces this wrapper and verification runs it as the reference, so
+    both sides compute the same function.
+    """
+    import torch
+
+    accepts_positions = "position_ids" in inspect.signature(model.forward).parameters
+
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self, inner) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            kwargs = {}
+            if accepts_positions:
+                # Count real tokens so a left-padded row starts at position 0, as it would unpadded.
+                kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            out = self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                             return_dict=True, **kwargs)
+            return out.logits
+
+    return LogitsOnly(model).eval()
+
+
 def make_verification_inputs(model, tokenizer, batch: int, seq_len: int, *, seed: int = 0):
     """A padded batch ``(input_ids, attention_mask)``, both int64 ``[batch, seq_len]``.
 
@@ -53,7 +97,7 @@ def make_verification_inputs(model, tokenizer, batch: int, seq_len: int, *, seed
     """
     import torch
 
-    vocab = _vocab_size(model)
+    vocab = vocab_size(model)
     gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab, (batch, seq_len), generator=gen, dtype=torch.long)
     attention_mask = torch.ones(batch, seq_len, dtype=torch.long)
@@ -137,13 +181,6 @@ def measure_latency(onnx_path_or_session, model, input_ids, attention_mask, *, r
                          ratio=round(ort_ms / torch_ms, 4), torch_threads=torch.get_num_threads())
 
 
-def _vocab_size(model) -> int:
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab is None:
-        vocab = model.get_input_embeddings().num_embeddings
-    return int(vocab)
-
-
 def ort_session(onnx_path_or_session, *, threads: int | None = None):
     """A CPU ONNX Runtime session (``threads`` intra-op threads; None = ORT's default)."""
     import onnxruntime as ort
@@ -161,14 +198,12 @@ def ort_session(onnx_path_or_session, *, threads: int | None = None):
 
 
 def _run_ort(session, input_ids, attention_mask):
-    feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+    feeds = dict(zip(INPUT_NAMES, (input_ids.numpy(), attention_mask.numpy())))
     return session.run([OUTPUT_NAME], feeds)[0]
 
 
 def _run_torch(model, input_ids, attention_mask):
     import torch
-
-    from layerzo.export.onnx import logits_only  # late: export imports this module
 
     with torch.inference_mode():
         return logits_only(model)(input_ids, attention_mask)

@@ -1,20 +1,21 @@
-"""Pushing and pulling layer patches with the real ``huggingface_hub`` client.
+"""Uploading and downloading a repo's files with the real ``huggingface_hub`` client.
+
+It knows nothing of layer patches: :mod:`layerzo.patch.source` says which files a patch has.
 
 The token comes from the caller or ``$HF_TOKEN`` and is only ever handed to
 ``HfApi(token=...)`` / ``snapshot_download(token=...)``: layerzo never calls
 ``login()`` (which would store it on disk), never logs it, and scrubs it from
 any error text it re-raises. A pulled patch is pinned to the commit the Hub
-resolved, so ``from_pretrained(repo)`` is reproducible.
+resolved, so a download is reproducible.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
+from typing import Sequence
 
-from layerzo.core.atomic import atomic_dir, check_output_free
 from layerzo.errors import HubError, OfflineError
 from layerzo.core.env import is_offline
 from layerzo.io.safetensors import check_file_name
@@ -26,17 +27,17 @@ def looks_like_repo_id(text: str) -> bool:
     return bool(_REPO_ID.match(text)) and ".." not in text and not text.startswith((".", "/", "~"))
 
 
-def _token(token: str | None) -> str | None:
+def resolve_token(token: str | None) -> str | None:
     return token or os.environ.get("HF_TOKEN") or None
 
 
-def _endpoint(endpoint: str | None) -> str | None:
+def resolve_endpoint(endpoint: str | None) -> str | None:
     # read at call time: huggingface_hub reads HF_ENDPOINT once, at import
     value = endpoint or os.environ.get("HF_ENDPOINT")
     return value.rstrip("/") if value else None
 
 
-def _hub_error(action: str, repo_id: str, exc: BaseException, token: str | None) -> HubError:
+def hub_error(action: str, repo_id: str, exc: BaseException, token: str | None) -> HubError:
     """One line naming what failed; the token is scrubbed from anything the server echoed."""
     status = getattr(getattr(exc, "response", None), "status_code", None)
     text = " ".join(str(exc).split()) or type(exc).__name__
@@ -53,7 +54,7 @@ def _hub_error(action: str, repo_id: str, exc: BaseException, token: str | None)
     return HubError(f"cannot {action} {repo_id}: {text}")
 
 
-def _client_errors() -> tuple[type[BaseException], ...]:
+def client_errors() -> tuple[type[BaseException], ...]:
     """Exceptions the Hub client raises for HTTP and network failures."""
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -73,84 +74,63 @@ def _client_errors() -> tuple[type[BaseException], ...]:
     return errors
 
 
-def _check_repo_id(repo_id: str) -> None:
+def check_repo_id(repo_id: str) -> None:
     if not looks_like_repo_id(repo_id):
         raise HubError(f"{repo_id!r} is not a Hub repo id; use the form org/name")
 
 
-def push_patch(folder: str | os.PathLike, repo_id: str, *, token: str | None = None, private: bool = False,
-               revision: str | None = None, endpoint: str | None = None, commit_message: str | None = None) -> str:
-    """Upload a saved patch folder (validated first) to ``repo_id``; returns the commit URL."""
-    from layerzo.patch.format import PATCH_FILES, LayerPatch
-
-    _check_repo_id(repo_id)
+def upload_folder(folder: str | os.PathLike, repo_id: str, files: Sequence[str], message: str, *,
+                  token: str | None = None, private: bool = False, revision: str | None = None,
+                  endpoint: str | None = None) -> str:
+    """Upload ``files`` of ``folder`` to ``repo_id`` (created if missing) in one commit; returns the commit URL."""
+    check_repo_id(repo_id)
     if is_offline():
         raise OfflineError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set", "unset HF_HUB_OFFLINE to push")
-    patch = LayerPatch.from_pretrained(folder)  # refuse to publish a broken patch
-    token = _token(token)
+    token = resolve_token(token)
     from huggingface_hub import HfApi
 
-    api = HfApi(endpoint=_endpoint(endpoint), token=token)
-    message = commit_message or f"layerzo patch: layer(s) {','.join(map(str, patch.manifest.layers))} of {patch.manifest.base_model}"
+    api = HfApi(endpoint=resolve_endpoint(endpoint), token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
-                                 commit_message=message, allow_patterns=list(PATCH_FILES))
-    except _client_errors() as exc:
-        raise _hub_error("push to", repo_id, exc, token) from None
+                                 commit_message=message, allow_patterns=list(files))
+    except client_errors() as exc:
+        raise hub_error("push to", repo_id, exc, token) from None
     return str(info.commit_url)
 
 
-def pull_patch(repo_id: str, *, revision: str | None = None, token: str | None = None, endpoint: str | None = None,
-               cache_dir: str | os.PathLike | None = None) -> tuple[Path, str]:
-    """Download a patch repo's files into the HF cache; returns (snapshot folder, pinned commit sha).
+def download_files(repo_id: str, files: Sequence[str], *, revision: str | None = None, token: str | None = None,
+                   endpoint: str | None = None, cache_dir: str | os.PathLike | None = None,
+                   what: str = "repo") -> tuple[Path, str]:
+    """Download ``files`` of a repo into the HF cache; returns (snapshot folder, pinned commit sha).
 
-    Only the known patch file names are fetched, after checking that the repo
-    lists no unsafe names. Offline, a snapshot already in the cache is used.
+    Only the named files are fetched, after checking that the repo lists no
+    unsafe names. Offline, a snapshot already in the cache is used.
     """
-    from layerzo.patch.format import PATCH_FILES
-
-    _check_repo_id(repo_id)
-    token = _token(token)
+    check_repo_id(repo_id)
+    token = resolve_token(token)
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     if is_offline():
         try:
             local = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True,
-                                      allow_patterns=list(PATCH_FILES))
+                                      allow_patterns=list(files))
         except (LocalEntryNotFoundError, OSError, ValueError):
-            raise OfflineError(f"patch {repo_id} is not in the local Hub cache and HF_HUB_OFFLINE is set",
-                               "unset HF_HUB_OFFLINE, or pass a local patch folder") from None
+            raise OfflineError(f"{what} {repo_id} is not in the local Hub cache and HF_HUB_OFFLINE is set",
+                               f"unset HF_HUB_OFFLINE, or pass a local {what} folder") from None
         return Path(local), Path(local).name
-    api = HfApi(endpoint=_endpoint(endpoint), token=token)
+    api = HfApi(endpoint=resolve_endpoint(endpoint), token=token)
     try:
         info = api.model_info(repo_id, revision=revision)
-        names = [s.rfilename for s in (info.siblings or [])]
-        for name in names:
+        for name in (s.rfilename for s in (info.siblings or [])):
             check_file_name(name, f"Hub repo {repo_id}", HubError)
         if not info.sha:
             raise HubError(f"the Hub returned no commit sha for {repo_id}")
-        local = snapshot_download(repo_id, revision=info.sha, token=token, endpoint=_endpoint(endpoint),
-                                  cache_dir=cache_dir, allow_patterns=list(PATCH_FILES))
-    except _client_errors() as exc:
-        raise _hub_error("pull", repo_id, exc, token) from None
+        local = snapshot_download(repo_id, revision=info.sha, token=token, endpoint=resolve_endpoint(endpoint),
+                                  cache_dir=cache_dir, allow_patterns=list(files))
+    except client_errors() as exc:
+        raise hub_error("pull", repo_id, exc, token) from None
     return Path(local), str(info.sha)
-
-
-def pull_to_dir(repo_id: str, out_dir: str | os.PathLike, *, revision: str | None = None, token: str | None = None,
-                endpoint: str | None = None, overwrite: bool = False) -> tuple[Path, str]:
-    """``layerzo pull``: fetch, validate, then copy the patch files to ``out_dir`` atomically."""
-    from layerzo.patch.format import PATCH_FILES, LayerPatch
-
-    out = Path(out_dir).expanduser().absolute()
-    check_output_free(out, overwrite)
-    local, commit = pull_patch(repo_id, revision=revision, token=token, endpoint=endpoint)
-    LayerPatch.from_pretrained(local)  # validate before anything lands in out_dir
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        for name in PATCH_FILES:
-            if (local / name).is_file():
-                shutil.copyfile(local / name, tmp / name)  # copyfile follows the cache's symlinks to the blobs
-    return out, commit

@@ -9,7 +9,7 @@ goes through :class:`LayerLayout` so no module hard-codes an architecture.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from torch import nn
 
@@ -118,22 +118,17 @@ def layer_parameter_names(model: nn.Module, layout: LayerLayout, index: int) -> 
 
 
 def parse_layer_spec(spec: str | int | Sequence[int], num_layers: int) -> tuple[int, ...] | str:
-    """Parse ``--layers``: an index, a list ``3,7``, ``all`` or ``dominant``.
+    """Parse ``--layers``: ``dominant``, ``all``, an index, a list ``3,7``, ranges ``0-3,11``.
 
     Returns ``"dominant"`` / ``"all"`` unchanged (the caller resolves them) or a
-    sorted tuple of distinct valid indices. Negative indices count from the end.
+    sorted tuple of distinct valid indices. Negative indices count from the end
+    (``-1`` is the last layer); a range ``a-b`` takes non-negative bounds, a ≤ b.
     """
     if isinstance(spec, str):
         text = spec.strip().lower()
         if text in ("dominant", "all"):
             return text
-        parts: Iterable[str] = [p for p in text.split(",") if p.strip()]
-        try:
-            indices = [int(p) for p in parts]
-        except ValueError:
-            raise LayerIndexError(
-                f"--layers must be 'dominant', 'all', an index or a comma list like 3,7; got {spec!r}"
-            ) from None
+        indices = [i for part in text.split(",") if part.strip() for i in _spec_part(part.strip(), spec, num_layers)]
     elif isinstance(spec, int):
         indices = [spec]
     else:
@@ -150,3 +145,22 @@ def parse_layer_spec(spec: str | int | Sequence[int], num_layers: int) -> tuple[
             )
         resolved.append(j)
     return tuple(sorted(set(resolved)))
+
+
+def _spec_part(part: str, spec: str, num_layers: int) -> range | list[int]:
+    """One comma-separated part of a layer spec: ``5``, ``-1`` or ``0-3``."""
+    lo, sep, hi = part.partition("-")
+    if sep and lo.strip().isdigit() and hi.strip().isdigit():
+        a, b = int(lo), int(hi)
+        if a > b:
+            raise LayerIndexError(f"--layers range {part!r} runs backwards; write {b}-{a}")
+        if b >= num_layers:  # before expanding: a typo like 0-99999999 must not allocate
+            raise LayerIndexError(f"--layers {part} is out of range: the model has {num_layers} decoder layers "
+                                  f"(valid indices 0-{num_layers - 1})")
+        return range(a, b + 1)
+    try:
+        return [int(part)]
+    except ValueError:
+        raise LayerIndexError(
+            f"--layers must be 'dominant', 'all', an index, a list like 3,7 or a range like 0-3; got {spec!r}"
+        ) from None

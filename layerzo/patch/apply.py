@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from layerzo.core.atomic import atomic_dir, check_output_free
-from layerzo.errors import BaseMismatchError, ModelLoadError, OfflineError, OutputExistsError, PatchError
+from layerzo.errors import BaseMismatchError, ModelLoadError, OutputExistsError, PatchError
 from layerzo.core.hashing import tensor_sha256
-from layerzo.core.env import is_offline
+from layerzo.io import hub
 from layerzo.model.loading import resolve_source
-from layerzo.patch.format import LayerPatch, all_finite, lora_base_key
+from layerzo.patch.format import LayerPatch
+from layerzo.patch.manifest import all_finite, lora_base_key
 from layerzo.io.safetensors import INDEX_NAME, CheckpointReader, ShardView, write_shard
 
 PROVENANCE_NAME = "layerzo_apply.json"
@@ -305,20 +306,7 @@ def _base_model_prefix(config: dict) -> str | None:
 
 
 def _download_base(repo_id: str, revision: str | None, token: str | None) -> tuple[Path, str]:
-    from huggingface_hub import snapshot_download
-
-    from layerzo.io.hub import _client_errors, _hub_error, _token
-
-    token = _token(token)
-    try:
-        local = snapshot_download(repo_id, revision=revision, token=token, allow_patterns=_HUB_BASE_PATTERNS,
-                                  local_files_only=is_offline())
-    except _client_errors() as exc:
-        if is_offline():
-            raise OfflineError(f"base {repo_id} is a Hub id but HF_HUB_OFFLINE is set and it is not in the local cache",
-                               "unset HF_HUB_OFFLINE, or pass a local checkpoint directory or .gguf file") from None
-        raise _hub_error("download", repo_id, exc, token) from None
-    local_path = Path(local)
+    local_path, commit = hub.download_files(repo_id, _HUB_BASE_PATTERNS, revision=revision, token=token, what="base model")
     if not (local_path / INDEX_NAME).is_file() and not (local_path / "model.safetensors").is_file():
         raise ModelLoadError(f"Hub model {repo_id} has no safetensors weights (pickled .bin checkpoints are refused)")
-    return local_path, local_path.name
+    return local_path, commit

@@ -7,19 +7,15 @@ to apply the patch from the CLI and from Python.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
-if TYPE_CHECKING:
-    from layerzo.patch.format import LayerPatch
+from layerzo.patch.manifest import MANIFEST_NAME, TRAJECTORY_NAME, WEIGHTS_NAME, PatchManifest
 
 
-def build_model_card(patch: "LayerPatch") -> str:
+def build_model_card(m: PatchManifest, recorded_steps: int) -> str:
     """README.md with Hub front matter, a results table, the recipe and how to apply the patch."""
     import yaml
 
-    from layerzo.patch.format import MANIFEST_NAME, TRAJECTORY_NAME, WEIGHTS_NAME
-
-    m = patch.manifest
     front = {
         "base_model": m.base_model,
         "base_model_relation": "adapter",
@@ -34,7 +30,7 @@ def build_model_card(patch: "LayerPatch") -> str:
              f"# layerzo layer patch for {m.base_model}", "",
              f"A {m.kind} patch of decoder layer(s) {layers} of {m.base_model} ({m.architecture}, "
              f"{m.num_layers} layers), tuned with zeroth-order (MeZO / SPSA) optimisation on that layer only "
-             f"({len(patch.trajectory)} recorded steps). Made with layerzo {m.layerzo_version}.", ""]
+             f"({recorded_steps} recorded steps). Made with layerzo {m.layerzo_version}.", ""]
     if dominant is not None:
         lines += [f"Dominant layer (first massive-activation layer) found by `layerzo profile`: **{dominant}**.", ""]
     lines += ["## Results", "", "| metric | value |", "|---|---|"]

@@ -8,12 +8,15 @@ must give the patch's tensors bit for bit (same device type, same dtype).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 
 from layerzo.errors import PatchError
+from layerzo.model.layers import layer_parameter_names
+from layerzo.model.loading import load_model
+from layerzo.patch.apply import apply_to_model
 from layerzo.patch.format import LayerPatch
+from layerzo.zo.engine import ZOConfig, replay_trajectory
 
 
 @dataclass(frozen=True)
@@ -24,19 +27,12 @@ class ReplayResult:
     steps: int
 
 
-def zo_config_from_recipe(recipe: dict):
-    """The ZOConfig the run used: the recipe's keys that are ZOConfig fields (one to one, by name;
-    train.TuneConfig calls the run length ``steps``). Only lr/momentum/wd matter to a replay:
-    each step's lr is recorded."""
-    from layerzo.zo.engine import ZOConfig
-
-    names = {f.name for f in dataclasses.fields(ZOConfig)}
-    values = {k: v for k, v in recipe.items() if k in names}
-    if "total_steps" not in values and isinstance(recipe.get("steps"), int) and recipe["steps"] >= 1:
-        values["total_steps"] = recipe["steps"]
-    if "lr" not in values:
+def zo_config_from_recipe(recipe: dict) -> ZOConfig:
+    """The ZOConfig the run used: the recipe's ZO keys. Only momentum and weight decay matter
+    to a replay (each step's lr is recorded)."""
+    if "lr" not in recipe:
         raise PatchError("the patch recipe records no lr, so its trajectory cannot be replayed")
-    return ZOConfig(**values)
+    return ZOConfig.from_mapping(recipe)
 
 
 def replay_patch(base: str | os.PathLike | None, patch: LayerPatch, *, revision: str | None = None) -> ReplayResult:
@@ -47,10 +43,6 @@ def replay_patch(base: str | os.PathLike | None, patch: LayerPatch, *, revision:
     """
     import torch
 
-    from layerzo.model.layers import layer_parameter_names
-    from layerzo.patch.apply import apply_to_model
-    from layerzo.model.loading import load_model
-    from layerzo.zo.engine import replay_trajectory
 
     m = patch.manifest
     if m.kind != "layers":

@@ -1,7 +1,6 @@
-"""Matplotlib helpers (imported lazily, Agg backend: no display needed).
+"""The profile figure: log10 max|h| and log10 max/median per layer, thresholds dashed, the pick starred.
 
-Figures are written atomically: to a temp file in the target folder, then
-``os.replace`` so a reader never sees a half-written PNG.
+Drawn with :mod:`layerzo.core.plotting` (Agg backend, atomic write).
 """
 
 from __future__ import annotations
@@ -11,34 +10,15 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from layerzo.core.atomic import atomic_file
-from layerzo.errors import ConfigError
+from layerzo.core.plotting import pyplot, save_figure_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     from layerzo.profile.run import ProfileReport
 
 
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise ConfigError("--plot needs matplotlib", "pip install 'layerzo[plot]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure_atomic(fig, out: str | os.PathLike, **kwargs) -> Path:
-    out = Path(out)
-    with atomic_file(out) as tmp:
-        fig.savefig(tmp, format=(out.suffix.lstrip(".") or "png"), **kwargs)
-    return out
-
-
 def plot_profile(report: "ProfileReport", out: str | os.PathLike) -> Path:
     """Two panels per layer: log10 max|h| and log10 max/median, thresholds dashed, the pick starred."""
-    plt = _pyplot()
+    plt = pyplot()
     layers = list(range(len(report.layers)))
     log_max = [math.log10(s.max_abs) if s.max_abs > 0 else float("nan") for s in report.layers]
     log_ratio = [math.log10(s.ratio) if 0 < s.ratio < math.inf else float("nan") for s in report.layers]

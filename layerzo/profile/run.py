@@ -6,7 +6,8 @@ hidden states: per layer we keep the max |h| over real (non-pad) tokens with
 where it sits, the top channels by max |h|, and the median |h|.
 
 The rule itself (outlier layer, persistence, fallback) is pure functions over
-those statistics in :mod:`layerzo.profile.rule`, re-exported here.
+those statistics in :mod:`layerzo.profile.rule`; the calibration texts (built-in,
+a file, or a task's training inputs) come from :mod:`layerzo.data.calibration`.
 
 Median: exact within a forward pass (``torch.median`` over |h| of all real
 tokens x channels of that layer; for an even count it is the lower middle
@@ -20,36 +21,21 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from layerzo.errors import ConfigError, DataRowError, LayerzoError
+from layerzo.errors import ConfigError, LayerzoError
 from layerzo.model.layers import LayerLayout, find_layer_layout, get_layers
-from layerzo.profile.rule import (  # noqa: F401  (re-exported: the public profile API)
+from layerzo.profile.rule import (
     RULE_TEXT,
-    TOP_CHANNELS,
     LayerStats,
     Pick,
     ProfileConfig,
     combine_layer_stats,
     is_outlier,
     layer_stats,
-    massive_channels,
     pick_dominant_layer,
-)
-
-
-DEFAULT_CALIBRATION_TEXTS: tuple[str, ...] = (
-    "The quick brown fox jumps over the lazy dog while the farmer watches from the porch.",
-    "In 1969, astronauts landed on the Moon and walked on its dusty surface for the first time.",
-    "Please remember to bring your umbrella tomorrow, because the forecast says it will rain all day.",
-    "Water boils at one hundred degrees Celsius at sea level, but at lower temperatures on mountains.",
-    "She opened the old book, blew the dust off its pages, and began to read the first chapter aloud.",
-    "The committee will meet on Tuesday to discuss the budget, the new hires, and the office move.",
-    "Photosynthesis lets plants turn sunlight, water and carbon dioxide into sugar and oxygen.",
-    "After a long day at work, he cooked a simple dinner of rice, beans and grilled vegetables.",
 )
 
 
@@ -185,6 +171,39 @@ def profile_model(
     layers = get_layers(model, layout)
     rows = _encode(tokenizer, texts, config.max_length)
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    parts, all_ids = _hooked_forward(model, layers, layout, rows, pad_id, config.batch_size, progress)
+    stats = _located_stats(parts, all_ids, tokenizer)
+    name = model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    return ProfileReport(
+        model=str(name),
+        num_layers=layout.num_layers,
+        layer_path=layout.path,
+        fingerprint=model_fingerprint(model, layout),
+        num_sequences=len(rows),
+        num_tokens=sum(len(r) for r in rows),
+        calibration=calibration,
+        config=config,
+        layers=stats,
+        pick=pick_dominant_layer(stats, config),
+        outlier_layers=tuple(i for i, s in enumerate(stats) if is_outlier(s, config)),
+    )
+
+
+def _hooked_forward(
+    model: torch.nn.Module,
+    layers: torch.nn.ModuleList,
+    layout: LayerLayout,
+    rows: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[list[list[LayerStats]], list[torch.Tensor]]:
+    """Run ``rows`` through the model in batches with a stats hook on every decoder layer (``layers``).
+
+    Returns the per-batch stats of each layer (layer 0 first) and every padded
+    row of token ids (for naming the token at each max). Raises when a layer
+    was not called exactly once per batch.
+    """
     device = next(model.parameters()).device
     parts: list[list[LayerStats]] = [[] for _ in range(layout.num_layers)]
     state: dict = {}
@@ -199,12 +218,12 @@ def profile_model(
         return hook
 
     handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)]
-    batches = range(0, len(rows), config.batch_size)
+    batches = range(0, len(rows), batch_size)
     all_ids: list[torch.Tensor] = []
     try:
         with torch.no_grad():
             for done, start in enumerate(batches, start=1):
-                ids, mask = _pad(rows[start : start + config.batch_size], pad_id, device)
+                ids, mask = _pad(rows[start : start + batch_size], pad_id, device)
                 state.update(mask=mask, offset=start)
                 all_ids.extend(ids.cpu())
                 try:
@@ -221,48 +240,14 @@ def profile_model(
             f"the decoder layers at {layout.path} were not all called once per batch; this architecture's "
             "forward is not supported by layerzo profile"
         )
+    return parts, all_ids
+
+
+def _located_stats(parts: list[list[LayerStats]], all_ids: list[torch.Tensor], tokenizer) -> tuple[LayerStats, ...]:
+    """Each layer's batches merged, with the token id and text at its max filled in."""
     stats = []
     for p in parts:
         s = combine_layer_stats(p)
         token_id = int(all_ids[s.sequence][s.position])  # right padding: real position == column
         stats.append(replace(s, token_id=token_id, token=tokenizer.decode([token_id])))
-    stats_t = tuple(stats)
-    name = model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-    return ProfileReport(
-        model=str(name),
-        num_layers=layout.num_layers,
-        layer_path=layout.path,
-        fingerprint=model_fingerprint(model, layout),
-        num_sequences=len(rows),
-        num_tokens=sum(len(r) for r in rows),
-        calibration=calibration,
-        config=config,
-        layers=stats_t,
-        pick=pick_dominant_layer(stats_t, config),
-        outlier_layers=tuple(i for i, s in enumerate(stats_t) if is_outlier(s, config)),
-    )
-
-
-def read_calibration_file(path: str | Path) -> list[str]:
-    """Texts for ``--calib``: ``.jsonl`` rows with a ``"text"`` string, otherwise one text per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"calibration file {path} does not exist")
-    texts: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if path.suffix.lower() != ".jsonl":
-                texts.append(line.rstrip("\n"))
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataRowError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise DataRowError(f'{path}:{lineno}: expected an object with a "text" string')
-            texts.append(row["text"])
-    if not texts:
-        raise ConfigError(f"calibration file {path} has no texts")
-    return texts
+    return tuple(stats)

@@ -3,7 +3,7 @@
 The profiled pick's bar is red, the best layer's bar is outlined; horizontal
 lines mark zero-shot test accuracy and the whole-model MeZO test accuracy; a
 grey band spans two standard errors of the test set below the best layer.
-Uses :mod:`layerzo.profile.plot` (Agg backend, atomic write).
+Uses :mod:`layerzo.core.plotting` (Agg backend, atomic write).
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from layerzo.profile.plot import _pyplot, save_figure_atomic
+from layerzo.core.plotting import pyplot, save_figure_atomic
 
 
 def plot_sweep(doc: dict, out: str | os.PathLike) -> Path:
     """Write the PNG for a sweep summary (``layerzo.sweep.report.summarize``'s document)."""
-    plt = _pyplot()
+    plt = pyplot()
     tasks = list(doc["tasks"].values())
     width = max(9.0, 0.32 * max((len(s["layers"]) for s in tasks), default=1) + 4.5)  # + room for the legend
     fig, axes = plt.subplots(2 * len(tasks), 1, figsize=(width, 5.6 * len(tasks)), squeeze=False,

@@ -192,13 +192,11 @@ def summarize(records: Sequence[dict], config, layers: Sequence[int], num_layers
     """The sweep.json document: config, per-task summaries, and (for several tasks) the task-agnostic check."""
     import torch
 
-    from dataclasses import asdict
-
-    tasks = {t: task_summary(t, records, config.steps, config.num_test) for t in config.tasks}
+    tasks = {t: task_summary(t, records, config.tune.steps, config.tune.num_test) for t in config.tasks}
     bests = {t: s["best_layer"] for t, s in tasks.items()}
     doc: dict[str, Any] = {
         "model": model_name, "num_layers": num_layers, "layers": list(layers), "command": command,
-        "config": {**asdict(config), "full_lr": config.resolved_full_lr(num_layers)},
+        "config": config.to_dict(num_layers),
         "environment": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
         "tasks": tasks,
     }

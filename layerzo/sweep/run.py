@@ -37,48 +37,47 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from layerzo.errors import ConfigError, DivergenceError, LayerIndexError, LayerzoError, OutputExistsError
 from layerzo.core.atomic import atomic_write_text
-from layerzo.tune.prefix_cache import shared_lower_outputs
+from layerzo.core.hashing import combine_sha256, tensor_sha256
 from layerzo.core.progress import StderrBar
-from layerzo.sweep.report import append_record, read_records
+from layerzo.errors import ConfigError, DivergenceError, LayerIndexError, LayerzoError, OutputExistsError
+from layerzo.model.layers import layer_parameter_names, parse_layer_spec
+from layerzo.model.loading import load_model
+from layerzo.patch.manifest import MANIFEST_NAME
+from layerzo.sweep.report import append_record, read_records, summarize, write_outputs
+from layerzo.tune.batches import ZeroShotCache
+from layerzo.tune.config import TuneConfig
+from layerzo.tune.loop import METRICS_NAME, resolve_layers, tune
+from layerzo.tune.prefix_cache import SharedLowerOutputs
 
 FULL = "all"  # layer key of the whole-model MeZO baseline
 RECORDS_NAME = "sweep.jsonl"
 RESULT_FIELDS = ("pick", "dev_acc", "test_acc", "loss_curve")  # two copies of one run must agree on these
 RECIPE_KEYS = ("model", "data_dir", "steps", "batch_size", "lr", "full_lr", "eps", "seed", "eval_every",
                "num_train", "num_dev", "num_test", "eval_batch_size", "max_length", "device")
+# The sweep's own defaults for the runs' recipe (short runs, smaller eval sets than a real tune).
+SWEEP_TUNE_DEFAULTS = TuneConfig.from_dict({"steps": 100, "lr": 1e-3, "eval_every": 50, "num_dev": 200,
+                                            "num_test": 500, "eval_batch_size": 32, "max_length": 128})
 
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """Options of ``layerzo sweep`` (CLI flags map one to one onto these fields)."""
+    """Options of ``layerzo sweep``: the runs' recipe (a :class:`TuneConfig`) and what to sweep.
+
+    ``tune.layers`` is ignored (each run sets its own); ``tune.task`` neither (``tasks`` are swept).
+    """
 
     tasks: tuple[str, ...] = ("sst2",)
-    model: str | None = None
-    data_dir: str | None = None
     layers: str = "all"  # "all" | "0-29" | "3,7" | "0-3,11": each tuned ALONE
     full: bool = True  # also run the whole-model MeZO baseline
-    steps: int = 100
-    batch_size: int = 16
-    lr: float = 1e-3
     full_lr: float | None = None  # None: lr / num_layers (see the module docstring)
-    eps: float = 1e-3
-    seed: int = 0
-    eval_every: int = 50
-    num_train: int = 1000
-    num_dev: int = 200
-    num_test: int = 500
-    eval_batch_size: int = 32
-    max_length: int = 128
-    device: str = "cpu"
+    tune: TuneConfig = SWEEP_TUNE_DEFAULTS
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, str) or not self.tasks or not all(isinstance(t, str) and t for t in self.tasks):
@@ -87,62 +86,48 @@ class SweepConfig:
             raise ConfigError(f"tasks lists a task twice: {','.join(self.tasks)}")
         if self.full_lr is not None and not (math.isfinite(self.full_lr) and self.full_lr > 0):
             raise ConfigError(f"full_lr must be a positive number (or None for lr / num_layers), got {self.full_lr}")
+        if not isinstance(self.tune, TuneConfig):
+            raise ConfigError(f"tune must be a TuneConfig, got {type(self.tune).__name__}")
         if str(self.layers).strip().lower() != "all":
             layer_ranges(self.layers, 10**6)  # syntax only; the range is checked against the model later
-        self.tune_config(self.tasks[0], 0, 1)  # validates steps, lr, eps, sizes with train.py's messages
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "SweepConfig":
+        """From flat keys: the sweep's own fields, the rest recipe keys of the runs (over the sweep's defaults)."""
+        own = {f.name for f in dataclasses.fields(cls)} - {"tune"}
+        runs = SWEEP_TUNE_DEFAULTS.replace(**{k: v for k, v in values.items() if k not in own})
+        return cls(**{k: v for k, v in values.items() if k in own}, tune=runs)
 
     def resolved_full_lr(self, num_layers: int) -> float:
-        return self.full_lr if self.full_lr is not None else self.lr / num_layers
+        return self.full_lr if self.full_lr is not None else self.tune.zo.lr / num_layers
 
     def recipe(self, num_layers: int) -> dict[str, Any]:
         """What makes two runs comparable (resume refuses a record whose recipe differs)."""
-        d = {k: getattr(self, k) for k in RECIPE_KEYS}
-        d["full_lr"] = self.resolved_full_lr(num_layers)
+        flat = self.tune.to_dict()
+        d = {k: (self.resolved_full_lr(num_layers) if k == "full_lr" else flat[k]) for k in RECIPE_KEYS}
+        if self.tune.dtype != "float32":  # older sweeps (float32 only) recorded no dtype: keep them resumable
+            d["dtype"] = self.tune.dtype
         return d
 
-    def tune_config(self, task: str, layer: int | str, num_layers: int):
-        """The :class:`layerzo.tune.loop.TuneConfig` of one run (``layer`` an index or :data:`FULL`)."""
-        from layerzo.tune.loop import TuneConfig
+    def to_dict(self, num_layers: int) -> dict[str, Any]:
+        """Flat: the sweep's own fields (``full_lr`` resolved), then the runs' recipe keys."""
+        own = {"tasks": list(self.tasks), "layers": self.layers, "full": self.full,
+               "full_lr": self.resolved_full_lr(num_layers)}
+        return {**own, **{k: v for k, v in self.tune.to_dict().items() if k not in ("task", "layers")}}
 
+    def tune_config(self, task: str, layer: int | str, num_layers: int) -> TuneConfig:
+        """The :class:`TuneConfig` of one run (``layer`` an index or :data:`FULL`)."""
         full = layer == FULL
-        return TuneConfig(
-            task=task, model=self.model, data_dir=self.data_dir, layers="all" if full else str(layer),
-            steps=self.steps, batch_size=self.batch_size,
-            lr=self.resolved_full_lr(num_layers) if full else self.lr, eps=self.eps, seed=self.seed,
-            eval_every=min(self.eval_every, self.steps), num_train=self.num_train, num_dev=self.num_dev,
-            num_test=self.num_test, eval_batch_size=self.eval_batch_size, max_length=self.max_length,
-            dtype="float32", device=self.device,
-        )
+        lr = self.resolved_full_lr(num_layers) if full else self.tune.zo.lr
+        return self.tune.replace(task=task, layers="all" if full else str(layer), lr=lr,
+                                 eval_every=min(self.tune.eval_every, self.tune.steps))
 
 
 def layer_ranges(spec: str, num_layers: int) -> tuple[int, ...]:
-    """``all`` | ``0-29`` | ``3,7`` | ``0-3,11`` → sorted distinct indices (validated by layers.parse_layer_spec)."""
-    from layerzo.model.layers import parse_layer_spec
-
-    text = str(spec).strip().lower()
-    if text == "all":
+    """``all`` | ``0-29`` | ``3,7`` | ``0-3,11`` → sorted distinct indices (one parser: layers.parse_layer_spec)."""
+    resolved = parse_layer_spec(str(spec), num_layers)
+    if resolved == "all":
         return tuple(range(num_layers))
-    parts: list[str] = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        lo, sep, hi = part.partition("-")
-        if sep and lo.strip().isdigit() and hi.strip().isdigit():
-            a, b = int(lo), int(hi)
-            if a > b:
-                raise LayerIndexError(f"--layers range {part!r} runs backwards; write {b}-{a}")
-            if b >= num_layers:  # before expanding: a typo like 0-99999999 must not allocate
-                raise LayerIndexError(f"--layers {part} is out of range: the model has {num_layers} decoder layers "
-                                      f"(valid indices 0-{num_layers - 1})")
-            parts += [str(i) for i in range(a, b + 1)]
-        else:
-            parts.append(part)
-    if text in ("", "dominant") or not parts:
-        raise LayerIndexError(f"--layers must be 'all', a range like 0-29 or a list like 3,7; got {spec!r}")
-    try:
-        resolved = parse_layer_spec(",".join(parts), num_layers)
-    except LayerIndexError:
-        raise
-    except LayerzoError as exc:  # pragma: no cover - parse_layer_spec raises LayerIndexError only
-        raise LayerIndexError(str(exc)) from None
     if isinstance(resolved, str):
         raise LayerIndexError(f"--layers must be 'all', a range like 0-29 or a list like 3,7; got {spec!r}")
     return resolved
@@ -164,16 +149,12 @@ def check_recipe(records: Sequence[dict], recipe: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------- exact restore
 def snapshot(model: torch.nn.Module, layout, layers: Sequence[int]) -> dict[str, torch.Tensor]:
     """Copies (on CPU) of every parameter of ``layers``, by state-dict name."""
-    from layerzo.model.layers import layer_parameter_names
-
     params = dict(model.named_parameters())
     return {n: params[n].detach().to("cpu", copy=True) for i in layers for n in layer_parameter_names(model, layout, i)}
 
 
 def restore(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> str:
     """Copy ``saved`` back into the model and verify bit-equality; returns the sha256 of the restored tensors."""
-    from layerzo.core.hashing import combine_sha256, tensor_sha256
-
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in saved.items():
@@ -189,65 +170,29 @@ def restore(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> str:
 
 
 def layer_sha256(model: torch.nn.Module, layout, layers: Sequence[int]) -> str:
-    from layerzo.core.hashing import combine_sha256, tensor_sha256
-    from layerzo.model.layers import layer_parameter_names
-
     params = dict(model.named_parameters())
     return combine_sha256(f"{n}:{tensor_sha256(params[n])}" for i in layers for n in layer_parameter_names(model, layout, i))
 
 
 # ----------------------------------------------------------------------------- one run
-@contextmanager
-def reuse_base_accuracy(loaded, layers: Sequence[int], base_sha: str, cache: dict) -> Iterator[None]:
-    """Adapter: inside the block, train.tune's dev/test evaluations of the BASE model come from ``cache``.
-
-    tune() evaluates the zero-shot dev/test accuracy of the base model in every
-    run; in a sweep that is the same number 31 times and, on a CPU, as costly
-    as the training itself. Only ``layers`` can differ from the base during a
-    run, so when their sha256 equals ``base_sha`` the model IS the base and a
-    cached accuracy for the same examples and options is exact (this also
-    covers a run whose best-dev checkpoint is step 0). ``cache`` (one dict per
-    sweep, i.e. per base model) carries the numbers from run to run.
-    """
-    from layerzo.tune import loop as train
-
-    original = train.EvalSet
-
-    class CachedEvalSet(original):  # type: ignore[misc, valid-type]
-        def __init__(self, tokenizer, examples, **kwargs) -> None:
-            super().__init__(tokenizer, examples, **kwargs)
-            self._key = (tuple(examples), tuple(sorted(kwargs.items())))
-
-        def accuracy(self, model, *args, **kwargs):
-            if layer_sha256(model, loaded.layout, layers) != base_sha:
-                return super().accuracy(model, *args, **kwargs)
-            if self._key not in cache:
-                cache[self._key] = super().accuracy(model, *args, **kwargs)
-            return cache[self._key]
-
-    train.EvalSet = CachedEvalSet
-    try:
-        yield
-    finally:
-        train.EvalSet = original
-
-
 def run_one(config: SweepConfig, task: str, layer: int | str, loaded, work: Path, base_sha: str,
-            cache: dict | None = None) -> dict:
-    """Tune one layer (or the whole model) via train.tune, restore exactly, return its record."""
-    from layerzo.tune.loop import METRICS_NAME, tune
+            prefix_cache: SharedLowerOutputs | None = None, zero_shot_cache: ZeroShotCache | None = None) -> dict:
+    """Tune one layer (or the whole model) with :func:`layerzo.tune.loop.tune`, restore exactly, return its record.
 
+    ``prefix_cache`` and ``zero_shot_cache`` carry frozen lower-layer outputs and
+    base-model accuracies from run to run (valid because every run restores the base).
+    """
     n = loaded.layout.num_layers
     layers = list(range(n)) if layer == FULL else [int(layer)]
     saved = snapshot(loaded.model, loaded.layout, layers)
     out = work / f"{task}-{layer}"
     t0 = time.perf_counter()
     try:
-        with reuse_base_accuracy(loaded, layers, base_sha, {} if cache is None else cache):
-            result = tune(config.tune_config(task, layer, n), out, overwrite=True, progress=False, loaded=loaded)
+        result = tune(config.tune_config(task, layer, n), out, overwrite=True, progress=False, loaded=loaded,
+                      prefix_cache=prefix_cache, zero_shot_cache=zero_shot_cache)
         metrics, diverged = result.metrics, None
     except DivergenceError as exc:  # tune wrote its best patch + metrics before raising: record it, go on
-        metrics, diverged = json.loads((out / "layerzo_patch.json").read_text())["metrics"], exc.one_line()
+        metrics, diverged = json.loads((out / MANIFEST_NAME).read_text())["metrics"], exc.one_line()
     finally:  # whatever happened, the next run (or the caller) gets the base weights back
         restored = restore(loaded.model, saved)
     wall = time.perf_counter() - t0
@@ -310,14 +255,13 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike, *, resume: bool =
               merge: Sequence[str | os.PathLike] = ()) -> dict:
     """Run (or resume) the sweep; writes sweep.jsonl/.json/.csv/.md/.png in ``out_dir``; returns the summary.
 
-    ``loaded`` (a :class:`layerzo.model.loading.LoadedModel`, float32) skips loading
-    ``config.model``; every tuned layer is restored bit-exactly, so the model
-    is unchanged afterwards. ``merge`` folds in the runs of other sweep
+    ``loaded`` (a :class:`layerzo.model.loading.LoadedModel`, in ``config.tune.dtype``)
+    skips loading ``config.tune.model``; every tuned layer is restored
+    bit-exactly, so the model is unchanged afterwards (also in bfloat16: tune
+    casts its fp32 master layers back). ``merge`` folds in the runs of other sweep
     folders made with the same recipe (see :func:`merge_records`) and then
     resumes: only runs found in none of them are tuned.
     """
-    from layerzo.sweep.report import summarize, write_outputs
-
     out = Path(out_dir).expanduser().absolute()
     path = out / RECORDS_NAME
     if path.exists() and not (resume or merge):
@@ -325,12 +269,7 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike, *, resume: bool =
     records = read_records(path) if resume or merge else []
     records = merge_records(merge, records) if merge else records
     if loaded is None:
-        from layerzo.model.loading import load_model
-
-        loaded = load_model(config.model, dtype="float32", device=config.device)
-    if next(loaded.model.parameters()).dtype != torch.float32:
-        raise ConfigError("the sweep runs float32 models only (tune's fp32 master hooks stay on a bf16 layer)",
-                          "load the model with dtype float32")
+        loaded = load_model(config.tune.model, dtype=config.tune.dtype, device=config.tune.device)
     n = loaded.layout.num_layers
     layers = layer_ranges(config.layers, n)
     recipe = config.recipe(n)
@@ -347,12 +286,13 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike, *, resume: bool =
     if done:
         say(f"resume: {len(done)} run(s) already in {path}, {len(todo)} to go")
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=out))
-    cache: dict = {}  # base-model accuracies, shared by the runs (see reuse_base_accuracy)
+    # Layers go in increasing order on the same batches and each run restores its layer exactly,
+    # so run k starts from run k-1's frozen outputs: the layers below cost one layer per batch per run;
+    # and every run starts from the same base, so its zero-shot accuracies are measured once.
+    prefix_cache, zero_shot_cache = SharedLowerOutputs(), ZeroShotCache()
     bar = _Bar(len(todo), progress)
     try:
-        # Layers go in increasing order on the same batches and each run restores its layer exactly,
-        # so run k starts from run k-1's frozen outputs: the layers below cost one layer per batch per run.
-        with bar, shared_lower_outputs(loaded.model):
+        with bar:
             for task in config.tasks:
                 if task not in picks:
                     picks[task] = _profile_record(config, task, loaded, recipe)
@@ -362,7 +302,7 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike, *, resume: bool =
                         continue
                     bar.label(f"{task} layer {layer}")
                     expected = base_all if layer == FULL else base[int(layer)]
-                    rec = run_one(config, task, layer, loaded, work, expected, cache)
+                    rec = run_one(config, task, layer, loaded, work, expected, prefix_cache, zero_shot_cache)
                     rec["recipe"] = recipe
                     rec["is_profiled_pick"] = layer == picks[task]["pick"]
                     append_record(path, rec)
@@ -377,9 +317,7 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike, *, resume: bool =
 
 
 def _profile_record(config: SweepConfig, task: str, loaded, recipe: dict) -> dict:
-    from layerzo.tune.loop import resolve_layers
-
-    tc = dataclasses.replace(config.tune_config(task, 0, loaded.layout.num_layers), layers="dominant")
+    tc = config.tune_config(task, 0, loaded.layout.num_layers).replace(layers="dominant")
     (pick,), report = resolve_layers(tc, loaded)
     return {"kind": "profile", "task": task, "pick": int(pick), "confidence": report["pick"]["confidence"],
             "reason": report["pick"]["reason"], "recipe": recipe}

@@ -7,7 +7,7 @@ from typing import Iterator
 import torch
 
 from layerzo.errors import ConfigError
-from layerzo.tune.prefix_cache import cached_lower_layers
+from layerzo.tune.prefix_cache import SharedLowerOutputs, cached_lower_layers
 from layerzo.data.scoring import candidate_scores, encode_batch
 
 
@@ -56,15 +56,36 @@ class EvalSet:
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].context))
         chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
         self.size = len(examples)
+        self.key = (tuple(examples), batch_size, max_length)  # what its accuracy depends on besides the model
         self.batches = [encode_batch(tokenizer, [examples[i] for i in c], max_length=max_length) for c in chunks]
         self.stores: list[dict] = [{} for _ in self.batches]
 
-    def accuracy(self, model, layout, first_cached: int) -> float | None:
+    def accuracy(self, model, layout, first_cached: int, shared: SharedLowerOutputs | None = None) -> float | None:
         if not self.size:
             return None
         correct = 0
         for batch, store in zip(self.batches, self.stores):
-            with cached_lower_layers(model, layout, first_cached, store, batch=batch):
+            with cached_lower_layers(model, layout, first_cached, store, batch=batch, shared=shared):
                 scores = candidate_scores(model, batch)
             correct += int((scores.argmax(-1).cpu() == batch.labels).sum())
         return correct / self.size
+
+
+class ZeroShotCache:
+    """Zero-shot accuracies, shared by tune runs that all start from ONE unchanged base model (a layer sweep).
+
+    Every run measures the base model's dev/test accuracy before its first
+    step: in a 31-run sweep that is the same number 31 times and, on a CPU, as
+    costly as the training. The caller guarantees the model is the same base at
+    the start of each run (the sweep restores and sha-checks every layer), so an
+    accuracy for the same examples and batching is exact.
+    """
+
+    def __init__(self) -> None:
+        self.scores: dict = {}
+
+    def accuracy(self, eval_set, compute) -> float | None:
+        """The cached accuracy of ``eval_set`` (an :class:`EvalSet`), or ``compute()``'s, remembered."""
+        if eval_set.key not in self.scores:
+            self.scores[eval_set.key] = compute()
+        return self.scores[eval_set.key]

@@ -42,6 +42,7 @@ from typing import Any, Mapping
 
 import torch
 
+from layerzo.tune.config import RESUME_FREE_FIELDS
 from layerzo.core.hashing import file_sha256
 from layerzo.errors import CheckpointError, OutputExistsError, PatchFormatError
 from layerzo.io.safetensors import FLOAT_DTYPES, read_header, write_shard
@@ -52,8 +53,6 @@ CHECKPOINT_FORMAT = "layerzo-checkpoint"
 CHECKPOINT_VERSION = 1
 MAX_STATE_JSON_BYTES = 256 * 1024 * 1024
 MAX_STATE_HEADER_BYTES = 16 * 1024 * 1024
-# recipe fields that may differ on --resume: they change how often we save, not what is computed
-RESUME_FREE_FIELDS = ("checkpoint_every",)
 _STATE_FILE = re.compile(r"^state-\d{8}-[0-9a-f]{8}\.safetensors$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _KEYS = ("format", "version", "layerzo_version", "identity", "step", "bad_in_row", "seed_rng", "batches",
@@ -240,7 +239,7 @@ def load_checkpoint(folder: Path) -> Checkpoint:
 
 def _check_small(folder: Path, d: dict) -> dict:
     """Validate the JSON fields; returns the Checkpoint keyword arguments they make."""
-    from layerzo.patch.format import TrajectoryStep
+    from layerzo.patch.manifest import TrajectoryStep
 
     ident = d["identity"]
     if (not isinstance(ident, dict) or set(ident) != {"recipe", "layers", "names", "base_fingerprint"}

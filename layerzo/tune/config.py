@@ -1,6 +1,12 @@
-"""Recipes: a YAML file whose keys are exactly the fields of :class:`layerzo.tune.loop.TuneConfig`.
+"""What a tune run depends on: :class:`TuneConfig`, and recipes (YAML files of its fields).
 
-``load_recipe`` → dict of known fields (unknown keys refused with "did you
+A config composes the engine's :class:`layerzo.zo.engine.ZOConfig` (lr, eps,
+weight decay, q, momentum, schedule, bounds: each field defined once, there)
+with the run's own fields. Recipes, CLI options and the patch manifest see it
+flat: one key per field, nested configs expanded in place, in declaration order
+(:meth:`TuneConfig.to_dict` / :meth:`TuneConfig.from_dict`).
+
+``load_recipe`` → dict of known keys (unknown keys refused with "did you
 mean"), ``build_config(recipe, overrides)`` → TuneConfig (CLI options override
 recipe values, which override the defaults), ``dump_recipe`` writes a config
 back (atomically). Values are coerced to the field's type where YAML is loose:
@@ -15,21 +21,125 @@ import difflib
 import math
 import os
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from layerzo.core.atomic import atomic_write_text
 from layerzo.errors import ConfigError
-from layerzo.tune.loop import TuneConfig
+from layerzo.model.loading import DTYPES
+from layerzo.zo.distributed import parse_device_map
+from layerzo.zo.engine import ZOConfig
+
+# Fields that change when state is saved, not what is computed: kept out of the
+# patch's recipe and of a checkpoint's identity, so a resumed run gives the same bytes.
+RESUME_FREE_FIELDS = ("checkpoint_every",)
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Everything a tune run depends on. Recipe keys and CLI options map one to one onto the flat fields."""
+
+    task: str = "sst2"
+    model: str | None = None  # checkpoint dir, .gguf, Hub id; None = the SmolLM2-135M demo
+    revision: str | None = None
+    data_dir: str | None = None
+    layers: str = "dominant"  # "dominant" | "all" | "5" | "3,7" | "0-3,11" | "-1"
+    lora: bool = False  # LoRA-ZO on the q/v projections of the selected layers
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    steps: int = 1000
+    batch_size: int = 16
+    zo: ZOConfig = field(default_factory=lambda: ZOConfig(lr=1e-4))  # flat keys lr, eps, ..., max_bad_steps
+    seed: int = 0
+    eval_every: int = 100
+    num_train: int = 1000
+    num_dev: int = 500
+    num_test: int = 1000
+    eval_batch_size: int = 16
+    max_length: int = 512
+    dtype: str = "float32"
+    device: str = "cpu"
+    device_map: str | None = None  # accelerate placement of the frozen model: auto, or a JSON module→device map
+    shard_batch: bool = False  # under torchrun: rank r scores batch[r::W] instead of the full batch
+    trust_remote_code: bool = False
+    cache_lower_layers: bool = True
+    checkpoint_every: int = 50  # save a resumable checkpoint in OUT.ckpt/ every N steps (0: only on Ctrl-C)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "num_train", "eval_batch_size", "lora_rank"):
+            _int_at_least(name, getattr(self, name), 1)
+        for name in ("num_dev", "num_test", "seed", "checkpoint_every"):
+            _int_at_least(name, getattr(self, name), 0)
+        _int_at_least("max_length", self.max_length, 2)
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.layers, str) or not self.layers.strip():
+            raise ConfigError(f"layers must be 'dominant', 'all', an index or a list like 3,7; got {self.layers!r}")
+        if not isinstance(self.task, str) or not self.task:
+            raise ConfigError(f"task must be a task name or a task YAML path, got {self.task!r}")
+        if not isinstance(self.zo, ZOConfig):
+            raise ConfigError(f"zo must be a ZOConfig, got {type(self.zo).__name__}")
+        parse_device_map(self.device_map)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat recipe: one key per field, the ZO fields in place of ``zo`` (declaration order)."""
+        return {name: getattr(owner, name) for name, owner in _flat_owners(self)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TuneConfig":
+        """Build from flat keys (a recipe, CLI options); missing keys take the defaults, unknown ones are refused."""
+        unknown = [k for k in values if k not in flat_field_types()]
+        if unknown:
+            raise ConfigError(f"unknown config key {unknown[0]!r}", _did_you_mean(unknown[0]))
+        own = {f.name for f in dataclasses.fields(ZOConfig)}
+        zo = ZOConfig.from_mapping(values, defaults=cls().zo)
+        return cls(**{k: v for k, v in values.items() if k not in own}, zo=zo)
+
+    def replace(self, **changes: Any) -> "TuneConfig":
+        """A copy with some flat fields changed (``config.replace(lr=1e-3, layers="5")``)."""
+        return self.from_dict({**self.to_dict(), **changes})
+
+    def recipe(self) -> dict[str, Any]:
+        """What the patch manifest records: the flat fields minus :data:`RESUME_FREE_FIELDS`."""
+        return {k: v for k, v in self.to_dict().items() if k not in RESUME_FREE_FIELDS}
+
+
+def _flat_owners(config: TuneConfig) -> Iterator[tuple[str, Any]]:
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from ((g.name, value) for g in dataclasses.fields(value))
+        else:
+            yield f.name, config
+
+
+def flat_field_types() -> dict[str, Any]:
+    """Flat key → type hint, in declaration order (nested configs expanded in place)."""
+    hints = typing.get_type_hints(TuneConfig)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(TuneConfig):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(typing.get_type_hints(hints[f.name]))
+        else:
+            out[f.name] = hints[f.name]
+    return out
 
 
 def recipe_fields() -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(TuneConfig))
+    """The flat keys of a recipe (= the tune CLI's recipe options)."""
+    return tuple(flat_field_types())
 
 
-def _field_types() -> dict[str, Any]:
-    hints = typing.get_type_hints(TuneConfig)
-    return {name: hints[name] for name in recipe_fields()}
+def _did_you_mean(key: str) -> str:
+    names = list(flat_field_types())
+    close = difflib.get_close_matches(str(key), names, n=1)
+    return f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(names)}"
+
+
+def _int_at_least(name: str, value: Any, low: int) -> None:
+    if type(value) is not int or value < low:
+        raise ConfigError(f"{name} must be an integer ≥ {low}, got {value!r}")
 
 
 def _coerce(name: str, value: Any, hint: Any, where: str) -> Any:
@@ -70,16 +180,14 @@ def _coerce(name: str, value: Any, hint: Any, where: str) -> Any:
 
 
 def validate_recipe(data: Mapping[str, Any], where: str = "recipe") -> dict[str, Any]:
-    """Check keys and coerce values; returns a plain dict of TuneConfig fields."""
+    """Check keys and coerce values; returns a plain dict of flat TuneConfig keys."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where} must be a mapping of TuneConfig fields, got {type(data).__name__}")
-    types = _field_types()
+    types = flat_field_types()
     out: dict[str, Any] = {}
     for key, value in data.items():
         if key not in types:
-            close = difflib.get_close_matches(str(key), list(types), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(types)}"
-            raise ConfigError(f"{where}: unknown key {key!r}", hint)
+            raise ConfigError(f"{where}: unknown key {key!r}", _did_you_mean(key))
         out[key] = _coerce(key, value, types[key], where)
     return out
 
@@ -124,14 +232,24 @@ def build_config(recipe: Mapping[str, Any] | None = None, overrides: Mapping[str
     merged = dict(validate_recipe(recipe or {}))
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     merged.update(validate_recipe(given, where="option"))
-    return TuneConfig(**merged)
+    return TuneConfig.from_dict(merged)
+
+
+def config_from_options(recipe: str | os.PathLike | None, options: Mapping[str, Any]) -> TuneConfig:
+    """The tune CLI's config: defaults ← ``recipe`` (a file or shipped name) ← the recipe keys of ``options``.
+
+    ``options`` may hold other entries (``out``, ``--quiet``, ...): only recipe
+    keys are taken, and a ``None`` value means "not given".
+    """
+    overrides = {k: options[k] for k in recipe_fields() if k in options}
+    return build_config(load_recipe(recipe) if recipe else None, overrides)
 
 
 def recipe_text(config: TuneConfig | Mapping[str, Any]) -> str:
     """YAML text of a config (all fields, in declaration order)."""
     import yaml
 
-    data = dataclasses.asdict(config) if isinstance(config, TuneConfig) else dict(config)
+    data = config.to_dict() if isinstance(config, TuneConfig) else dict(config)
     return yaml.safe_dump(data, sort_keys=False)
 
 

@@ -10,7 +10,7 @@ The result is bit-identical to the plain forward (layer ``first`` receives
 the very same tensor), and it requires that nothing below ``first`` is tuned
 (no tuned embeddings), which the caller guarantees.
 
-Across runs (:func:`shared_lower_outputs`): a layer sweep tunes layer 0, 1,
+Across runs (a :class:`SharedLowerOutputs` passed to every run): a layer sweep tunes layer 0, 1,
 2, ... of ONE base model on the SAME batches. Run k needs, per batch, the
 output of base layer k-1; run k-1 already computed that of layer k-2. So the
 sweep keeps, per batch, the deepest frozen output seen so far, and run k
@@ -23,7 +23,6 @@ sha-checks each layer before the next run).
 from __future__ import annotations
 
 import hashlib
-import weakref
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -78,9 +77,6 @@ class SharedLowerOutputs:
         self.bytes += grow
 
 
-_SHARED: "weakref.WeakKeyDictionary[nn.Module, SharedLowerOutputs]" = weakref.WeakKeyDictionary()
-
-
 def _nbytes(obj: Any) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
@@ -90,31 +86,17 @@ def _nbytes(obj: Any) -> int:
 
 
 @contextmanager
-def shared_lower_outputs(model: nn.Module, max_bytes: int = SHARED_MAX_BYTES) -> Iterator[SharedLowerOutputs]:
-    """Within the block, :func:`cached_lower_layers` calls given a ``batch`` share lower outputs ACROSS runs.
-
-    For a sweep over layers in increasing order on one base model; the
-    caller guarantees that layers below the tuned one are at their base
-    weights whenever a run starts.
-    """
-    shared = _SHARED[model] = SharedLowerOutputs(max_bytes)
-    try:
-        yield shared
-    finally:
-        _SHARED.pop(model, None)
-
-
-@contextmanager
 def cached_lower_layers(
-    model: nn.Module, layout: LayerLayout, first: int, store: dict | None = None, batch=None
+    model: nn.Module, layout: LayerLayout, first: int, store: dict | None = None, batch=None,
+    shared: SharedLowerOutputs | None = None,
 ) -> Iterator[None]:
     """Within the block, all forwards must use the SAME batch; layers < ``first`` run only once.
 
     ``store`` keeps the captured output beyond the block: pass the same dict
     again for the same batch (e.g. a fixed dev batch evaluated every N steps)
-    and the lower layers do not run at all. ``batch`` (the ScoringBatch the
-    forwards use) lets a :func:`shared_lower_outputs` block start from a
-    deeper output cached by an earlier run. ``first == 0`` (nothing below the
+    and the lower layers do not run at all. ``shared`` (with ``batch``, the
+    ScoringBatch the forwards use) lets the run start from a deeper output
+    cached by an earlier run on the same base model. ``first == 0`` (nothing below the
     tuned layer) makes this a no-op.
     """
     if first <= 0:
@@ -123,7 +105,7 @@ def cached_lower_layers(
     layers = get_layers(model, layout)
     originals = [layers[i] for i in range(first)]
     captured: dict = {} if store is None else store
-    shared = _SHARED.get(model) if batch is not None else None
+    shared = shared if batch is not None else None
     key = shared.key(batch) if shared is not None else b""
     start, start_out = shared.lookup(key, first) if shared is not None and "out" not in captured else (0, None)
     if start == first:

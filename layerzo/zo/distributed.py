@@ -120,20 +120,20 @@ class DataParallel:
 
     # --------------------------------------------------------------- the step
     def zo_step(self, params: zo.TunedParams, loss_fn: LossFn, step_seed: int, config: zo.ZOConfig,
-                state: zo.ZOState) -> zo.StepResult:
+                state: zo.ZOState, **step_options) -> zo.StepResult:
         """One data-parallel SPSA step; returns the same :class:`StepResult` on every rank.
 
         ``config.q`` is the number of directions PER RANK; the result (and the
         trajectory entry built from it) holds all ``q·world_size`` seeds and grads.
         Single-process (``world_size == 1``) this is exactly :func:`layerzo.zo.engine.zo_step`.
         """
-        if not self.active:
-            return zo.zo_step(params, loss_fn, step_seed, config, state)
+        if not self.active:  # step_options: zo_step's total_steps and z_cache_max_bytes
+            return zo.zo_step(params, loss_fn, step_seed, config, state, **step_options)
         total = config.q * self.world_size
         mine = zo.direction_seeds(step_seed, total)[self.rank * config.q : (self.rank + 1) * config.q]
         local = evaluate_directions(params, loss_fn, mine, config.eps)
         gathered = self.all_gather_floats(local)
-        return step_from_losses(params, gathered, step_seed, config_for_total(config, total), state)
+        return step_from_losses(params, gathered, step_seed, config_for_total(config, total), state, **step_options)
 
     def all_gather_floats(self, values: Sequence[float]) -> list[float]:
         """Concatenate every rank's ``values`` (same length on all ranks) in rank order.
@@ -211,6 +211,7 @@ class _ShardedEvalSet:
     def __init__(self, dp: DataParallel, make: Callable[[Sequence], Any], examples: Sequence) -> None:
         self.dp, self.size = dp, len(examples)
         self.local = make(list(examples[dp.rank :: dp.world_size]))
+        self.key = ("rank", dp.rank, dp.world_size, getattr(self.local, "key", None))
 
     def accuracy(self, *args, **kwargs) -> float | None:
         if not self.size:  # the same on every rank: no collective is skipped by one rank only
@@ -239,7 +240,7 @@ def evaluate_directions(params: zo.TunedParams, loss_fn: LossFn, seeds: Sequence
 
 
 def step_from_losses(params: zo.TunedParams, losses: Sequence[float], step_seed: int, config: zo.ZOConfig,
-                     state: zo.ZOState) -> zo.StepResult:
+                     state: zo.ZOState, **step_options) -> zo.StepResult:
     """Run the engine's :func:`zo_step` on already-measured losses (``2·config.q`` of them).
 
     zo_step asks its loss function for L+ then L- per direction, in seed
@@ -251,14 +252,14 @@ def step_from_losses(params: zo.TunedParams, losses: Sequence[float], step_seed:
     if len(losses) != 2 * config.q:
         raise ValueError(f"expected {2 * config.q} losses (L+, L- per direction), got {len(losses)}")
     replay = iter(losses)
-    result = zo.zo_step(params, lambda: next(replay), step_seed, config, state)
+    result = zo.zo_step(params, lambda: next(replay), step_seed, config, state, **step_options)
     if next(replay, None) is not None:  # the engine changed how it evaluates: fail loudly, never silently
         raise RuntimeError("zo_step consumed fewer losses than 2·q; update layerzo.zo.distributed")
     return result
 
 
 def emulate_step(params: zo.TunedParams, loss_fns: Sequence[LossFn], step_seed: int, config: zo.ZOConfig,
-                 state: zo.ZOState) -> zo.StepResult:
+                 state: zo.ZOState, **step_options) -> zo.StepResult:
     """Single-process definition of a data-parallel step over ``len(loss_fns)`` virtual ranks.
 
     Rank r's directions are scored with ``loss_fns[r]`` (its batch or shard).
@@ -270,7 +271,7 @@ def emulate_step(params: zo.TunedParams, loss_fns: Sequence[LossFn], step_seed: 
     losses: list[float] = []
     for r, fn in enumerate(loss_fns):
         losses += evaluate_directions(params, fn, seeds[r * config.q : (r + 1) * config.q], config.eps)
-    return step_from_losses(params, losses, step_seed, config_for_total(config, total), state)
+    return step_from_losses(params, losses, step_seed, config_for_total(config, total), state, **step_options)
 
 
 def weights_digest(params: zo.TunedParams) -> str:

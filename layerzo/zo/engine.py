@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -63,12 +63,11 @@ def param_seed(direction_seed: int, index: int) -> int:
     return _splitmix64(direction_seed ^ _splitmix64(index + 1)) >> 1
 
 
-_GENERATORS: dict[str, torch.Generator] = {}
 # A step needs each z three times (+eps, -eps, update). Keeping it for the step
 # instead of drawing it three times costs 4 bytes per tuned weight: cheap for one
 # layer or LoRA, but for the whole model (MeZO) it adds about the model's own size
 # in fp32 - exactly the memory MeZO's seed trick exists to avoid. So z is kept
-# only up to a budget: ZOConfig.z_cache_max_bytes, which tune() sets to
+# only up to a budget: zo_step's ``z_cache_max_bytes``, which tune() sets to
 # z_cache_budget(model) (1/Z_CACHE_MODEL_FRACTION of the model's weight bytes);
 # callers that pass no budget get the absolute Z_CACHE_MAX_BYTES.
 Z_CACHE_MAX_BYTES = 512 * 1024 * 1024
@@ -90,11 +89,9 @@ def direction(tensor: torch.Tensor, seed: int, cache: dict | None = None) -> tor
         if z is None:
             z = cache[seed] = direction(tensor, seed)
         return z
-    key = str(tensor.device)
-    gen = _GENERATORS.get(key)
-    if gen is None:
-        gen = _GENERATORS[key] = torch.Generator(device=tensor.device)
-    gen.manual_seed(seed)
+    # A fresh generator per draw: manual_seed resets it completely, so the bits are those of a
+    # reused one, and creating it costs microseconds next to drawing a tensor's z.
+    gen = torch.Generator(device=tensor.device).manual_seed(seed)
     return torch.randn(tensor.shape, generator=gen, dtype=Z_DTYPE, device=tensor.device)
 
 
@@ -109,10 +106,15 @@ class ZOConfig:
     q: int = 1
     momentum: float = 0.0
     lr_schedule: str = "constant"
-    total_steps: int = 1
     max_abs_grad: float | None = 1e4  # |g| above this rejects the step (None: only non-finite)
     max_bad_steps: int = 5  # this many rejected steps in a row raise DivergenceError
-    z_cache_max_bytes: int | None = None  # keep z for the step up to this size (None: Z_CACHE_MAX_BYTES)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping, defaults: "ZOConfig | None" = None) -> "ZOConfig":
+        """The ZO fields of a flat recipe (keys named as the fields; others ignored), over ``defaults``."""
+        names = [f.name for f in fields(cls)]
+        base = {n: getattr(defaults, n) for n in names} if defaults is not None else {}
+        return cls(**{**base, **{n: values[n] for n in names if n in values}})
 
     def __post_init__(self) -> None:
         _finite_at_least("lr", self.lr, 0.0)
@@ -125,15 +127,10 @@ class ZOConfig:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        if not (isinstance(self.total_steps, int) and self.total_steps >= 1):
-            raise ConfigError(f"total_steps must be an integer ≥ 1, got {self.total_steps}")
         if self.max_abs_grad is not None and not self.max_abs_grad > 0:
             raise ConfigError(f"max_abs_grad must be positive (or None), got {self.max_abs_grad}")
         if not (isinstance(self.max_bad_steps, int) and self.max_bad_steps >= 1):
             raise ConfigError(f"max_bad_steps must be an integer ≥ 1, got {self.max_bad_steps}")
-        if self.z_cache_max_bytes is not None and not (isinstance(self.z_cache_max_bytes, int)
-                                                        and self.z_cache_max_bytes >= 0):
-            raise ConfigError(f"z_cache_max_bytes must be an integer ≥ 0 (or None), got {self.z_cache_max_bytes!r}")
 
 
 def _finite_at_least(name: str, value: float, low: float) -> None:
@@ -141,10 +138,10 @@ def _finite_at_least(name: str, value: float, low: float) -> None:
         raise ConfigError(f"{name} must be a finite number ≥ {low}, got {value}")
 
 
-def lr_at(config: ZOConfig, step: int) -> float:
+def lr_at(config: ZOConfig, step: int, total_steps: int = 1) -> float:
     """Learning rate of 0-based ``step``: constant, or linear decay to 0 at ``total_steps``."""
     if config.lr_schedule == "linear":
-        return config.lr * max(0.0, 1.0 - step / config.total_steps)
+        return config.lr * max(0.0, 1.0 - step / total_steps)
     return config.lr
 
 
@@ -298,17 +295,28 @@ def zo_step(
     seed: int,
     config: ZOConfig,
     state: ZOState,
+    *,
+    total_steps: int = 1,
+    z_cache_max_bytes: int | None = None,
 ) -> StepResult:
     """One SPSA step on the batch ``loss_fn`` evaluates (called 2·q times, each on the same batch).
+
+    ``total_steps`` is the run's length (the linear schedule decays to 0 there);
+    z is kept for the step while it fits in ``z_cache_max_bytes`` (None:
+    :data:`Z_CACHE_MAX_BYTES`), else regenerated from its seed (same bits).
 
     A step with a non-finite loss or ``|g| > max_abs_grad`` is rejected: θ is
     left exactly as it was. ``max_bad_steps`` rejections in a row raise
     :class:`DivergenceError`.
     """
-    lr = lr_at(config, state.step)
+    if not (isinstance(total_steps, int) and total_steps >= 1):
+        raise ConfigError(f"total_steps must be an integer ≥ 1, got {total_steps!r}")
+    if z_cache_max_bytes is not None and not (isinstance(z_cache_max_bytes, int) and z_cache_max_bytes >= 0):
+        raise ConfigError(f"z_cache_max_bytes must be an integer ≥ 0 (or None), got {z_cache_max_bytes!r}")
+    lr = lr_at(config, state.step, total_steps)
     seeds = direction_seeds(seed, config.q)
     numel = sum(t.numel() for t in params.tensors)
-    budget = Z_CACHE_MAX_BYTES if config.z_cache_max_bytes is None else config.z_cache_max_bytes
+    budget = Z_CACHE_MAX_BYTES if z_cache_max_bytes is None else z_cache_max_bytes
     z_cache: dict | None = {} if numel * 4 * config.q <= budget else None  # same bits either way (apply_update)
     plus, minus, grads = [], [], []
     for s in seeds:

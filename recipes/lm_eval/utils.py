@@ -22,7 +22,8 @@ from pathlib import Path
 
 import datasets
 
-from layerzo.data.tasks import TASK_NAMES, Example, load_task
+from layerzo.data.spec import Example
+from layerzo.data.tasks import TASK_NAMES, load_task
 
 SETTINGS_NAME = "layerzo_eval.json"
 _SETTINGS = json.loads(Path(__file__).with_name(SETTINGS_NAME).read_text(encoding="utf-8"))

@@ -24,7 +24,7 @@ def tiny(tiny_llama_dir):
 def _config(data_dir, **kw) -> SweepConfig:
     base = dict(tasks=("sst2",), data_dir=str(data_dir), layers="0-2", steps=3, batch_size=4, lr=1e-2, eps=1e-2,
                 eval_every=3, num_train=16, num_dev=8, num_test=8, eval_batch_size=8, max_length=64)
-    return SweepConfig(**{**base, **kw})
+    return SweepConfig.from_dict({**base, **kw})
 
 
 def test_sweep_restores_every_layer_bit_exactly_and_writes_outputs(tiny, data_dir, tmp_path, monkeypatch):
@@ -69,16 +69,16 @@ def test_sweep_restores_every_layer_bit_exactly_and_writes_outputs(tiny, data_di
 
 
 def test_base_accuracy_is_evaluated_once_per_example_set(tiny, data_dir, tmp_path, monkeypatch):
-    import layerzo.tune.loop as train
+    from layerzo.tune.batches import EvalSet
 
     calls = []
-    real = train.EvalSet.accuracy
+    real = EvalSet.accuracy
 
     def counting(self, model, *args, **kwargs):
         calls.append(self.size)
         return real(self, model, *args, **kwargs)
 
-    monkeypatch.setattr(train.EvalSet, "accuracy", counting)
+    monkeypatch.setattr(EvalSet, "accuracy", counting)
     run_sweep(_config(data_dir, layers="0-1", full=False, steps=2, eval_every=2), tmp_path / "s", loaded=tiny,
               progress=False)
     # zero-shot dev + test once for the sweep, then per run: one dev eval (+ test unless best is the base)
@@ -87,10 +87,9 @@ def test_base_accuracy_is_evaluated_once_per_example_set(tiny, data_dir, tmp_pat
 
 def test_sharing_frozen_outputs_across_runs_changes_no_number_and_skips_lower_layers(tiny, data_dir, tmp_path,
                                                                                      monkeypatch):
-    import contextlib
-
     import layerzo.sweep.run as sweep_mod
     from layerzo.model.layers import get_layer
+    from layerzo.tune.prefix_cache import SharedLowerOutputs
 
     calls = [0]
     get_layer(tiny.model, tiny.layout, 0).register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
@@ -98,7 +97,7 @@ def test_sharing_frozen_outputs_across_runs_changes_no_number_and_skips_lower_la
     runs = {}
     for shared in (True, False):
         if not shared:
-            monkeypatch.setattr(sweep_mod, "shared_lower_outputs", lambda model: contextlib.nullcontext())
+            monkeypatch.setattr(sweep_mod, "SharedLowerOutputs", lambda: SharedLowerOutputs(max_bytes=0))
         calls[0] = 0
         run_sweep(config, tmp_path / str(shared), loaded=tiny, progress=False)
         records = [json.loads(x) for x in (tmp_path / str(shared) / "sweep.jsonl").read_text().splitlines()]
@@ -141,7 +140,7 @@ def test_merge_folds_two_half_sweeps_into_the_whole_and_refuses_disagreeing_copi
 
 
 def test_resume_skips_done_layers_and_refuses_a_changed_recipe(tiny, data_dir, tmp_path, monkeypatch):
-    import layerzo.tune.loop as train
+    import layerzo.sweep.run as sweep_mod
 
     out = tmp_path / "s"
     run_sweep(_config(data_dir, layers="0-1", full=False), out, loaded=tiny, progress=False)
@@ -149,8 +148,8 @@ def test_resume_skips_done_layers_and_refuses_a_changed_recipe(tiny, data_dir, t
         run_sweep(_config(data_dir, layers="0-1", full=False), out, loaded=tiny, progress=False)
 
     ran = []
-    real_tune = train.tune
-    monkeypatch.setattr(train, "tune", lambda config, *a, **k: ran.append(config.layers) or real_tune(config, *a, **k))
+    real_tune = sweep_mod.tune
+    monkeypatch.setattr(sweep_mod, "tune", lambda config, *a, **k: ran.append(config.layers) or real_tune(config, *a, **k))
     doc = run_sweep(_config(data_dir, layers="0-2", full=False), out, resume=True, loaded=tiny, progress=False)
     assert ran == ["2"]
     assert [r["layer"] for r in doc["tasks"]["sst2"]["layers"]] == [0, 1, 2]
@@ -180,7 +179,7 @@ def test_layer_ranges_and_bad_configs():
         SweepConfig(full_lr=-1.0)
     with pytest.raises(ConfigError, match="twice"):
         SweepConfig(tasks=("sst2", "sst2"))
-    assert SweepConfig(lr=3e-3).resolved_full_lr(30) == pytest.approx(1e-4)
+    assert SweepConfig.from_dict({"lr": 3e-3}).resolved_full_lr(30) == pytest.approx(1e-4)
 
 
 def test_rank_and_verdict_name_the_profiled_layer_and_the_gap():

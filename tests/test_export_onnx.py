@@ -1,7 +1,8 @@
-"""ONNX export: dynamic axes, padded verification, corruption detection, atomic output and the CLI.
+"""layerzo.export.onnx: dynamic axes, both exporters, atomic output, loading base + patch, and the CLI.
 
 One dynamo export of a tiny Llama is shared by the module (it is the slow
-part); the other cases use the much faster TorchScript exporter.
+part); the other cases use the much faster TorchScript exporter. The checks of
+an exported graph against PyTorch are in test_export_verify.py.
 """
 
 from __future__ import annotations
@@ -13,12 +14,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import typer
 from typer.testing import CliRunner
 
 from conftest import make_tiny_model
-from layerzo.export import onnx as ex
 from layerzo.errors import ConfigError, ExportError, OutputExistsError
-from layerzo.export.onnx import ExportConfig, export_model, export_onnx, verify_onnx
+from layerzo.export import onnx as ex
+from layerzo.export.onnx import (
+    ExportConfig,
+    check_export_format,
+    export_checkpoint,
+    export_model,
+    export_onnx,
+)
+from layerzo.export.verify import INPUT_NAMES, OUTPUT_NAME, logits_only, make_verification_inputs, verify_onnx
+from patch_helpers import make_patch
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +73,8 @@ def test_graph_has_two_dynamic_inputs_and_one_output(llama_export):
 
     _, _, report = llama_export
     graph = onnx.load(report.onnx_path, load_external_data=False).graph
-    assert [i.name for i in graph.input] == list(ex.INPUT_NAMES)
-    assert [o.name for o in graph.output] == [ex.OUTPUT_NAME]
+    assert [i.name for i in graph.input] == list(INPUT_NAMES)
+    assert [o.name for o in graph.output] == [OUTPUT_NAME]
     for value in graph.input:
         dims = value.type.tensor_type.shape.dim
         assert len(dims) == 2 and all(d.dim_param and not d.dim_value for d in dims)
@@ -73,11 +83,11 @@ def test_graph_has_two_dynamic_inputs_and_one_output(llama_export):
 @pytest.mark.parametrize("batch,seq_len", [(1, 5), (5, 41)])
 def test_axes_are_really_dynamic(llama_export, batch, seq_len):
     model, tokenizer, report = llama_export
-    inputs = ex.make_verification_inputs(model, tokenizer, max(batch, 2), seq_len, seed=batch)
+    inputs = make_verification_inputs(model, tokenizer, max(batch, 2), seq_len, seed=batch)
     input_ids, attention_mask = (t[:batch] for t in inputs)
     logits = _ort_logits(report.onnx_path, input_ids, attention_mask)
     with torch.inference_mode():
-        reference = ex.logits_only(model)(input_ids, attention_mask).numpy()
+        reference = logits_only(model)(input_ids, attention_mask).numpy()
     assert logits.shape == (batch, seq_len, model.config.vocab_size)
     real = attention_mask.bool().numpy()
     assert np.abs(logits[real] - reference[real]).max() <= 1e-3
@@ -92,17 +102,6 @@ def test_left_padding_matches_unpadded_row(llama_export):
     alone = _ort_logits(report.onnx_path, ids, torch.ones_like(ids))
     padded = _ort_logits(report.onnx_path, padded_ids, mask)
     np.testing.assert_allclose(padded[:, 4:], alone, atol=1e-4)
-
-
-def test_changed_weights_fail_verification(llama_export):
-    model, tokenizer, report = llama_export
-    tampered = make_tiny_model("llama", num_layers=2, seed=3)
-    with torch.no_grad():
-        tampered.model.layers[1].mlp.down_proj.weight.mul_(3.0)
-    with pytest.raises(ExportError, match=r"max \|dlogits\|"):
-        verify_onnx(report.onnx_path, tampered, tokenizer, batch=4, seq_len=11)
-    # the untouched model still passes at that shape
-    assert verify_onnx(report.onnx_path, model, tokenizer, batch=4, seq_len=11).passed
 
 
 def test_failed_verification_leaves_no_output(tmp_path, monkeypatch):
@@ -169,13 +168,6 @@ def test_config_validation_names_bad_value(kwargs, match):
         ExportConfig(**kwargs)
 
 
-def test_verification_inputs_pad_both_sides(tokenizer):
-    model = make_tiny_model("llama")
-    input_ids, mask = ex.make_verification_inputs(model, tokenizer, 4, 10)
-    assert mask[0].all() and not mask[1, 0] and mask[1, -1] and mask[2, 0] and not mask[2, -1]
-    assert (mask.sum(-1) >= 1).all() and (input_ids[mask == 0] == tokenizer.pad_token_id).all()
-
-
 # -- CLI -----------------------------------------------------------------------------------------------------------
 
 
@@ -215,3 +207,61 @@ def test_cli_unknown_format_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["export", "--format", "tflite", "-o", str(tmp_path / "x")])
     assert result.exit_code == 1 and "tflite" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_export_onnx_has_every_option_but_format():
+    """export-onnx is export without --format: same options, same defaults, its own help line."""
+    from layerzo.cli.main import app
+
+    def options(command):
+        ctx = typer.main.get_command(app).commands[command]
+        return {p.name: (tuple(p.opts), p.default) for p in ctx.params}
+
+    export, export_onnx_opts = options("export"), options("export-onnx")
+    assert export.pop("format") == (("--format", "-f"), "onnx")
+    assert export_onnx_opts == export and len(export) == 15
+    assert export["opset"] == (("--opset",), 18) and export["verify_len"] == (("--verify-len",), 23)
+    result = CliRunner().invoke(app, ["export-onnx", "--help"])
+    assert result.exit_code == 0 and "verify it with ONNX Runtime" in result.stdout and "--format" not in result.stdout
+    assert CliRunner().invoke(app, ["export-onnx", "--format", "onnx", "-o", "x"]).exit_code == 2
+
+
+# -- export_checkpoint: what the CLI calls -------------------------------------------------------------------------
+
+
+def test_check_export_format():
+    assert check_export_format("ONNX") == "onnx"
+    with pytest.raises(ConfigError, match="'tflite'.*onnx"):
+        check_export_format("tflite")
+
+
+def test_export_checkpoint_refuses_before_loading(tmp_path):
+    """A bad format or a taken output fails at once: the (missing) base is never loaded."""
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    stages: list[str] = []
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(OutputExistsError, match="already exists"):
+        export_checkpoint(taken, missing, progress=stages.append)
+    with pytest.raises(ConfigError, match="tflite"):
+        export_checkpoint(tmp_path / "free", missing, fmt="tflite", progress=stages.append)
+    assert stages == [] and list(taken.iterdir()) == [] and not (tmp_path / "free").exists()
+
+
+def test_export_checkpoint_applies_the_patch(tmp_path, tiny_checkpoint):
+    from layerzo.model.loading import load_model
+
+    base = load_model(tiny_checkpoint).model
+    patch_dir = make_patch(base, layer=1, scale=0.5, seed=4).save_pretrained(tmp_path / "patch")
+    stages: list[str] = []
+    report = export_checkpoint(tmp_path / "out", tiny_checkpoint, patch_dir,
+                               ExportConfig(exporter="torchscript", opset=17, latency_runs=1), progress=stages.append)
+    assert stages == ["loading model", "exporting to ONNX (opset 17) and verifying with ONNX Runtime"]
+    assert report.source == {"base_model": str(tiny_checkpoint), "revision": None, "patch": str(patch_dir)}
+    assert report.verify.passed and (tmp_path / "out" / "tokenizer.json").is_file()
+    ids = torch.randint(0, base.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    exported = _ort_logits(report.onnx_path, ids, mask)
+    with torch.inference_mode():
+        unpatched = logits_only(base)(ids, mask).numpy()
+    assert np.abs(exported - unpatched).max() > 1e-2  # the graph carries the patch, not the base

@@ -100,7 +100,7 @@ def one_process_group(tmp_path):
 def test_one_rank_group_step_equals_engine_step(one_process_group):
     """Through a real all_gather (1 rank, q=2 per rank) the step equals zo_step with q=2, bit for bit."""
     dp = one_process_group
-    config = ZOConfig(lr=0.05, eps=1e-3, q=2, weight_decay=0.1, momentum=0.5, total_steps=3)
+    config = ZOConfig(lr=0.05, eps=1e-3, q=2, weight_decay=0.1, momentum=0.5)
     model_a, pa = _tiny_params()
     model_b, pb = _tiny_params()
     sa, sb = ZOState(), ZOState()
@@ -127,7 +127,7 @@ def test_one_rank_group_collectives(one_process_group, tiny_llama):
 
 def test_emulated_full_batch_ranks_equal_q_directions():
     """W virtual ranks on the same batch, q per rank == one process with q·W (same seeds, same order)."""
-    config = ZOConfig(lr=0.05, q=1, total_steps=4, weight_decay=0.1)
+    config = ZOConfig(lr=0.05, q=1, weight_decay=0.1)
     model_a, pa = _tiny_params()
     model_b, pb = _tiny_params()
     sa, sb = ZOState(), ZOState()
@@ -135,15 +135,14 @@ def test_emulated_full_batch_ranks_equal_q_directions():
         for step_seed in (5, 6):
             fa = _synthetic_loss(model_a, step_seed)
             ra = emulate_step(pa, [fa, fa, fa], step_seed, config, sa)
-            rb = zo_step(pb, _synthetic_loss(model_b, step_seed), step_seed, ZOConfig(lr=0.05, q=3, total_steps=4,
-                                                                                  weight_decay=0.1), sb)
+            rb = zo_step(pb, _synthetic_loss(model_b, step_seed), step_seed, ZOConfig(lr=0.05, q=3, weight_decay=0.1), sb)
             assert ra.seeds == rb.seeds == direction_seeds(step_seed, 3)
             assert ra.grads == rb.grads
     _assert_same_tensors(pa.state(), pb.state())
 
 
 def test_non_finite_loss_on_one_rank_rejects_the_whole_step():
-    config = ZOConfig(lr=0.05, q=1, total_steps=2, max_bad_steps=2)
+    config = ZOConfig(lr=0.05, q=1, max_bad_steps=2)
     _, params = _tiny_params()
     before, state = params.state(), ZOState()
     result = step_from_losses(params, [1.0, 0.5, math.nan, 0.7], 99, ZOConfig(lr=0.05, q=2, max_bad_steps=2), state)
@@ -228,7 +227,7 @@ def _steps_on(loaded, layer: int, steps: int = 2) -> dict:
     params = TunedParams.from_model(loaded.model, layer_parameter_names(loaded.model, loaded.layout, layer))
     ids = torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
     loss = lambda: float(loaded.model(input_ids=ids).logits.float().pow(2).mean())  # noqa: E731
-    config, state = ZOConfig(lr=0.05, q=2, total_steps=steps), ZOState()
+    config, state = ZOConfig(lr=0.05, q=2), ZOState()
     with torch.no_grad():
         for s in range(steps):
             assert zo_step(params, loss, s, config, state).applied
@@ -287,7 +286,7 @@ def test_torchrun_two_ranks_match_single_process_q2(tiny_llama_dir, data_dir, tm
 
     names = json.loads((dist_out / "results.json").read_text())["names"]
     base, replayed = _base_and_replayed(tiny_llama_dir, dist_out, names,
-                                        ZOConfig(lr=1e-2, weight_decay=0.01, q=2, total_steps=3))
+                                        ZOConfig(lr=1e-2, weight_decay=0.01, q=2))
     assert any(not torch.equal(base[n], dist_w[n]) for n in names), "training never moved the weights"
     _assert_same_tensors(replayed, dist_w)
 

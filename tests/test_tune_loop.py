@@ -13,8 +13,11 @@ from typer.testing import CliRunner
 from layerzo.errors import ConfigError, DivergenceError, LayerIndexError, OutputExistsError
 from layerzo.core.hashing import tensor_sha256
 from layerzo.model.loading import load_model
-from layerzo.patch.format import MANIFEST_NAME, TRAJECTORY_NAME, WEIGHTS_NAME, LayerPatch
-from layerzo.tune.loop import METRICS_NAME, TuneConfig, train_batches, tune
+from layerzo.patch.format import LayerPatch
+from layerzo.patch.manifest import MANIFEST_NAME, TRAJECTORY_NAME, WEIGHTS_NAME
+from layerzo.tune.loop import METRICS_NAME, tune
+from layerzo.tune.config import TuneConfig
+from layerzo.tune.batches import train_batches
 from layerzo.zo.engine import TunedParams, replay_trajectory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _config(tiny_llama_dir, data_dir, **kw) -> TuneConfig:
     base = dict(model=str(tiny_llama_dir), data_dir=str(data_dir), layers="2", steps=4, batch_size=4,
                 eval_every=2, num_train=16, num_dev=8, num_test=8, lr=1e-3, eps=1e-2)
-    return TuneConfig(**{**base, **kw})
+    return TuneConfig.from_dict(dict(**{**base, **kw}))
 
 
 def _keys(patch_dir: Path) -> list[str]:
@@ -64,7 +67,7 @@ def test_same_seed_gives_byte_identical_patch_and_replay_rebuilds_it(tiny_llama_
     base = load_model(str(tiny_llama_dir)).model
     params = TunedParams.from_model(base, patch.manifest.metrics["replay"]["tensor_order"])
     assert not all(torch.equal(t, patch.tensors[n]) for n, t in zip(params.names, params.tensors))
-    replay_trajectory(params, patch.trajectory, cfg.zo_config())
+    replay_trajectory(params, patch.trajectory, cfg.zo)
     for n, t in zip(params.names, params.tensors):
         assert torch.equal(t, patch.tensors[n]), n
 
@@ -130,7 +133,7 @@ def test_train_batches_are_seeded_epochs():
                                        ({"batch_size": 1.5}, "batch_size")])
 def test_bad_config_is_named(kw, match):
     with pytest.raises(ConfigError, match=match):
-        TuneConfig(**kw)
+        TuneConfig.from_dict(kw)
 
 
 def test_cli_options_override_the_recipe(tiny_llama_dir, data_dir, tmp_path):
@@ -172,7 +175,7 @@ def test_eval_set_with_stored_lower_layers_matches_plain_accuracy(tokenizer, dat
     from layerzo.model.layers import find_layer_layout, get_layer
     from layerzo.data.scoring import accuracy
     from layerzo.data.tasks import load_task
-    from layerzo.tune.loop import EvalSet
+    from layerzo.tune.batches import EvalSet
 
     model = make_tiny_model("llama", seed=2)
     layout = find_layer_layout(model)

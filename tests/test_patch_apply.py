@@ -17,7 +17,8 @@ from conftest import make_tiny_model
 from layerzo.cli.main import app
 from layerzo.errors import BaseMismatchError
 from layerzo.patch.apply import PROVENANCE_NAME, apply_patch, apply_to_model, map_keys
-from layerzo.patch.format import MANIFEST_NAME, TRAJECTORY_NAME, WEIGHTS_NAME, LayerPatch, TrajectoryStep
+from layerzo.patch.format import LayerPatch
+from layerzo.patch.manifest import MANIFEST_NAME, TRAJECTORY_NAME, WEIGHTS_NAME, TrajectoryStep
 from layerzo.io.safetensors import read_header
 from patch_helpers import copy_tokenizer, edit_manifest, make_patch, replace_weights, reseal
 
@@ -319,7 +320,7 @@ def test_in_memory_mismatch_is_refused(base_model, tiny_llama_dir):
 # ---------------------------------------------------------------------------- lora + replay
 def test_lora_patch_merges_alpha_over_r_b_at_a(base_model, tiny_llama_dir, tmp_path):
     from layerzo.core.hashing import tensor_sha256
-    from layerzo.patch.format import PatchManifest
+    from layerzo.patch.manifest import PatchManifest
 
     gen = torch.Generator().manual_seed(0)
     tensors, fingerprint = {}, {}
@@ -350,7 +351,7 @@ def _zo_patch(base_model, tiny_llama_dir, steps=3):
     model = load_dir(tiny_llama_dir)
     names = layer_parameter_names(model, find_layer_layout(model), 1)
     base = make_patch(model, 1, scale=0.0, base_model=str(tiny_llama_dir))
-    config = ZOConfig(lr=1e-2, eps=1e-3, weight_decay=0.1, q=2, momentum=0.5, total_steps=steps)
+    config = ZOConfig(lr=1e-2, eps=1e-3, weight_decay=0.1, q=2, momentum=0.5)
     params, state, trajectory = TunedParams.from_model(model, names), ZOState(), []
     for step in range(steps):
         result = zo_step(params, lambda: float(model(IDS).logits.pow(2).mean()), 1000 + step, config, state)
@@ -414,11 +415,12 @@ def test_demo_gguf_base_round_trip(demo_model, tmp_path):
 def test_patch_from_layerzo_tune_applies_and_replays(tiny_llama_dir, data_dir, tmp_path):
     """End to end through the tune engineer's train.py: tune -> patch -> apply -> same logits; replay exact."""
     from layerzo.patch.replay import replay_patch
-    from layerzo.tune.loop import TuneConfig, tune
+    from layerzo.tune.loop import tune
+    from layerzo.tune.config import TuneConfig
 
-    config = TuneConfig(task="sst2", model=str(tiny_llama_dir), data_dir=str(data_dir), layers="2", steps=3,
+    config = TuneConfig.from_dict(dict(task="sst2", model=str(tiny_llama_dir), data_dir=str(data_dir), layers="2", steps=3,
                         batch_size=2, lr=1e-2, num_train=8, num_dev=0, num_test=4, eval_every=3, max_length=64,
-                        cache_lower_layers=False)
+                        cache_lower_layers=False))
     patch_dir = tmp_path / "tuned"
     tune(config, patch_dir, progress=False)
     patch = LayerPatch.from_pretrained(patch_dir)

@@ -135,12 +135,13 @@ def test_momentum_accumulates_previous_directions():
 
 
 def test_linear_schedule_decays_to_zero():
-    cfg = zo.ZOConfig(lr=1.0, lr_schedule="linear", total_steps=4)
-    assert [zo.lr_at(cfg, s) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
-    assert zo.lr_at(zo.ZOConfig(lr=0.5, total_steps=4), 3) == 0.5
+    cfg = zo.ZOConfig(lr=1.0, lr_schedule="linear")
+    assert [zo.lr_at(cfg, s, 4) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert zo.lr_at(zo.ZOConfig(lr=0.5), 3, 4) == 0.5
     _, _, params, _, loss = _setup()
     state = zo.ZOState()
-    lrs = [zo.zo_step(params, loss, s, zo.ZOConfig(lr=1e-3, lr_schedule="linear", total_steps=2), state).lr
+    lrs = [zo.zo_step(params, loss, s, zo.ZOConfig(lr=1e-3, lr_schedule="linear"), state,
+                      total_steps=2).lr
            for s in range(2)]
     assert lrs == [1e-3, 5e-4]
 
@@ -214,7 +215,7 @@ def test_z_cache_budget_decides_between_one_draw_and_the_seed_trick(monkeypatch,
     real = zo.direction
     monkeypatch.setattr(zo, "direction", lambda t, s, cache=None: (draws.append(s) if cache is None else None)
                         or real(t, s, cache))
-    zo.zo_step(params, loss, 5, zo.ZOConfig(lr=1e-3, eps=1e-3, z_cache_max_bytes=budget), zo.ZOState())
+    zo.zo_step(params, loss, 5, zo.ZOConfig(lr=1e-3, eps=1e-3), zo.ZOState(), z_cache_max_bytes=budget)
     assert len(draws) == draws_per_tensor * len(params.tensors)  # +eps, -eps, update: once kept, else 3 times
 
 
@@ -223,8 +224,11 @@ def test_z_cache_budget_is_an_eighth_of_the_model_weights():
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     assert zo.z_cache_budget(model) == total // 8
     assert zo.z_cache_budget(model.to(torch.bfloat16)) == total // 16  # bytes, not weights
+    _, _, params, _, loss = _setup()
     with pytest.raises(ConfigError, match="z_cache_max_bytes"):
-        zo.ZOConfig(lr=1e-3, z_cache_max_bytes=-1)
+        zo.zo_step(params, loss, 1, zo.ZOConfig(lr=1e-3), zo.ZOState(), z_cache_max_bytes=-1)
+    with pytest.raises(ConfigError, match="total_steps"):
+        zo.zo_step(params, loss, 1, zo.ZOConfig(lr=1e-3), zo.ZOState(), total_steps=0)
 
 
 def test_bf16_model_with_fp32_master_moves_the_weights():

@@ -11,16 +11,8 @@ import yaml
 
 from conftest import make_tiny_model
 from layerzo.errors import OutputExistsError, PatchError, PatchFormatError
-from layerzo.patch.format import (
-    CARD_NAME,
-    FORMAT_VERSION,
-    MANIFEST_NAME,
-    TRAJECTORY_NAME,
-    WEIGHTS_NAME,
-    LayerPatch,
-    PatchManifest,
-    TrajectoryStep,
-)
+from layerzo.patch.format import LayerPatch
+from layerzo.patch.manifest import CARD_NAME, FORMAT_VERSION, MANIFEST_NAME, TRAJECTORY_NAME, WEIGHTS_NAME, PatchManifest, TrajectoryStep
 from layerzo.io.safetensors import check_file_name, read_header
 from patch_helpers import edit_manifest, make_patch, replace_weights, reseal
 

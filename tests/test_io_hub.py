@@ -13,8 +13,9 @@ from conftest import make_tiny_model
 from hub_server import FakeHub
 from layerzo.cli.main import app
 from layerzo.errors import HubError, OfflineError
-from layerzo.io.hub import pull_patch, push_patch
-from layerzo.patch.format import CARD_NAME, MANIFEST_NAME, PATCH_FILES, TRAJECTORY_NAME, WEIGHTS_NAME, LayerPatch, TrajectoryStep
+from layerzo.patch.source import pull_patch, push_patch
+from layerzo.patch.format import LayerPatch
+from layerzo.patch.manifest import CARD_NAME, MANIFEST_NAME, PATCH_FILES, TRAJECTORY_NAME, WEIGHTS_NAME, TrajectoryStep
 from patch_helpers import make_patch
 
 TOKEN = "hf_layerzoTEST0123456789secretTOKEN"

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from conftest import make_tiny_model
 from layerzo.data import scoring
 from layerzo.errors import ConfigError, DataRowError
-from layerzo.data.tasks import Example, load_task
+from layerzo.data.spec import Example
+from layerzo.data.tasks import load_task
 
 
 @pytest.fixture(scope="module")

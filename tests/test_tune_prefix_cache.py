@@ -1,4 +1,4 @@
-"""Frozen lower layers shared ACROSS runs (layerzo.tune.prefix_cache.shared_lower_outputs), as a sweep uses them."""
+"""Frozen lower layers shared ACROSS runs (a layerzo.tune.prefix_cache.SharedLowerOutputs), as a sweep uses them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from conftest import make_tiny_model
 from layerzo.model.layers import find_layer_layout, get_layer
-from layerzo.tune.prefix_cache import cached_lower_layers, shared_lower_outputs
+from layerzo.tune.prefix_cache import SharedLowerOutputs, cached_lower_layers
 
 
 def _batch(seed: int) -> SimpleNamespace:
@@ -30,13 +30,13 @@ def test_a_deeper_run_starts_from_the_shallower_runs_output_and_matches_the_plai
     with torch.no_grad():
         plain = {k: model(input_ids=x.input_ids).logits for k, x in (("a", a), ("b", b))}
         calls = _counting(model, layout, 4)
-        with shared_lower_outputs(model) as shared:
-            for first in (1, 3):  # run "layer 1", then run "layer 3", each with two forwards per batch
-                for key, x in (("a", a), ("b", b)):
-                    with cached_lower_layers(model, layout, first, batch=x):
-                        for _ in range(2):
-                            assert torch.equal(model(input_ids=x.input_ids).logits, plain[key])
-            assert shared.bytes > 0
+        shared = SharedLowerOutputs()
+        for first in (1, 3):  # run "layer 1", then run "layer 3", each with two forwards per batch
+            for key, x in (("a", a), ("b", b)):
+                with cached_lower_layers(model, layout, first, batch=x, shared=shared):
+                    for _ in range(2):
+                        assert torch.equal(model(input_ids=x.input_ids).logits, plain[key])
+        assert shared.bytes > 0
     # layer 0 ran once per batch (run 1) and never again: run 3 started from its kept output and ran layers
     # 1-2 once per batch (2 more each on top of run 1's 4 forwards); without sharing layer 0 would show 4
     assert calls == [2, 6, 6, 8]
@@ -50,21 +50,21 @@ def test_a_run_below_the_cached_level_and_a_full_cache_fall_back_to_the_plain_pa
     with torch.no_grad():
         plain = model(input_ids=x.input_ids).logits
         calls = _counting(model, layout, 4)
-        with shared_lower_outputs(model):
-            for first in (3, 1):  # the level-3 entry cannot serve a run that tunes layer 1
-                with cached_lower_layers(model, layout, first, batch=x):
-                    assert torch.equal(model(input_ids=x.input_ids).logits, plain)
+        shared = SharedLowerOutputs()
+        for first in (3, 1):  # the level-3 entry cannot serve a run that tunes layer 1
+            with cached_lower_layers(model, layout, first, batch=x, shared=shared):
+                assert torch.equal(model(input_ids=x.input_ids).logits, plain)
         assert calls == [2, 2, 2, 2]
         for max_bytes, expected in ((2**30, [1, 2, 2, 2]), (0, [2, 2, 2, 2])):  # kept / nothing fits: recomputed
             calls[:] = [0] * 4
-            with shared_lower_outputs(model, max_bytes=max_bytes) as shared:
-                for first in (1, 2):
-                    with cached_lower_layers(model, layout, first, batch=x):
-                        assert torch.equal(model(input_ids=x.input_ids).logits, plain)
-                assert (shared.bytes > 0) == (max_bytes > 0)
+            shared = SharedLowerOutputs(max_bytes=max_bytes)
+            for first in (1, 2):
+                with cached_lower_layers(model, layout, first, batch=x, shared=shared):
+                    assert torch.equal(model(input_ids=x.input_ids).logits, plain)
+            assert (shared.bytes > 0) == (max_bytes > 0)
             assert calls == expected
         calls[:] = [0] * 4
-        with cached_lower_layers(model, layout, 2, batch=x):  # outside a shared block: nothing is kept
+        with cached_lower_layers(model, layout, 2, batch=x):  # no shared store: nothing is kept
             model(input_ids=x.input_ids)
         with cached_lower_layers(model, layout, 2, batch=x):
             model(input_ids=x.input_ids)

@@ -9,14 +9,34 @@ import pytest
 
 from layerzo.errors import ConfigError
 from layerzo.tune.config import build_config, dump_recipe, load_recipe, recipe_fields, validate_recipe
-from layerzo.tune.loop import TuneConfig
+from layerzo.tune.config import TuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 
-def test_recipe_fields_are_the_config_fields():
-    assert recipe_fields() == tuple(f.name for f in dataclasses.fields(TuneConfig))
+def test_recipe_fields_are_the_config_fields_with_the_zo_fields_in_place():
+    from layerzo.zo.engine import ZOConfig
+
+    own = [f.name for f in dataclasses.fields(TuneConfig)]
+    zo = [f.name for f in dataclasses.fields(ZOConfig)]
+    at = own.index("zo")
+    assert recipe_fields() == tuple(own[:at] + zo + own[at + 1:])
+    # each field is defined once: a ZO key is not also a TuneConfig field
+    assert not set(zo) & set(own)
+
+
+def test_flat_dict_round_trips_and_replace_changes_one_key():
+    config = TuneConfig.from_dict({"lr": 3e-4, "steps": 7, "momentum": 0.5, "layers": "2"})
+    assert config.zo.lr == 3e-4 and config.zo.momentum == 0.5 and config.steps == 7
+    assert TuneConfig.from_dict(config.to_dict()) == config
+    assert list(config.to_dict()) == list(recipe_fields())
+    assert config.replace(eps=1e-2).zo.eps == 1e-2 and config.replace(eps=1e-2).zo.lr == 3e-4
+    with pytest.raises(ConfigError, match="unknown config key 'lrr'") as info:
+        TuneConfig.from_dict({"lrr": 1.0})
+    assert "'lr'" in info.value.one_line()
+    with pytest.raises(ConfigError, match="momentum"):
+        TuneConfig.from_dict({"momentum": 1.5})
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -24,8 +44,9 @@ def test_shipped_recipes_load_into_a_config(path):
     data = load_recipe(path)
     config = build_config(data)
     assert config.layers == "dominant" and config.task == "sst2"
+    flat = config.to_dict()
     for key, value in data.items():
-        assert getattr(config, key) == value
+        assert flat[key] == value
 
 
 def test_shipped_recipes_cover_the_three_models():
@@ -58,11 +79,11 @@ def test_bad_values_are_named(data, match):
 
 def test_options_override_recipe_override_defaults():
     config = build_config({"steps": 50, "lr": 1e-3}, {"steps": 7, "eps": None})
-    assert (config.steps, config.lr, config.eps) == (7, 1e-3, TuneConfig().eps)
+    assert (config.steps, config.zo.lr, config.zo.eps) == (7, 1e-3, TuneConfig().zo.eps)
 
 
 def test_dump_and_load_round_trip(tmp_path):
-    config = TuneConfig(steps=12, lr=3e-4, layers="3,7", lora=True, model="org/name", max_abs_grad=None)
+    config = TuneConfig.from_dict(dict(steps=12, lr=3e-4, layers="3,7", lora=True, model="org/name", max_abs_grad=None))
     path = dump_recipe(config, tmp_path / "sub" / "r.yaml")
     assert build_config(load_recipe(path)) == config
     assert not list(path.parent.glob(".*tmp"))

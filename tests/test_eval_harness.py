@@ -1,35 +1,20 @@
-"""layerzo eval: offline lm-eval task files, the harness run on base and base + patch,
-the report (table rows, JSON, model-card section) and the CLI's one-line errors."""
+"""layerzo eval: the harness run on base and base + patch (layerzo's prompts and scores), the seed
+taken from the patch, and the CLI's one-line errors. ``small_data_dir`` is shared with test_eval_tasks."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import types
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from conftest import make_tiny_model
-from layerzo.errors import EvalError
-from layerzo.eval.report import (
-    CARD_SECTION_TITLE,
-    PER_TOKEN_METRIC,
-    EvalReport,
-    Metric,
-    TaskResult,
-    card_section,
-    replace_section,
-    save_json,
-    write_card_section,
-)
-from layerzo.eval.tasks import (
-    check_data_dir,
-    check_harness_tasks,
-    harness_task_name,
-    parse_tasks,
-    write_task_dir,
-)
+from layerzo.eval.harness import resolve_seed
+from layerzo.eval.report import CARD_SECTION_TITLE, PER_TOKEN_METRIC
+from layerzo.eval.tasks import harness_task_name
 from layerzo.data.tasks import TASK_NAMES, load_task
 from patch_helpers import make_patch
 
@@ -48,51 +33,6 @@ def small_data_dir(tmp_path_factory, data_dir) -> Path:
             lines = (src / f"{split}.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
             (out / task / f"{split}.jsonl").write_text("".join(lines[:ROWS]), encoding="utf-8")
     return out
-
-
-# ------------------------------------------------------------------ task names and files
-
-
-def test_parse_tasks_splits_layerzo_and_harness_names():
-    sel = parse_tasks("sst2, layerzo_rte,hellaswag,SST2,,arc_easy")
-    assert sel.offline == ("sst2", "rte")
-    assert sel.harness == ("hellaswag", "arc_easy")
-    assert sel.harness_names == ("layerzo_sst2", "layerzo_rte", "hellaswag", "arc_easy")
-    assert sel.display_name("layerzo_rte") == "rte" and sel.display_name("hellaswag") == "hellaswag"
-    with pytest.raises(EvalError, match="no tasks"):
-        parse_tasks(" , ")
-
-
-@pytest.mark.parametrize("name, suggestion", [("sst3", "sst2"), ("hellaswg", "hellaswag"), ("mulitrc", "multirc")])
-def test_unknown_task_suggests_the_closest_name(name, suggestion):
-    with pytest.raises(EvalError, match=f"unknown task '{name}'; did you mean '{suggestion}'"):
-        check_harness_tasks([name], known={"hellaswag", "arc_easy", "layerzo_sst2"})
-    check_harness_tasks(["hellaswag"], known={"hellaswag"})  # known names pass
-
-
-def test_missing_split_is_named(tmp_path):
-    (tmp_path / "rte").mkdir()
-    (tmp_path / "rte" / "train.jsonl").write_text("{}\n")
-    with pytest.raises(EvalError, match=r"no rte/validation\.jsonl"):
-        check_data_dir(["rte"], tmp_path)
-    with pytest.raises(EvalError, match="does not exist"):
-        check_data_dir(["rte"], tmp_path / "nowhere")
-
-
-def test_task_files_point_to_absolute_data_files(tmp_path, small_data_dir):
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    out = write_task_dir(["sst2", "copa"], tmp_path / "tasks", data_dir=small_data_dir, seed=3, num_test=7)
-    cfg = load_yaml(out / "layerzo_copa.yaml", resolve_func=False)
-    assert cfg["task"] == harness_task_name("copa") == "layerzo_copa"
-    files = cfg["dataset_kwargs"]["data_files"]
-    assert Path(files["validation"]).is_absolute() and Path(files["validation"]) == small_data_dir.resolve() / "copa/validation.jsonl"
-    assert cfg["dataset_path"] == "json" and cfg["test_split"] == "validation"
-    assert cfg["target_delimiter"] == "" and cfg["output_type"] == "multiple_choice"
-    assert cfg["process_docs"].endswith("utils.process_docs_copa")
-    assert json.loads((out / "layerzo_eval.json").read_text()) == {
-        "data_dir": str(small_data_dir.resolve()), "seed": 3, "num_test": 7}
-    assert not (out / "layerzo_rte.yaml").exists()  # only the asked-for tasks
 
 
 # ------------------------------------------------------------------ the harness builds layerzo's prompts
@@ -131,42 +71,22 @@ def test_every_offline_task_runs_layerzo_prompts_through_the_harness(small_data_
     assert run.results["sst2"].metrics["acc"].value == run.results["sst2"].metrics[PER_TOKEN_METRIC].value
 
 
-# ------------------------------------------------------------------ report, JSON, card
+# ------------------------------------------------------------------ the seed
 
 
-def _report(patched: bool = True) -> EvalReport:
-    def result(acc: float) -> dict[str, TaskResult]:
-        return {"sst2": TaskResult("sst2", "layerzo_sst2", 200, {"acc": Metric(acc, 0.03), PER_TOKEN_METRIC: Metric(acc)})}
-
-    return EvalReport(tasks=("sst2",), base_model="tiny/llama", base=result(0.5), patched=result(0.75) if patched else None,
-                      settings={"limit": 200, "num_fewshot": 0, "seed": 0}, lm_eval_version="0.4.x",
-                      layerzo_version="0.1.0")
+def _with_recipe(recipe: dict):
+    """Just what resolve_seed reads of a LayerPatch."""
+    return types.SimpleNamespace(manifest=types.SimpleNamespace(recipe=recipe))
 
 
-def test_report_rows_and_json(tmp_path):
-    rows = _report().rows()
-    assert [(r.task, r.metric) for r in rows] == [("sst2", "acc"), ("sst2", PER_TOKEN_METRIC)]
-    assert rows[0].delta == pytest.approx(0.25)
-    assert _report(patched=False).rows()[0].delta is None
-    data = json.loads(save_json(_report(), tmp_path / "r.json").read_text())
-    assert data["results"]["sst2"]["metrics"]["acc"] == {
-        "base": 0.5, "base_stderr": 0.03, "patched": 0.75, "patched_stderr": 0.03, "delta": 0.25}
-    assert data["limit"] == 200 and data["lm_eval_version"] == "0.4.x"
-
-
-def test_card_section_is_added_once_and_replaced(tmp_path):
-    card = tmp_path / "README.md"
-    card.write_text("---\nlicense: apache-2.0\n---\n# patch\n\nintro\n\n## Usage\n\nuse it\n")
-    write_card_section(card, _report())
-    first = card.read_text()
-    assert first.count(CARD_SECTION_TITLE) == 1 and "## Usage\n\nuse it" in first and "0.7500" in first
-    write_card_section(card, _report(patched=False))
-    second = card.read_text()
-    assert second.count(CARD_SECTION_TITLE) == 1 and "0.7500" not in second
-    assert second.startswith(first[: first.index(CARD_SECTION_TITLE)])
-    # a section in the middle keeps what follows it
-    middle = replace_section(f"# t\n\n{CARD_SECTION_TITLE}\n\nold\n\n## Next\n\nkeep\n", card_section(_report()))
-    assert "old" not in middle and middle.endswith("## Next\n\nkeep\n")
+def test_resolve_seed_prefers_the_given_seed_then_the_patch_recipe():
+    assert resolve_seed(None) == 0
+    assert resolve_seed(5) == 5
+    assert resolve_seed(None, make_patch(make_tiny_model("llama", num_layers=2), layer=1)) == 0  # no seed recorded
+    assert resolve_seed(None, _with_recipe({"seed": 7})) == 7
+    assert resolve_seed(3, _with_recipe({"seed": 7})) == 3 and resolve_seed(0, _with_recipe({"seed": 7})) == 0
+    for bad in (-1, "7", True, 2.0):  # not an integer >= 0: as if absent
+        assert resolve_seed(None, _with_recipe({"seed": bad})) == 0, bad
 
 
 # ------------------------------------------------------------------ the CLI

@@ -1,0 +1,111 @@
+"""The shared task types: a row, an example, a task's splits and the spec that turns rows into examples.
+
+Built-in tasks (:mod:`layerzo.data.tasks`) and user YAML tasks
+(:mod:`layerzo.data.user_tasks`) both build :class:`TaskSpec` s; neither
+imports the other's module for these types.
+
+``Example.context + Example.candidates[i]`` is exactly MeZO's verbalized text
+for candidate ``i``; ``candidates[label]`` is the correct one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from layerzo.data import templates
+from layerzo.errors import DataRowError, TaskError
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Example:
+    context: str  # prompt shared by all candidates (MeZO templates' encode())
+    candidates: tuple[str, ...]  # continuations appended verbatim: full text = context + candidates[i]
+    label: int  # index of the correct candidate
+    source: str = ""  # "path:line" for messages
+
+
+@dataclass(frozen=True)
+class TaskSplits:
+    name: str
+    train: tuple[Example, ...]
+    dev: tuple[Example, ...]
+    test: tuple[Example, ...]
+
+
+def _one_row(row: Row, where: str) -> list[Row]:
+    return [row]
+
+
+def _same(row: Row) -> Row:
+    return row
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How one task's rows become :class:`Example` s.
+
+    ``prepare`` reshapes a raw row (original layout) into the flat rows the
+    template reads; each flat row must hold the string ``fields`` and a
+    ``label`` equal (value AND type) to one of ``label_values``, whose
+    position is the candidate index.
+    """
+
+    name: str
+    hf_dataset: tuple[str, str] | None  # (path, config) for datasets.load_dataset; None: files only
+    label_names: tuple[str, ...]  # readable names, candidate order
+    label_values: tuple[Any, ...]  # raw "label" values as stored in the files, candidate order
+    fields: tuple[str, ...]  # string fields passed to `template` as keywords
+    template: Callable[..., templates.Prompt]
+    prepare: Callable[[Row, str], list[Row]] = _one_row  # (raw row, "path:line") -> flat rows
+    from_hf: Callable[[Row], Row] = _same  # HF row (label already decoded) -> original layout
+    files: tuple[tuple[str, Path], ...] = ()  # (split, file) pairs: user tasks only; built-ins use data_dir
+
+    def __post_init__(self) -> None:
+        if len(self.label_names) != len(self.label_values):
+            raise TaskError(f"task {self.name!r}: {len(self.label_names)} label names "
+                            f"for {len(self.label_values)} label values")
+
+    def examples(self, row: Any, where: str) -> list[Example]:
+        """All examples of one raw row; bad rows raise DataRowError naming ``where``."""
+        if not isinstance(row, dict):
+            raise DataRowError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        out = []
+        for flat in self.prepare(row, where):
+            values = {name: need_field(flat, name, str, where) for name in self.fields}
+            try:
+                context, candidates = self.template(**values)
+            except ValueError as e:
+                raise DataRowError(f"{where}: {e}") from None
+            out.append(Example(context, candidates, self.label_index(flat, where), where))
+        return out
+
+    def label_index(self, row: Row, where: str) -> int:
+        if "label" not in row:
+            raise DataRowError(f"{where}: missing field 'label'")
+        value = row["label"]
+        for i, known in enumerate(self.label_values):
+            if type(value) is type(known) and value == known:  # type check: True must not pass for 1
+                return i
+        allowed = ", ".join(json.dumps(v) for v in self.label_values)
+        raise DataRowError(f"{where}: label {json.dumps(value)} is not one of {allowed}")
+
+
+def need_field(obj: Row, key: str, kind: type, where: str, prefix: str = "") -> Any:
+    """``obj[key]`` checked to be a ``kind``; errors name the dotted field path."""
+    name = prefix + key
+    if key not in obj:
+        raise DataRowError(f"{where}: missing field {name!r}")
+    value = obj[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise DataRowError(f"{where}: field {name!r} should be {_KIND_NAMES.get(kind, kind.__name__)}, "
+                           f"got {type(value).__name__} {json.dumps(value)[:40]}")
+    return value
+
+
+_KIND_NAMES = {str: "a string", int: "an integer", dict: "an object", list: "a list"}

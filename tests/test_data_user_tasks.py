@@ -1,0 +1,110 @@
+"""User YAML tasks: the shipped example, candidate lists and maps, labels compared as text,
+config errors naming the file and key, and row errors naming file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from layerzo.data.spec import Example
+from layerzo.data.tasks import get_task, load_examples, load_task
+from layerzo.data.user_tasks import label_key, load_task_yaml
+from layerzo.errors import DataRowError, TaskError
+from test_data_tasks import FIXTURES, raw_rows
+
+REPO = Path(__file__).resolve().parents[1]
+SENTIMENT_YAML = REPO / "recipes" / "tasks" / "example_sentiment.yaml"
+
+
+def test_example_yaml_task():
+    splits = load_task(SENTIMENT_YAML)
+    assert splits.name == "example_sentiment"
+    assert (len(splits.train), len(splits.dev), len(splits.test)) == (4, 4, 4)
+    val = load_examples(str(SENTIMENT_YAML), "validation")
+    rows = raw_rows(FIXTURES / "custom" / "validation.jsonl")
+    assert [e.context for e in val] == [f"Review: {r['text']}\nSentiment:" for r in rows]
+    assert [e.candidates[e.label] for e in val] == [{"neg": " negative", "pos": " positive"}[r["sentiment"]]
+                                                    for r in rows]
+
+
+def write_yaml(tmp_path: Path, text: str, rows: list | None = None) -> Path:
+    rows = rows if rows is not None else [{"q": "2+2?", "label": 1}, {"q": "1+0?", "label": 0}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    path = tmp_path / "task.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_yaml_task_with_candidate_list(tmp_path):
+    path = write_yaml(tmp_path, 'train: d.jsonl\nvalidation: d.jsonl\ntemplate: "Q: {q}\\nA:"\n'
+                                'candidates: [" odd", " even"]\n')
+    examples = load_examples(path, "train")
+    assert examples == [Example("Q: 2+2?\nA:", (" odd", " even"), 1, f"{tmp_path / 'd.jsonl'}:1"),
+                        Example("Q: 1+0?\nA:", (" odd", " even"), 0, f"{tmp_path / 'd.jsonl'}:2")]
+    assert get_task(path).name == "task"  # no name: the file stem
+
+
+def test_yaml_labels_match_as_text_and_yes_no_stay_strings(tmp_path):
+    text = ("train: d.jsonl\nvalidation: d.jsonl\ntemplate: 'Q {q}'\ncandidates: {1: ' one', 2: ' two'}\n"
+            "label_map: {yes: 2, no: 1}\n")
+    path = write_yaml(tmp_path, text, [{"q": "a", "label": "yes"}, {"q": "b", "label": "no"}])
+    assert [e.label for e in load_examples(path, "train")] == [1, 0]
+    text = "train: d.jsonl\nvalidation: d.jsonl\ntemplate: '{q}'\ncandidates: {1: ' one', 2: ' two'}\n"
+    path = write_yaml(tmp_path, text, [{"q": 5, "label": 2}, {"q": "b", "label": "1"}])
+    assert [(e.context, e.label) for e in load_examples(path, "train")] == [("5", 1), ("b", 0)]
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("train: d.jsonl\nvalidation: d.jsonl\ntemplate: '{q}'\ncandidates: [a]\ncolour: red\n", "unknown key 'colour'"),
+    ("train: d.jsonl\ntemplate: '{q}'\ncandidates: [a]\n", "missing key 'validation'"),
+    ("train: d.jsonl\nvalidation: d.jsonl\ntemplate: 'no slot'\ncandidates: [a]\n", "no {field} slot"),
+    ("train: d.jsonl\nvalidation: d.jsonl\ntemplate: '{q'\ncandidates: [a]\n", "bad template"),
+    ("train: d.jsonl\nvalidation: d.jsonl\ntemplate: '{}'\ncandidates: [a]\n", "positional"),
+    ("train: d.jsonl\nvalidation: d.jsonl\ntemplate: '{q} {label}'\ncandidates: [a]\n", "shows the label"),
+    ("train: d.jsonl\nvalidation: d.jsonl\ntemplate: '{q}'\ncandidates: {a: x}\nlabel_map: {1: b}\n",
+     "not one of the candidate labels"),
+    ("train: d.jsonl\nvalidation: d.jsonl\ntemplate: '{q}'\ncandidates: 3\n", "list or a mapping"),
+    ("train: [d.jsonl\n", "invalid YAML at line"),
+    ("- a\n- b\n", "expected a mapping"),
+])
+def test_yaml_task_config_errors(tmp_path, yaml_text, message):
+    path = write_yaml(tmp_path, yaml_text)
+    with pytest.raises(TaskError, match=message) as info:
+        get_task(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_yaml_task_row_errors(tmp_path):
+    head = "train: d.jsonl\nvalidation: d.jsonl\ntemplate: '{q}'\ncandidates: {a: ' A', b: ' B'}\n"
+    path = write_yaml(tmp_path, head, [{"q": "x", "label": "a"}, {"q": "y", "label": "c"}])
+    with pytest.raises(DataRowError, match=r'd\.jsonl:2: label "c" is not one of "a", "b"'):
+        load_examples(path, "train")
+    path = write_yaml(tmp_path, head + "label_map: {yes: a}\n", [{"q": "x", "label": "no"}])
+    with pytest.raises(DataRowError, match=r'd\.jsonl:1: label "no" is not in label_map \(keys: "yes"\)'):
+        load_examples(path, "train")
+    path = write_yaml(tmp_path, head, [{"q": ["x"], "label": "a"}])
+    with pytest.raises(DataRowError, match=r"d\.jsonl:1: field 'q' should be a string or number"):
+        load_examples(path, "train")
+    with pytest.raises(TaskError, match="task file not found"):
+        get_task(tmp_path / "missing.yaml")
+    (tmp_path / "d.jsonl").unlink()
+    with pytest.raises(TaskError, match=r"no train data for task 'task': expected the file .*d\.jsonl"):
+        load_examples(path, "train")
+
+
+def test_label_key_compares_labels_as_text():
+    assert label_key("pos") == "pos"
+    assert label_key(1) == label_key("1") == "1"
+    assert label_key(True) == "true" and label_key(False) == "false"
+    assert label_key(1.5) == "1.5"
+
+
+def test_load_task_yaml_builds_a_file_backed_spec(tmp_path):
+    path = write_yaml(tmp_path, "name: arith\ntrain: d.jsonl\nvalidation: ./sub/../d.jsonl\ntemplate: '{q}='\n"
+                                "candidates: {0: ' no', 1: ' yes'}\n")
+    spec = load_task_yaml(path)
+    assert spec.name == "arith" and spec.hf_dataset is None and spec.fields == ("q",)
+    assert dict(spec.files) == {"train": tmp_path / "d.jsonl", "validation": tmp_path / "d.jsonl"}
+    assert spec.examples({"q": "2+2", "label": 1}, "here") == [Example("2+2=", (" no", " yes"), 1, "here")]
