@@ -84,9 +84,12 @@ def tune(
     cache_lower_layers: Annotated[
         Optional[bool], _opt("--cache-lower-layers/--no-cache-lower-layers", "Run layers below the tuned one once per step.")
     ] = None,
+    keep: Annotated[Optional[str], _opt("--keep", "Weights the patch keeps: best (best dev accuracy, base included) or last. [default: best]")] = None,
     checkpoint_every: Annotated[
         Optional[int], _opt("--checkpoint-every", "Save a resumable checkpoint in OUT.ckpt/ every N steps (0: only on Ctrl-C). [default: 50]")
     ] = None,
+    record_local_paths: Annotated[bool, typer.Option(
+        "--record-local-paths", help="Write the local model/data paths into the patch (default: their names only).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in OUT.ckpt/ (same options).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out folder (and discard its checkpoint).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
@@ -100,7 +103,8 @@ def tune(
     config = config_from_options(recipe, ctx.params)  # the recipe keys among the parsed options
     try:
         result = run_tune(config, out, overwrite=overwrite, progress=not quiet, resume=resume,
-                          note=lambda line: err_console.print(line, highlight=False))
+                          note=lambda line: err_console.print(line, highlight=False), read_paths=[recipe] if recipe else [],
+                          record_paths=record_local_paths)
     except TuneInterrupted as exc:  # Ctrl-C: a checkpoint was saved; say exactly how to continue
         err_console.print(str(exc), style="yellow", markup=False, highlight=False, soft_wrap=True)
         err_console.print(f"resume with: {resume_command(ctx)}", markup=False, highlight=False, soft_wrap=True)

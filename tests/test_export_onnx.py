@@ -239,13 +239,14 @@ def test_export_checkpoint_refuses_before_loading(tmp_path):
     """A bad format or a taken output fails at once: the (missing) base is never loaded."""
     taken = tmp_path / "taken"
     taken.mkdir()
+    (taken / "notes.txt").write_text("mine")  # an empty folder would hold nothing to lose
     stages: list[str] = []
     missing = tmp_path / "no-such-model"
     with pytest.raises(OutputExistsError, match="already exists"):
         export_checkpoint(taken, missing, progress=stages.append)
     with pytest.raises(ConfigError, match="tflite"):
         export_checkpoint(tmp_path / "free", missing, fmt="tflite", progress=stages.append)
-    assert stages == [] and list(taken.iterdir()) == [] and not (tmp_path / "free").exists()
+    assert stages == [] and [p.name for p in taken.iterdir()] == ["notes.txt"] and not (tmp_path / "free").exists()
 
 
 def test_export_checkpoint_applies_the_patch(tmp_path, tiny_checkpoint):

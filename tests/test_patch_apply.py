@@ -18,7 +18,7 @@ from layerzo.cli.main import app
 from layerzo.errors import BaseMismatchError
 from layerzo.patch.apply import PROVENANCE_NAME, apply_patch, apply_to_model, map_keys
 from layerzo.patch.format import LayerPatch
-from layerzo.patch.manifest import MANIFEST_NAME, TRAJECTORY_NAME, WEIGHTS_NAME, TrajectoryStep
+from layerzo.patch.manifest import MANIFEST_NAME, TRAJECTORY_NAME, WEIGHTS_NAME
 from layerzo.io.safetensors import read_header
 from patch_helpers import copy_tokenizer, edit_manifest, make_patch, replace_weights, reseal
 
@@ -261,16 +261,25 @@ def test_bad_patch_is_refused_with_nothing_written(defect, tiny_llama_dir, patch
     assert (tree_digest(tiny_llama_dir), set(tmp_path.iterdir())) == before
 
 
-def test_existing_out_is_refused_then_overwritten(tiny_llama_dir, patch_dir, tmp_path):
+def test_existing_out_is_refused_and_overwrite_replaces_only_an_earlier_apply_output(tiny_llama_dir, patch_dir,
+                                                                                      tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     result = run_apply(tiny_llama_dir, patch_dir, "-o", out)
     assert result.exit_code == 1 and "already exists" in result.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    assert run_apply(tiny_llama_dir, patch_dir, "-o", out, "--overwrite").exit_code == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "patch"]
+    # --overwrite never replaces a folder that layerzo apply did not write
+    result = run_apply(tiny_llama_dir, patch_dir, "-o", out, "--overwrite")
+    assert result.exit_code == 1 and "not an earlier layerzo apply output" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    out2 = tmp_path / "out2"
+    assert run_apply(tiny_llama_dir, patch_dir, "-o", out2).exit_code == 0
+    (out2 / "config.json").write_text("{}")  # changed since: the rerun must replace it
+    result = run_apply(tiny_llama_dir, patch_dir, "-o", out2, "--overwrite")
+    assert result.exit_code == 0 and "replacing the previous layerzo apply output" in result.stderr
+    assert (out2 / "config.json").read_text() != "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out2", "patch"]
 
 
 def test_out_equal_to_base_is_refused(tiny_llama_dir, patch_dir):
@@ -341,47 +350,6 @@ def test_lora_patch_merges_alpha_over_r_b_at_a(base_model, tiny_llama_dir, tmp_p
     expected = base_model.get_parameter(stem + ".weight") + 2.0 * (tensors[stem + ".lora_B.weight"] @ tensors[stem + ".lora_A.weight"])
     assert torch.equal(out.get_parameter(stem + ".weight"), expected)
     assert torch.equal(logits(out), logits(layerzo.load(tiny_llama_dir, tmp_path / "lora")[0]))
-
-
-def _zo_patch(base_model, tiny_llama_dir, steps=3):
-    """A real ZO run (the tune engineer's engine) on layer 1 of the tiny model."""
-    from layerzo.model.layers import find_layer_layout, layer_parameter_names
-    from layerzo.zo.engine import TunedParams, ZOConfig, ZOState, zo_step
-
-    model = load_dir(tiny_llama_dir)
-    names = layer_parameter_names(model, find_layer_layout(model), 1)
-    base = make_patch(model, 1, scale=0.0, base_model=str(tiny_llama_dir))
-    config = ZOConfig(lr=1e-2, eps=1e-3, weight_decay=0.1, q=2, momentum=0.5)
-    params, state, trajectory = TunedParams.from_model(model, names), ZOState(), []
-    for step in range(steps):
-        result = zo_step(params, lambda: float(model(IDS).logits.pow(2).mean()), 1000 + step, config, state)
-        trajectory.append(TrajectoryStep(step, result.seeds, result.grads, result.lr))
-    recipe = {"lr": 1e-2, "eps": 1e-3, "weight_decay": 0.1, "q": 2, "momentum": 0.5, "steps": steps, "dtype": "float32"}
-    manifest = base.manifest.__class__(**{**base.manifest.to_dict(), "recipe": recipe,
-                                          "metrics": {"replay": {"tensor_order": names, "master_dtype": "float32"}}})
-    return LayerPatch(manifest, params.state(), trajectory)
-
-
-def test_replay_rebuilds_the_patch_bit_exactly(base_model, tiny_llama_dir, tmp_path):
-    patch_dir = _zo_patch(base_model, tiny_llama_dir).save_pretrained(tmp_path / "zo")
-    result = CliRunner().invoke(app, ["apply", str(tiny_llama_dir), str(patch_dir), "--replay", "--json",
-                                      "--replay-out", str(tmp_path / "replayed"), "-o", str(tmp_path / "out")])
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
-    assert report["replay"] == {"steps": 3, "max_abs_diff": 0.0, "bit_exact": True, "saved": str(tmp_path / "replayed")}
-    assert (tmp_path / "replayed" / WEIGHTS_NAME).read_bytes() == (patch_dir / WEIGHTS_NAME).read_bytes()
-    assert (tmp_path / "out" / "config.json").is_file()
-
-
-def test_replay_catches_an_edited_trajectory(base_model, tiny_llama_dir, tmp_path):
-    patch_dir = _zo_patch(base_model, tiny_llama_dir, steps=2).save_pretrained(tmp_path / "zo")
-    lines = (patch_dir / TRAJECTORY_NAME).read_text().splitlines()
-    step = json.loads(lines[1])
-    step["grads"][0] *= 1.5
-    (patch_dir / TRAJECTORY_NAME).write_text(lines[0] + "\n" + json.dumps(step) + "\n")
-    reseal(patch_dir)
-    result = run_apply(tiny_llama_dir, patch_dir, "--replay")
-    assert result.exit_code == 1 and "does not reproduce" in result.stderr
 
 
 # ---------------------------------------------------------------------------- demo GGUF

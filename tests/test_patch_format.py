@@ -1,4 +1,4 @@
-"""The layer-patch format: round trip, model card, and every refusal of an untrusted patch."""
+"""The layer-patch format: round trip and every refusal of an untrusted patch."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ import struct
 
 import pytest
 import torch
-import yaml
 
 from conftest import make_tiny_model
 from layerzo.errors import OutputExistsError, PatchError, PatchFormatError
 from layerzo.patch.format import LayerPatch
 from layerzo.patch.manifest import CARD_NAME, FORMAT_VERSION, MANIFEST_NAME, TRAJECTORY_NAME, WEIGHTS_NAME, PatchManifest, TrajectoryStep
-from layerzo.io.safetensors import check_file_name, read_header
+from layerzo.io.safetensors import read_header
 from patch_helpers import edit_manifest, make_patch, replace_weights, reseal
 
 STEPS = (TrajectoryStep(0, (11, 12), (0.5, -0.25), 1e-3), TrajectoryStep(1, (13, 14), (1.5, 0.0), 1e-3))
@@ -66,18 +65,6 @@ def test_saving_is_deterministic_and_atomic(model, tmp_path):
     make_patch(model, 1, seed=5).save_pretrained(a, overwrite=True)
     assert (a / WEIGHTS_NAME).read_bytes() != (b / WEIGHTS_NAME).read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no temp dirs left behind
-
-
-def test_model_card_front_matter_and_body(saved):
-    text = (saved / CARD_NAME).read_text()
-    front = yaml.safe_load(text.split("---")[1])
-    assert front["base_model"] == "tiny/llama"
-    assert front["base_model_relation"] == "adapter"
-    assert {"layerzo", "zeroth-order"} <= set(front["tags"])
-    assert front["library_name"] == "layerzo"
-    assert "| patched.accuracy | 0.6250 |" in text
-    assert "layerzo apply tiny/llama" in text and "layerzo.load(" in text
-    assert "**2**" in text  # dominant layer
 
 
 def test_newer_format_version_is_refused(saved):
@@ -163,15 +150,6 @@ def test_enormous_declared_shape_is_refused_before_loading(saved):
     assert "declares shape" in refuse(saved, PatchFormatError)
 
 
-def test_overlapping_offsets_are_refused(tmp_path):
-    header = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-              "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}
-    raw = json.dumps(header).encode()
-    (tmp_path / "x.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 12)
-    with pytest.raises(PatchFormatError, match="overlaps"):
-        read_header(tmp_path / "x.safetensors")
-
-
 def test_nan_values_are_refused(saved):
     tensors = dict(LayerPatch.from_pretrained(saved).tensors)
     key = sorted(tensors)[0]
@@ -232,19 +210,6 @@ def test_constructor_validates_like_the_reader(model):
         TrajectoryStep(step=0, seeds=(True,), grads=(1.0,), lr=0.1)
     with pytest.raises(PatchFormatError, match="layers"):
         PatchManifest(**{**patch.manifest.to_dict(), "layers": (2, 1)})
-
-
-def test_lora_manifest_needs_rank_and_alpha(model):
-    base = make_patch(model, 2).manifest.to_dict()
-    with pytest.raises(PatchFormatError, match="lora"):
-        PatchManifest(**{**base, "kind": "lora", "lora": None})
-
-
-@pytest.mark.parametrize("name", ["../x", "/abs", "a/../b", "a//b", "c:\\x", "~/x", ""])
-def test_unsafe_file_names(name):
-    with pytest.raises(PatchFormatError):
-        check_file_name(name, "test")
-    assert check_file_name("sub/dir/file.json", "test") == "sub/dir/file.json"
 
 
 def test_nonexistent_patch_path_is_one_line(tmp_path):

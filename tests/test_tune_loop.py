@@ -17,7 +17,6 @@ from layerzo.patch.format import LayerPatch
 from layerzo.patch.manifest import MANIFEST_NAME, TRAJECTORY_NAME, WEIGHTS_NAME
 from layerzo.tune.loop import METRICS_NAME, tune
 from layerzo.tune.config import TuneConfig
-from layerzo.tune.batches import train_batches
 from layerzo.zo.engine import TunedParams, replay_trajectory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,14 +119,6 @@ def test_divergence_raises_and_still_writes_the_best_patch(tiny_llama_dir, data_
     assert patch.manifest.metrics["diverged"] and patch.trajectory == []
 
 
-def test_train_batches_are_seeded_epochs():
-    a, b = train_batches(10, 4, seed=1), train_batches(10, 4, seed=1)
-    first = [next(a) for _ in range(4)]
-    assert first == [next(b) for _ in range(4)]
-    assert len(set(first[0] + first[1])) == 8 and all(len(x) == 4 for x in first)
-    assert next(train_batches(3, 16, seed=0)) and len(next(train_batches(3, 16, seed=0))) == 3
-
-
 @pytest.mark.parametrize("kw, match", [({"steps": 0}, "steps"), ({"dtype": "int8"}, "dtype"),
                                        ({"lr": -1.0}, "lr"), ({"lr_schedule": "cos"}, "lr_schedule"),
                                        ({"batch_size": 1.5}, "batch_size")])
@@ -168,22 +159,3 @@ def test_demo_cli_tune_writes_a_small_one_layer_patch(data_dir, tmp_path):
     model = load_model(None).model
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     assert (out / WEIGHTS_NAME).stat().st_size < 0.05 * model_bytes
-
-
-def test_eval_set_with_stored_lower_layers_matches_plain_accuracy(tokenizer, data_dir):
-    from conftest import make_tiny_model
-    from layerzo.model.layers import find_layer_layout, get_layer
-    from layerzo.data.scoring import accuracy
-    from layerzo.data.tasks import load_task
-    from layerzo.tune.batches import EvalSet
-
-    model = make_tiny_model("llama", seed=2)
-    layout = find_layer_layout(model)
-    examples = load_task("sst2", data_dir, num_train=12, num_dev=0, num_test=0).train
-    evalset = EvalSet(tokenizer, examples, batch_size=5, max_length=64)
-    assert evalset.accuracy(model, layout, 2) == accuracy(model, tokenizer, examples, batch_size=5, max_length=64)
-    assert all("out" in s for s in evalset.stores)
-    with torch.no_grad():  # change the tuned layer: the stored lower outputs stay valid
-        for p in get_layer(model, layout, 2).parameters():
-            p.mul_(-3.0)
-    assert evalset.accuracy(model, layout, 2) == accuracy(model, tokenizer, examples, batch_size=5, max_length=64)

@@ -34,7 +34,8 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     out = Path(out_dir).expanduser().absolute()
     check_output_free(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    # the pid in the name lets a later run remove what a killed one left (layerzo.core.outputs.clean_stale_temps)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
     # mkdtemp makes the folder 0700; give the result the permissions a plain mkdir would have
     umask = os.umask(0)
     os.umask(umask)
@@ -44,7 +45,7 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterat
         if out.exists():
             if not overwrite:
                 raise OutputExistsError(f"{out} appeared while it was being written", "pass --overwrite to replace it")
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".old", dir=out.parent))
             os.replace(out, trash / "old")
             os.replace(tmp, out)
             shutil.rmtree(trash, ignore_errors=True)

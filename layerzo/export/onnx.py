@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from layerzo.core.atomic import atomic_dir, check_output_free
+from layerzo.core.atomic import atomic_dir
+from layerzo.core.outputs import check_output, output_lock
 from layerzo.core.env import debug_enabled, first_line
 from layerzo.errors import ConfigError, ExportError
 from layerzo.export.verify import (
@@ -204,8 +205,11 @@ def export_checkpoint(
 
     check_export_format(fmt)
     config = config or ExportConfig()
-    check_output_free(Path(out_dir).expanduser().absolute(), overwrite)
+    plan = check_output(out_dir, inputs=[base, patch], overwrite=overwrite, command="layerzo export",
+                        markers=[REPORT_NAME])
     report_stage = progress or (lambda stage: None)
+    if plan.replaces:
+        report_stage(plan.note("layerzo export"))
     report_stage("loading model")
     layer_patch = None if patch is None else LayerPatch.from_pretrained(patch, token=token)
     loaded = load_model(base, dtype=config.dtype, revision=revision, trust_remote_code=trust_remote_code)
@@ -213,7 +217,8 @@ def export_checkpoint(
         apply_to_model(loaded.model, layer_patch)
     source = {"base_model": loaded.source.name, "revision": revision, "patch": None if patch is None else str(patch)}
     report_stage(f"exporting to ONNX (opset {config.opset}) and verifying with ONNX Runtime")
-    return export_model(loaded.model, loaded.tokenizer, out_dir, config, overwrite=overwrite, source=source)
+    with output_lock(out_dir, "layerzo export"):
+        return export_model(loaded.model, loaded.tokenizer, out_dir, config, overwrite=overwrite, source=source)
 
 
 def _check_export_args(opset: int, exporter: str, example_batch: int, example_len: int) -> None:

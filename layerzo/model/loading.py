@@ -44,6 +44,22 @@ class ModelSource:
             return DEMO_MODEL_ID
         return self.location
 
+    @property
+    def public_name(self) -> str:
+        """What a shared file may say about the base: the Hub or demo id, or a local folder's / file's NAME only.
+
+        A patch records its base by this name plus the fingerprint of every
+        replaced tensor, so a pushed patch never carries a local path (``/home/...``).
+        """
+        return self.name if self.kind == "hub" or self.name == DEMO_MODEL_ID else Path(self.location).name
+
+
+def public_path_name(value: str | None) -> str | None:
+    """A local path reduced to its last part (``/home/me/data`` → ``data``); a non-path value unchanged."""
+    if value is None or not (Path(value).expanduser().exists() or "/" in value or os.sep in value):
+        return value
+    return Path(value).expanduser().name or value
+
 
 @dataclass
 class LoadedModel:

@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from layerzo.core.atomic import atomic_dir, check_output_free
+from layerzo.core.atomic import atomic_dir
+from layerzo.core.outputs import check_output, output_lock
 from layerzo.errors import BaseMismatchError, ModelLoadError, OutputExistsError, PatchError
 from layerzo.core.hashing import tensor_sha256
 from layerzo.io import hub
@@ -157,10 +158,20 @@ def apply_patch(base: str | os.PathLike | None, patch: LayerPatch | str | os.Pat
     ``base``: checkpoint dir (single file or sharded), Hub id, or .gguf (the
     dequantized model is rebuilt and saved as safetensors).
     """
-    if not isinstance(patch, LayerPatch):
-        patch = LayerPatch.from_pretrained(patch, token=token)
-    out = Path(out).expanduser().absolute()
-    check_output_free(out, overwrite)
+    patch_path = patch.source if isinstance(patch, LayerPatch) else patch
+    plan = check_output(out, inputs=[base, patch_path], overwrite=overwrite, command="layerzo apply",
+                        markers=[PROVENANCE_NAME])  # before anything is read or deleted
+    with output_lock(out, "layerzo apply"):
+        if plan.replaces and log:
+            log(plan.note("layerzo apply"))
+        if not isinstance(patch, LayerPatch):
+            patch = LayerPatch.from_pretrained(patch, token=token)
+        return _apply_patch(base, patch, Path(out).expanduser().absolute(), overwrite=overwrite, force=force,
+                            revision=revision, token=token, log=log)
+
+
+def _apply_patch(base, patch: LayerPatch, out: Path, *, overwrite: bool, force: bool, revision: str | None,
+                 token: str | None, log: Callable[[str], None] | None) -> ApplyReport:
     source = resolve_source(base, revision)
     base_dir, base_revision = None, source.revision
     if source.kind == "hub":

@@ -29,8 +29,12 @@ def build_model_card(m: PatchManifest, recorded_steps: int) -> str:
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# layerzo layer patch for {m.base_model}", "",
              f"A {m.kind} patch of decoder layer(s) {layers} of {m.base_model} ({m.architecture}, "
-             f"{m.num_layers} layers), tuned with zeroth-order (MeZO / SPSA) optimisation on that layer only "
-             f"({recorded_steps} recorded steps). Made with layerzo {m.layerzo_version}.", ""]
+             f"{m.num_layers} layers), tuned with zeroth-order (MeZO / SPSA) optimisation on that layer only. "
+             f"{training_summary(m.metrics, recorded_steps)} Made with layerzo {m.layerzo_version}.", ""]
+    if m.metrics.get("no_op"):
+        lines += ["> **Warning: this patch equals its base model.** No kept step changed the weights "
+                  f"(kept: {m.metrics.get('kept', 'best')} weights, step {m.metrics.get('best_step')}); "
+                  "`layerzo apply --replay` rebuilds the base itself.", ""]
     if dominant is not None:
         lines += [f"Dominant layer (first massive-activation layer) found by `layerzo profile`: **{dominant}**.", ""]
     lines += ["## Results", "", "| metric | value |", "|---|---|"]
@@ -44,6 +48,16 @@ def build_model_card(m: PatchManifest, recorded_steps: int) -> str:
               f"`{TRAJECTORY_NAME}` (ZO seeds and projected gradients; `layerzo apply --replay` rebuilds the "
               f"tensors from them).", ""]
     return "\n".join(lines)
+
+
+def training_summary(metrics: Mapping[str, Any], recorded_steps: int) -> str:
+    """One sentence that agrees with the manifest: steps run, applied, kept, and what the trajectory rebuilds."""
+    steps, applied = metrics.get("steps"), metrics.get("applied_steps")
+    if steps is None:
+        return f"Its trajectory holds {recorded_steps} applied steps."
+    kept = "the final" if metrics.get("kept") == "last" else "the best-dev"
+    return (f"Trained {steps} ZO steps ({applied} applied); the patch holds {kept} weights, after step "
+            f"{metrics.get('best_step')}, which its trajectory of {recorded_steps} applied steps rebuilds from the base.")
 
 
 def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:

@@ -40,15 +40,13 @@ def replay_patch(base: str | os.PathLike | None, patch: LayerPatch, *, revision:
 
     The base is loaded in the patch's dtype; tensors are replayed in the live
     run's order (each layer's parameters in module order, layers ascending).
+    A patch with an empty trajectory (no kept step changed the base) replays to the base itself.
     """
     import torch
-
 
     m = patch.manifest
     if m.kind != "layers":
         raise PatchError(f"replay rebuilds full-layer patches; this one is kind {m.kind!r}")
-    if not patch.trajectory:
-        raise PatchError("the patch has no trajectory.jsonl steps to replay")
     config = zo_config_from_recipe(m.recipe)
     info = m.metrics.get("replay") if isinstance(m.metrics.get("replay"), dict) else {}
     # the run loaded the model in recipe dtype and tuned an fp32 (master) copy of the layer

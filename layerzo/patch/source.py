@@ -11,10 +11,11 @@ import os
 import shutil
 from pathlib import Path
 
-from layerzo.core.atomic import atomic_dir, check_output_free
+from layerzo.core.atomic import atomic_dir
+from layerzo.core.outputs import check_output, output_lock
 from layerzo.io import hub
 from layerzo.patch.format import LayerPatch
-from layerzo.patch.manifest import PATCH_FILES
+from layerzo.patch.manifest import MANIFEST_NAME, PATCH_FILES
 
 
 def push_patch(folder: str | os.PathLike, repo_id: str, *, token: str | None = None, private: bool = False,
@@ -39,10 +40,10 @@ def pull_to_dir(repo_id: str, out_dir: str | os.PathLike, *, revision: str | Non
                 endpoint: str | None = None, overwrite: bool = False) -> tuple[Path, str]:
     """``layerzo pull``: fetch, validate, then copy the patch files to ``out_dir`` atomically."""
     out = Path(out_dir).expanduser().absolute()
-    check_output_free(out, overwrite)
+    check_output(out, inputs=[], overwrite=overwrite, command="layerzo pull", markers=[MANIFEST_NAME])
     local, commit = pull_patch(repo_id, revision=revision, token=token, endpoint=endpoint)
     LayerPatch.from_pretrained(local)  # validate before anything lands in out_dir
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with output_lock(out, "layerzo pull"), atomic_dir(out, overwrite=overwrite) as tmp:
         for name in PATCH_FILES:
             if (local / name).is_file():
                 shutil.copyfile(local / name, tmp / name)  # copyfile follows the cache's symlinks to the blobs

@@ -34,6 +34,7 @@ from layerzo.zo.engine import ZOConfig
 # Fields that change when state is saved, not what is computed: kept out of the
 # patch's recipe and of a checkpoint's identity, so a resumed run gives the same bytes.
 RESUME_FREE_FIELDS = ("checkpoint_every",)
+KEEP_CHOICES = ("best", "last")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class TuneConfig:
     zo: ZOConfig = field(default_factory=lambda: ZOConfig(lr=1e-4))  # flat keys lr, eps, ..., max_bad_steps
     seed: int = 0
     eval_every: int = 100
+    keep: str = "best"  # the patch's weights: "best" (best dev accuracy, step 0 = the base included) or "last"
     num_train: int = 1000
     num_dev: int = 500
     num_test: int = 1000
@@ -74,6 +76,8 @@ class TuneConfig:
         _int_at_least("max_length", self.max_length, 2)
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.keep not in KEEP_CHOICES:
+            raise ConfigError(f"keep must be one of {', '.join(KEEP_CHOICES)}, got {self.keep!r}")
         if not isinstance(self.layers, str) or not self.layers.strip():
             raise ConfigError(f"layers must be 'dominant', 'all', an index or a list like 3,7; got {self.layers!r}")
         if not isinstance(self.task, str) or not self.task:

@@ -26,6 +26,7 @@ returned in :class:`TuneResult` metrics and logged per step in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,7 +35,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -43,17 +44,18 @@ from layerzo.core.progress import StderrBar
 from layerzo.data.scoring import batch_loss, encode_batch
 from layerzo.data.spec import TaskSplits
 from layerzo.data.tasks import calibration_texts, load_task
-from layerzo.errors import CheckpointError, ConfigError, DivergenceError, OutputExistsError, TaskError, TuneInterrupted
+from layerzo.core.outputs import check_output, output_lock
+from layerzo.errors import CheckpointError, ConfigError, DivergenceError, TaskError, TuneInterrupted
 from layerzo.model.layers import get_layer, layer_parameter_names, parse_layer_spec
-from layerzo.model.loading import LoadedModel, load_model
+from layerzo.model.loading import LoadedModel, load_model, public_path_name
 from layerzo.model.lora import add_lora, lora_base_names, remove_lora
 from layerzo.model.precision import fp32_master_layers
 from layerzo.patch.format import LayerPatch
-from layerzo.patch.manifest import FORMAT_VERSION, PatchManifest, TrajectoryStep
+from layerzo.patch.manifest import FORMAT_VERSION, MANIFEST_NAME, PatchManifest, TrajectoryStep
 from layerzo.profile.rule import ProfileConfig
 from layerzo.profile.run import profile_model
 from layerzo.tune.batches import EvalSet, TrainBatches, ZeroShotCache, train_batches
-from layerzo.tune.checkpoint import (Checkpoint, StopOnInterrupt, check_checkpoint_dir, check_resumable,
+from layerzo.tune.checkpoint import (STATE_JSON, Checkpoint, StopOnInterrupt, check_checkpoint_dir, check_resumable,
                                      check_writable, checkpoint_dir, load_checkpoint, remove_checkpoint, run_identity,
                                      save_checkpoint)
 from layerzo.tune.config import TuneConfig
@@ -101,6 +103,8 @@ class Run:
     prefix_cache: SharedLowerOutputs | None
     zero_shot_cache: ZeroShotCache | None
     t_start: float
+    note: Callable[[str], None] | None = None
+    record_paths: bool = False  # write local paths (model, data) into the patch; off: names only
 
     @property
     def ckpt_dir(self) -> Path:
@@ -132,7 +136,8 @@ class LoopState:
 def tune(config: TuneConfig, out_dir: str | os.PathLike, *, overwrite: bool = False, progress: bool = True,
          loaded: LoadedModel | None = None, data_parallel: DataParallel | None = None, resume: bool = False,
          note: Callable[[str], None] | None = None, prefix_cache: SharedLowerOutputs | None = None,
-         zero_shot_cache: ZeroShotCache | None = None) -> TuneResult:
+         zero_shot_cache: ZeroShotCache | None = None, read_paths: Sequence[str | os.PathLike] = (),
+         record_paths: bool = False) -> TuneResult:
     """Run a ZO tune and write the layer patch to ``out_dir``.
 
     ``loaded`` (a :class:`layerzo.model.loading.LoadedModel`) skips loading
@@ -144,10 +149,29 @@ def tune(config: TuneConfig, out_dir: str | os.PathLike, *, overwrite: bool = Fa
     such as "resuming at step 12". A layer sweep passes the same ``prefix_cache``
     (frozen lower-layer outputs) and ``zero_shot_cache`` (base-model accuracies)
     to every run on ONE base model, so later runs skip work earlier ones did.
+    ``read_paths`` names other files the run was configured from (the recipe):
+    like the model, data and task files, OUT may not be, contain or sit inside them.
+    The patch names a local base and data folder by their last path part only
+    (plus the base fingerprint) unless ``record_paths``: pushed files carry no local paths.
     """
-    out, has_checkpoint = check_outputs(out_dir, overwrite, resume)
     # Under torchrun (WORLD_SIZE > 1) every rank runs this function; rank 0 alone writes (layerzo.zo.distributed).
     dp = data_parallel if data_parallel is not None else init_data_parallel(shard_batch=config.shard_batch)
+    inputs = [config.model, config.data_dir, config.task, *read_paths]
+    out, has_checkpoint = check_outputs(out_dir, overwrite, resume, inputs, note)
+    with output_lock(out, "layerzo tune") if dp.is_main else contextlib.nullcontext():
+        result = run_tune(config, out, dp, has_checkpoint, overwrite=overwrite, progress=progress, loaded=loaded,
+                          resume=resume, note=note, prefix_cache=prefix_cache, zero_shot_cache=zero_shot_cache,
+                          record_paths=record_paths)
+    if data_parallel is None:
+        shutdown(dp)  # waits for rank 0's writes, then leaves the process group
+    return result
+
+
+def run_tune(config: TuneConfig, out: Path, dp: DataParallel, has_checkpoint: bool, *, overwrite: bool, progress: bool,
+             loaded: LoadedModel | None, resume: bool, note: Callable[[str], None] | None,
+             prefix_cache: SharedLowerOutputs | None, zero_shot_cache: ZeroShotCache | None,
+             record_paths: bool) -> TuneResult:
+    """:func:`tune` once its output is checked and locked: load, set up, train, finish."""
     t_start = time.perf_counter()
     splits = load_task(config.task, config.data_dir, num_train=config.num_train, num_dev=config.num_dev,
                        num_test=config.num_test, seed=config.seed)
@@ -164,36 +188,33 @@ def tune(config: TuneConfig, out_dir: str | os.PathLike, *, overwrite: bool = Fa
         dev, test = (dp.eval_set(lambda ex: EvalSet(loaded.tokenizer, ex, **eval_kw), s)
                      for s in (splits.dev, splits.test))
         identity = run_identity(config.to_dict(), tuned.layers, tuned.names, tuned.fingerprint)
-        run = Run(config, out, dp, loaded, splits, tuned, dev, test, identity, prefix_cache, zero_shot_cache, t_start)
+        run = Run(config, out, dp, loaded, splits, tuned, dev, test, identity, prefix_cache, zero_shot_cache, t_start,
+                  note, record_paths)
         state = resume_state(run, note) if has_checkpoint else start_state(run, note if resume else None)
         try:
             diverged = train(run, state, progress)
             result = finish(run, state, diverged, overwrite)
         finally:  # a failed or interrupted run leaves no stray temp file
             metrics_path(run).unlink(missing_ok=True)
-    if data_parallel is None:
-        shutdown(dp)  # waits for rank 0's writes, then leaves the process group
     if diverged is not None:
         raise DivergenceError(f"{diverged} — the best patch so far was written to {out}", diverged.hint)
     return result
 
 
-def check_outputs(out_dir: str | os.PathLike, overwrite: bool, resume: bool) -> tuple[Path, bool]:
-    """Before any work: refuse a non-empty ``out`` (unless ``overwrite``) and an unwritable parent.
+def check_outputs(out_dir: str | os.PathLike, overwrite: bool, resume: bool, inputs: Sequence,
+                  note: Callable[[str], None] | None = None) -> tuple[Path, bool]:
+    """Before any work: OUT is no input and (with ``overwrite``) only ever an earlier patch; its parent is writable.
 
     Returns the absolute output path and whether ``OUT.ckpt/`` holds a checkpoint to resume.
     """
     out = Path(out_dir).expanduser().absolute()
-    check_output_dir(out, overwrite)
+    plan = check_output(out, inputs=inputs, overwrite=overwrite, command="layerzo tune", markers=[MANIFEST_NAME])
+    check_output(checkpoint_dir(out), inputs=inputs, overwrite=True, command="layerzo tune", markers=[STATE_JSON])
     has_checkpoint = check_checkpoint_dir(checkpoint_dir(out), resume=resume, overwrite=overwrite)
     check_writable(out.parent)  # a read-only or full disk fails now, not after training
+    if plan.replaces and note:
+        note(plan.note("layerzo tune"))
     return out, has_checkpoint
-
-
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty ``out`` unless ``overwrite`` (called before any work)."""
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise OutputExistsError(f"output folder {out} already exists and is not empty", "pass --overwrite or choose another --out")
 
 
 def resolve_layers(config: TuneConfig, loaded: LoadedModel) -> tuple[tuple[int, ...], dict | None]:
@@ -381,8 +402,8 @@ def snapshot(run: Run, state: LoopState, done: int) -> Checkpoint:
 
 def metrics_path(run: Run) -> Path:
     """Where metrics.jsonl is streamed during the run (beside OUT; other ranks log aside and delete it)."""
-    rank_tag = "" if run.dp.is_main else f".rank{run.dp.rank}"
-    return run.out.parent / f".{run.out.name}.{METRICS_NAME}{rank_tag}.tmp"
+    rank_tag = "" if run.dp.is_main else f".rank{run.dp.rank}"  # the pid: a later run removes a killed run's file
+    return run.out.parent / f".{run.out.name}.{os.getpid()}.{METRICS_NAME}{rank_tag}.tmp"
 
 
 def json_line(obj: dict) -> str:
@@ -396,6 +417,9 @@ def finish(run: Run, state: LoopState, diverged: DivergenceError | None, overwri
     """Test accuracy of the best weights, then the patch, metrics.jsonl and the checkpoint's removal."""
     train_seconds = state.earlier["train_seconds"] + time.perf_counter() - state.t_train
     step_seconds = state.earlier["step_seconds"] + state.step_seconds
+    if run.config.keep == "last":  # the final weights are the result, whatever their dev accuracy
+        state.best = {"dev_acc": state.last_dev if run.dev.size else None, "step": state.zo.step,
+                      "weights": run.tuned.params.state(), "trajectory_len": len(state.trajectory)}
     run.tuned.params.load(state.best["weights"])
     with torch.no_grad():  # step 0's best weights ARE the base: its test accuracy is the zero-shot one
         test_acc = (None if diverged is not None else
@@ -410,6 +434,9 @@ def finish(run: Run, state: LoopState, diverged: DivergenceError | None, overwri
     if run.dp.active:
         metrics["distributed"] = {**run.dp.summary(run.config.zo.q),
                                   "rank_weights_sha256": run.dp.check_final_weights(run.tuned.params)}
+    if metrics["no_op"] and diverged is None and run.dp.is_main and run.note:  # a divergence says it all
+        run.note(f"warning: {no_op_reason(metrics)}; the patch equals the base model. "
+                 "Try more --steps, another --lr/--eps, or --keep last (the final weights)")
     if run.dp.is_main:
         write_patch(run, metrics, state.trajectory[: state.best["trajectory_len"]], overwrite)
         os.replace(metrics_path(run), run.out / METRICS_NAME)
@@ -427,10 +454,30 @@ def run_metrics(run: Run, state: LoopState, test_acc: float | None, diverged: Di
         "steps": state.zo.step, "applied_steps": state.zo.step - state.rejected, "rejected_steps": state.rejected,
         "num_train": len(run.splits.train), "num_dev": run.dev.size, "num_test": run.test.size,
         "diverged": diverged.one_line() if diverged else None,
+        "kept": run.config.keep,
+        # the patch's weights are the base's when the kept step is step 0 or every step before it was rejected
+        "no_op": state.best["trajectory_len"] == 0,
         "replay": {"rng": RNG_ALGORITHM, "z_dtype": str(Z_DTYPE).removeprefix("torch."),
                    "device_type": next(iter(params.tensors)).device.type, "tensor_order": list(run.tuned.names),
                    "master_dtype": "float32"},
     }
+
+
+def no_op_reason(metrics: dict) -> str:
+    """Why a patch equals its base, in words."""
+    if metrics["kept"] == "best" and metrics["best_step"] == 0 and metrics["zero_shot_dev_acc"] is not None:
+        return (f"no step beat the zero-shot dev accuracy ({100 * metrics['zero_shot_dev_acc']:.1f}%) "
+                f"in {metrics['steps']} steps")
+    return f"none of the {metrics['steps']} steps up to the kept one was applied"
+
+
+def public_recipe(config: TuneConfig, record_paths: bool) -> dict:
+    """The manifest's recipe: local paths (model, data folder, task file) reduced to their names unless asked."""
+    recipe = config.recipe()
+    if not record_paths:
+        for key in ("model", "data_dir", "task"):
+            recipe[key] = public_path_name(recipe[key])
+    return recipe
 
 
 def write_patch(run: Run, metrics: dict, trajectory: list, overwrite: bool) -> None:
@@ -441,11 +488,12 @@ def write_patch(run: Run, metrics: dict, trajectory: list, overwrite: bool) -> N
     archs = getattr(model_config, "architectures", None) or [type(loaded.model).__name__]
     manifest = PatchManifest(
         format_version=FORMAT_VERSION, layerzo_version=__version__,
-        base_model=loaded.source.name, base_revision=config.revision,
+        base_model=loaded.source.name if run.record_paths else loaded.source.public_name,
+        base_revision=config.revision,
         architecture=archs[0], num_layers=loaded.layout.num_layers, layers=tuple(tuned.layers),
         kind="lora" if config.lora else "layers", dtype=dtypes.pop(),
         base_fingerprint=tuned.fingerprint, profile=tuned.profile, metrics=metrics,
-        recipe=config.recipe(),  # checkpoint_every changes when state was saved, not the result: left out
+        recipe=public_recipe(config, run.record_paths),  # without checkpoint_every: it changes no result
         layer_path=loaded.layout.path,
         lora={"r": config.lora_rank, "alpha": config.lora_alpha, "target_modules": ["q_proj", "v_proj"]}
         if config.lora else None,
