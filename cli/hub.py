@@ -34,10 +34,13 @@ def push(
     """Upload a layer patch (validated first) to a Hub model repo."""
     from layerzo.patch.source import push_patch
 
-    url = push_patch(patch, repo_id, token=token, private=private, revision=revision, endpoint=endpoint,
-                     commit_message=commit_message)
-    err_console.print(f"pushed {patch} to {repo_id}")
-    emit_json({"repo_id": repo_id, "commit_url": url}) if json_out else typer.echo(url)
+    pushed = push_patch(patch, repo_id, token=token, private=private, revision=revision, endpoint=endpoint,
+                        commit_message=commit_message)
+    err_console.print(f"pushed {patch} to {repo_id} (the repo is {pushed.visibility})", highlight=False)
+    if json_out:
+        emit_json({"repo_id": repo_id, "commit_url": pushed.commit_url, "private": pushed.private})
+    else:
+        typer.echo(pushed.commit_url)
 
 
 @handle_errors

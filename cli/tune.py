@@ -105,10 +105,10 @@ def tune(
         result = run_tune(config, out, overwrite=overwrite, progress=not quiet, resume=resume,
                           note=lambda line: err_console.print(line, highlight=False), read_paths=[recipe] if recipe else [],
                           record_paths=record_local_paths)
-    except TuneInterrupted as exc:  # Ctrl-C: a checkpoint was saved; say exactly how to continue
+    except TuneInterrupted as exc:  # Ctrl-C or SIGTERM: a checkpoint was saved; say exactly how to continue
         err_console.print(str(exc), style="yellow", markup=False, highlight=False, soft_wrap=True)
         err_console.print(f"resume with: {resume_command(ctx)}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(code=130) from None
+        raise typer.Exit(code=128 + exc.signum) from None  # the shell's convention: 130 SIGINT, 143 SIGTERM
     from layerzo.zo.distributed import is_main_process
 
     if not is_main_process():  # under torchrun rank 0 alone reports

@@ -87,9 +87,13 @@ class CheckpointError(LayerzoError):
 
 
 class TuneInterrupted(LayerzoError):
-    """Ctrl-C stopped ``tune`` after a step; a checkpoint to resume from was saved."""
+    """Ctrl-C or SIGTERM stopped ``tune`` after a step; a checkpoint to resume from was saved.
 
-    def __init__(self, message: str, checkpoint: Path, step: int, hint: str | None = None) -> None:
+    ``signum`` is the signal that asked to stop (2 = SIGINT, 15 = SIGTERM): the CLI exits with 128 + signum.
+    """
+
+    def __init__(self, message: str, checkpoint: Path, step: int, hint: str | None = None, signum: int = 2) -> None:
         super().__init__(message, hint)
         self.checkpoint = checkpoint
         self.step = step
+        self.signum = signum

@@ -62,3 +62,21 @@ def test_pull_to_dir_refuses_an_existing_folder_before_any_download(tmp_path):
     with pytest.raises(OutputExistsError):  # offline (conftest): a download would fail differently
         pull_to_dir("me/not-cached", out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_push_says_whether_the_repo_is_public_or_private(online, hub, patch_dir):
+    from typer.testing import CliRunner
+
+    from layerzo.cli.main import app
+
+    public = push_patch(patch_dir, "me/open", token=TOKEN, endpoint=hub.endpoint)
+    assert public.private is False and public.visibility == "public" and "/commit/" in public.commit_url
+    hidden = push_patch(patch_dir, "me/closed", token=TOKEN, endpoint=hub.endpoint, private=True)
+    assert hidden.private is True and hub.repos["me/closed"].private
+    # an existing public repo stays public: --private applies at creation, and the Hub's answer is reported
+    again = push_patch(patch_dir, "me/open", token=TOKEN, endpoint=hub.endpoint, private=True)
+    assert again.private is False
+    result = CliRunner().invoke(app, ["push", str(patch_dir), "me/closed", "--token", TOKEN,
+                                      "--endpoint", hub.endpoint])
+    assert result.exit_code == 0, result.output
+    assert "(the repo is private)" in result.stderr and TOKEN not in result.output

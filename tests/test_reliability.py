@@ -145,15 +145,17 @@ def test_sigkill_at_a_random_step_then_resume_is_byte_identical(reference, tiny_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["patch"]  # checkpoint and temp files gone
 
 
-def test_ctrl_c_saves_a_checkpoint_prints_the_resume_command_and_resumes_exactly(reference, tiny_llama_dir,
-                                                                                    data_dir, tmp_path):
+def interrupt_then_resume(reference: Path, tiny_llama_dir: Path, data_dir: Path, tmp_path: Path, sig: int,
+                          code: int) -> None:
+    """Send ``sig`` to a real ``layerzo tune`` mid-run: it finishes the step, checkpoints, prints the resume
+    command and exits with ``code``; that exact command then finishes byte-identically to ``reference``."""
     stop_after = random.Random(kill_seed()).randint(1, STEPS - 4)
     out = tmp_path / "patch"
     proc = start_worker(tune_args(tiny_llama_dir, data_dir, out))
     wait_until_logged(proc, out, stop_after)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == code, stderr
     match = re.search(r"interrupted after step (\d+) of 24; checkpoint saved to (\S+)", stderr)
     assert match, stderr
     stopped = int(match.group(1))
@@ -161,6 +163,7 @@ def test_ctrl_c_saves_a_checkpoint_prints_the_resume_command_and_resumes_exactly
     ckpt = load_checkpoint(checkpoint_dir(out))
     assert ckpt.step == stopped and len(ckpt.rows) == stopped and match.group(2) == str(checkpoint_dir(out))
     assert not out.exists() and logged_rows(out) == 0  # no patch yet, no stray temp log
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["patch.ckpt"]  # no .patch.*.metrics.jsonl.tmp, no lock
     # the token in the environment reached no file (checkpoint included) and no output
     assert files_containing(tmp_path, TOKEN.encode()) == [] and TOKEN not in stdout + stderr
 
@@ -171,6 +174,17 @@ def test_ctrl_c_saves_a_checkpoint_prints_the_resume_command_and_resumes_exactly
     assert result.exit_code == 0, result.output
     assert f"from the checkpoint at step {stopped} of {STEPS}" in result.stderr
     assert_same_run(reference, out)
+
+
+def test_ctrl_c_saves_a_checkpoint_prints_the_resume_command_and_resumes_exactly(reference, tiny_llama_dir,
+                                                                                    data_dir, tmp_path):
+    interrupt_then_resume(reference, tiny_llama_dir, data_dir, tmp_path, signal.SIGINT, 130)
+
+
+def test_sigterm_is_handled_like_ctrl_c_and_exits_143(reference, tiny_llama_dir, data_dir, tmp_path):
+    """SLURM, Kubernetes and ``timeout`` send SIGTERM first: the same checkpoint, lines and exact resume as
+    Ctrl-C, and the shell's exit code for SIGTERM (128 + 15)."""
+    interrupt_then_resume(reference, tiny_llama_dir, data_dir, tmp_path, signal.SIGTERM, 143)
 
 
 def test_in_process_interrupt_then_resume_with_another_checkpoint_interval(reference, tiny_llama_dir, data_dir,

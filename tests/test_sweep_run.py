@@ -203,3 +203,28 @@ def test_a_diverging_layer_is_recorded_restored_and_the_sweep_goes_on(tiny, data
     assert [r["layer"] for r in rows] == [1, 2]
     assert any(r["diverged"] and "diverged" in r["diverged"] for r in rows)
     assert all(torch.equal(p, before[n]) for n, p in tiny.model.named_parameters())
+
+
+def test_a_bfloat16_sweep_restores_every_layer_bit_exactly(tiny_llama_dir, data_dir, tmp_path):
+    """tune casts its fp32 master layers back, so a bf16 model comes back bit-identical after every run."""
+    loaded = load_model(str(tiny_llama_dir), dtype="bfloat16")
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    doc = run_sweep(_config(data_dir, layers="1-2", full=True, steps=2, eval_every=2, dtype="bfloat16"),
+                    tmp_path / "s", loaded=loaded, progress=False)
+    assert [r["layer"] for r in doc["tasks"]["sst2"]["layers"]] == [1, 2] and doc["tasks"]["sst2"]["full"]
+    assert doc["config"]["dtype"] == "bfloat16"
+    after = dict(loaded.model.named_parameters())
+    assert all(after[n].dtype == torch.bfloat16 and torch.equal(after[n], t) for n, t in before.items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in loaded.model.modules())
+
+
+def test_the_sweep_cli_runs_in_bfloat16(tiny_llama_dir, data_dir, tmp_path):
+    from layerzo.cli.main import app
+
+    result = CliRunner().invoke(app, [
+        "sweep", "--model", str(tiny_llama_dir), "--data-dir", str(data_dir), "--layers", "2", "--no-full",
+        "--steps", "1", "--eval-every", "1", "--batch-size", "2", "--num-train", "8", "--num-dev", "4",
+        "--num-test", "4", "--dtype", "bfloat16", "--quiet", "--json", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["config"]["dtype"] == "bfloat16" and [r["layer"] for r in doc["tasks"]["sst2"]["layers"]] == [2]

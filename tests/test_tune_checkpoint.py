@@ -9,11 +9,12 @@ import json
 import os
 import random
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 
-from layerzo.errors import CheckpointError, OutputExistsError
+from layerzo.errors import CheckpointError, OutputExistsError, TuneInterrupted
 from layerzo.patch.manifest import TrajectoryStep
 from layerzo.tune.checkpoint import (STATE_JSON, Checkpoint, StopOnInterrupt, check_checkpoint_dir, check_resumable,
                                      checkpoint_dir, load_checkpoint, remove_checkpoint, run_identity, save_checkpoint)
@@ -191,19 +192,64 @@ def test_check_resumable_refuses_another_run():
         check_resumable("ckpt", ckpt, same, total_steps=2)
 
 
-# ----------------------------------------------------------------------------- Ctrl-C
+# ----------------------------------------------------------------------------- Ctrl-C / SIGTERM
+def handlers() -> tuple:
+    return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+
 def test_the_first_ctrl_c_asks_to_stop_and_the_second_interrupts():
-    before = signal.getsignal(signal.SIGINT)
+    before = handlers()
     with StopOnInterrupt() as stop:
-        assert not stop.requested
+        assert not stop.requested and stop.signum is None
         os.kill(os.getpid(), signal.SIGINT)
-        assert stop.requested  # the step in flight finishes
+        assert stop.requested and stop.signum == signal.SIGINT  # the step in flight finishes
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is before
+    assert handlers() == before
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_asks_to_stop_like_ctrl_c_and_a_second_signal_of_either_kind_interrupts(second):
+    before = handlers()
+    with StopOnInterrupt() as stop:
+        assert signal.getsignal(signal.SIGTERM) is not before[1]  # installed for SIGTERM too
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), second)
+        assert stop.signum == signal.SIGTERM  # the first signal is the one reported
+    assert handlers() == before
+
+
+def test_previous_handlers_are_restored_even_when_the_block_fails():
+    seen = []
+    old_int = signal.signal(signal.SIGINT, lambda *a: seen.append("int"))
+    old_term = signal.signal(signal.SIGTERM, lambda *a: seen.append("term"))
+    try:
+        mine = handlers()
+        with pytest.raises(RuntimeError), StopOnInterrupt():
+            raise RuntimeError("boom")
+        assert handlers() == mine
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == ["term"]
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+
+
+def test_the_signal_that_stopped_the_run_travels_on_tune_interrupted():
+    """The loop raises TuneInterrupted inside the block; leaving it, the exception learns the signal (CLI: 128+n)."""
+    with pytest.raises(TuneInterrupted) as info, StopOnInterrupt() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested
+        raise TuneInterrupted("interrupted after step 1 of 2", checkpoint_dir(Path("p")), 1)
+    assert info.value.signum == signal.SIGTERM
+    with pytest.raises(TuneInterrupted) as plain:  # raised without a handler: Ctrl-C, as before
+        raise TuneInterrupted("interrupted", Path("p.ckpt"), 1)
+    assert plain.value.signum == signal.SIGINT
 
 
 def test_a_disabled_stop_handler_installs_nothing():
-    before = signal.getsignal(signal.SIGINT)
+    before = handlers()
     with StopOnInterrupt(enabled=False) as stop:
-        assert signal.getsignal(signal.SIGINT) is before and not stop.enabled
+        assert handlers() == before and not stop.enabled

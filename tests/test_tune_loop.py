@@ -159,3 +159,75 @@ def test_demo_cli_tune_writes_a_small_one_layer_patch(data_dir, tmp_path):
     model = load_model(None).model
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     assert (out / WEIGHTS_NAME).stat().st_size < 0.05 * model_bytes
+
+
+def test_tune_gives_a_callers_model_back_with_its_structure(tiny_llama_dir, data_dir, tmp_path):
+    """No hooks, no LoRA wrappers, the original dtypes: a bf16 model comes back bf16 (so a sweep can run in bf16)."""
+    loaded = load_model(str(tiny_llama_dir), dtype="bfloat16")
+    model = loaded.model
+    modules_before = [(n, type(m).__name__) for n, m in model.named_modules()]
+    dtypes_before = {n: p.dtype for n, p in model.named_parameters()}
+
+    def hooks(m):
+        return sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in m.modules())
+
+    assert hooks(model) == 0
+    for kw in ({"layers": "2"}, {"layers": "1,2", "lora": True}):
+        tune(_config(tiny_llama_dir, data_dir, dtype="bfloat16", **kw), tmp_path / kw["layers"], progress=False,
+             loaded=loaded)
+        assert hooks(model) == 0
+        assert [(n, type(m).__name__) for n, m in model.named_modules()] == modules_before
+        assert {n: p.dtype for n, p in model.named_parameters()} == dtypes_before
+
+
+def test_keep_last_writes_the_final_weights_and_best_keeps_the_base_when_nothing_beats_it(tiny_llama_dir, data_dir,
+                                                                                          tmp_path):
+    from layerzo.patch.replay import replay_patch
+
+    notes: list[str] = []
+    # a learning rate of 0 never moves the weights: no dev evaluation can beat the zero-shot one
+    best = tune(_config(tiny_llama_dir, data_dir, lr=0.0), tmp_path / "best", progress=False, note=notes.append)
+    m = json.loads((tmp_path / "best" / MANIFEST_NAME).read_text())["metrics"]
+    assert best.metrics["no_op"] and m["no_op"] is True and m["kept"] == "best" and m["best_step"] == 0
+    assert m["applied_steps"] == 4 and (tmp_path / "best" / TRAJECTORY_NAME).read_text() == ""
+    assert len(notes) == 1 and notes[0].startswith("warning: no step beat the zero-shot dev accuracy")
+    card = (tmp_path / "best" / "README.md").read_text()
+    assert "this patch equals its base model" in card and "Trained 4 ZO steps (4 applied)" in card
+    assert "trajectory of 0 applied steps" in card  # card and manifest tell the same story
+    replayed = replay_patch(str(tiny_llama_dir), LayerPatch.from_pretrained(tmp_path / "best"))
+    assert replayed.bit_exact and replayed.steps == 0  # --replay of a no-op patch rebuilds the base
+
+    last = tune(_config(tiny_llama_dir, data_dir, lr=1e-2, keep="last", eval_every=4), tmp_path / "last",
+                progress=False)
+    m = json.loads((tmp_path / "last" / MANIFEST_NAME).read_text())["metrics"]
+    assert m["kept"] == "last" and m["best_step"] == 4 and not m["no_op"] and not last.metrics["no_op"]
+    patch = LayerPatch.from_pretrained(tmp_path / "last")
+    assert len(patch.trajectory) == 4
+    base = dict(load_model(str(tiny_llama_dir)).model.named_parameters())
+    assert any(not torch.equal(t, base[n]) for n, t in patch.tensors.items())
+    assert replay_patch(str(tiny_llama_dir), patch).bit_exact
+    with pytest.raises(ConfigError, match="keep must be one of best, last"):
+        _config(tiny_llama_dir, data_dir, keep="first")
+
+
+def test_the_patch_names_a_local_base_and_data_folder_without_their_paths(tiny_llama_dir, data_dir, tmp_path):
+    out = tmp_path / "patch"
+    tune(_config(tiny_llama_dir, data_dir, steps=1, eval_every=1), out, progress=False)
+    for name in (MANIFEST_NAME, "README.md", WEIGHTS_NAME):
+        data = (out / name).read_bytes()
+        assert str(tiny_llama_dir).encode() not in data and str(data_dir).encode() not in data, name
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["base_model"] == tiny_llama_dir.name and manifest["recipe"]["model"] == tiny_llama_dir.name
+    assert manifest["recipe"]["data_dir"] == Path(data_dir).name
+    assert manifest["base_fingerprint"]  # the base is pinned by its tensors, not by where it lies
+    tune(_config(tiny_llama_dir, data_dir, steps=1, eval_every=1), tmp_path / "paths", progress=False,
+         record_paths=True)
+    manifest = json.loads((tmp_path / "paths" / MANIFEST_NAME).read_text())
+    assert manifest["base_model"] == str(tiny_llama_dir.resolve()) and manifest["recipe"]["data_dir"] == str(data_dir)
+
+
+def test_layer_ranges_and_the_last_layer_are_accepted_like_sweep(tiny_llama_dir, data_dir, tmp_path):
+    assert tune(_config(tiny_llama_dir, data_dir, layers="0-1,3", steps=1, eval_every=1, num_dev=0),
+                tmp_path / "r", progress=False).layers == (0, 1, 3)
+    assert tune(_config(tiny_llama_dir, data_dir, layers="-1", steps=1, eval_every=1, num_dev=0),
+                tmp_path / "last", progress=False).layers == (3,)

@@ -101,6 +101,19 @@ def upload_folder(folder: str | os.PathLike, repo_id: str, files: Sequence[str],
     return str(info.commit_url)
 
 
+def repo_is_private(repo_id: str, *, token: str | None = None, endpoint: str | None = None) -> bool | None:
+    """Whether the Hub says ``repo_id`` is private (None when it does not say)."""
+    token = resolve_token(token)
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi(endpoint=resolve_endpoint(endpoint), token=token).model_info(repo_id)
+    except client_errors() as exc:
+        raise hub_error("read", repo_id, exc, token) from None
+    private = getattr(info, "private", None)
+    return private if isinstance(private, bool) else None
+
+
 def download_files(repo_id: str, files: Sequence[str], *, revision: str | None = None, token: str | None = None,
                    endpoint: str | None = None, cache_dir: str | os.PathLike | None = None,
                    what: str = "repo") -> tuple[Path, str]:

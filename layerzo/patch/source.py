@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from layerzo.core.atomic import atomic_dir
@@ -18,15 +19,31 @@ from layerzo.patch.format import LayerPatch
 from layerzo.patch.manifest import MANIFEST_NAME, PATCH_FILES
 
 
+@dataclass(frozen=True)
+class PushResult:
+    commit_url: str
+    private: bool | None  # what the Hub says the repo is now (an existing repo keeps its visibility)
+
+    @property
+    def visibility(self) -> str:
+        return {True: "private", False: "public", None: "of unknown visibility"}[self.private]
+
+
 def push_patch(folder: str | os.PathLike, repo_id: str, *, token: str | None = None, private: bool = False,
-               revision: str | None = None, endpoint: str | None = None, commit_message: str | None = None) -> str:
-    """Upload a saved patch folder (validated first: a broken patch is never published); returns the commit URL."""
+               revision: str | None = None, endpoint: str | None = None,
+               commit_message: str | None = None) -> PushResult:
+    """Upload a saved patch folder (validated first: a broken patch is never published).
+
+    Returns the commit URL and whether the repo is private: ``private=True``
+    only applies when the repo is created, so the Hub is asked afterwards.
+    """
     hub.check_repo_id(repo_id)
     patch = LayerPatch.from_pretrained(folder)
     m = patch.manifest
     message = commit_message or f"layerzo patch: layer(s) {','.join(map(str, m.layers))} of {m.base_model}"
-    return hub.upload_folder(folder, repo_id, PATCH_FILES, message, token=token, private=private,
-                             revision=revision, endpoint=endpoint)
+    url = hub.upload_folder(folder, repo_id, PATCH_FILES, message, token=token, private=private,
+                            revision=revision, endpoint=endpoint)
+    return PushResult(url, hub.repo_is_private(repo_id, token=token, endpoint=endpoint))
 
 
 def pull_patch(repo_id: str, *, revision: str | None = None, token: str | None = None, endpoint: str | None = None,

@@ -1,4 +1,4 @@
-"""Training checkpoints for ``layerzo tune``: save every N steps, resume bit-exactly, stop on Ctrl-C.
+"""Training checkpoints for ``layerzo tune``: save every N steps, resume bit-exactly, stop on Ctrl-C/SIGTERM.
 
 A checkpoint lives in ``OUT.ckpt/`` BESIDE the patch folder ``OUT``, never inside it:
 ``OUT`` only ever holds a finished patch (the "only patch files" contract, and what
@@ -44,7 +44,7 @@ import torch
 
 from layerzo.tune.config import RESUME_FREE_FIELDS
 from layerzo.core.hashing import file_sha256
-from layerzo.errors import CheckpointError, OutputExistsError, PatchFormatError
+from layerzo.errors import CheckpointError, OutputExistsError, PatchFormatError, TuneInterrupted
 from layerzo.io.safetensors import FLOAT_DTYPES, read_header, write_shard
 
 CHECKPOINT_SUFFIX = ".ckpt"
@@ -352,10 +352,17 @@ def check_resumable(folder: Path, ckpt: Checkpoint, identity: dict, total_steps:
                                   f"tunes {live.dtype} {tuple(live.shape)}")
 
 
-# ----------------------------------------------------------------------------- Ctrl-C
+# ----------------------------------------------------------------------------- Ctrl-C / SIGTERM
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; what SLURM, Kubernetes and `timeout` send first
+
+
 class StopOnInterrupt:
-    """Context manager: the first SIGINT only sets ``requested`` (the loop finishes its
-    step, checkpoints and stops); a second SIGINT raises KeyboardInterrupt at once.
+    """Context manager: the first SIGINT or SIGTERM only sets ``requested`` and records
+    ``signum`` (the loop finishes its step, checkpoints and stops); a second signal of
+    either kind raises KeyboardInterrupt at once. The previous handlers are restored on exit.
+
+    A :class:`TuneInterrupted` leaving the block gets the signal's number as its
+    ``signum`` (the CLI exits with 128 + signum: 130 for Ctrl-C, 143 for SIGTERM).
 
     Installed only in the main thread of a single-process run: under torchrun the
     ranks would stop at different steps and wait on each other forever.
@@ -364,18 +371,24 @@ class StopOnInterrupt:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self.requested = False
-        self._previous: Any = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def _handler(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
 
     def __enter__(self) -> "StopOnInterrupt":
         if self.enabled:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handler)
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            signal.signal(signal.SIGINT, self._previous)
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for sig, previous in self._previous.items():  # None: a handler not set from Python; restore the default
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous = {}
+        if isinstance(exc, TuneInterrupted) and self.signum is not None:
+            exc.signum = self.signum

@@ -311,7 +311,7 @@ def train(run: Run, state: LoopState, progress: bool) -> DivergenceError | None:
     """The ZO steps, from the state's step to ``config.steps``; returns the divergence that stopped it, if any."""
     config, dp, model, layout = run.config, run.dp, run.loaded.model, run.loaded.layout
     zo_options = {"total_steps": config.steps, "z_cache_max_bytes": z_cache_budget(model)}  # one layer keeps z
-    bar = TuneProgress(config.steps, enabled=progress and dp.is_main)
+    bar = TuneProgress(config.steps, enabled=progress and dp.is_main, start=state.zo.step)
     stop = StopOnInterrupt(enabled=not dp.active)  # Ctrl-C: finish the step, checkpoint, stop
     run.out.parent.mkdir(parents=True, exist_ok=True)
     state.t_train = time.perf_counter()
@@ -503,12 +503,12 @@ def write_patch(run: Run, metrics: dict, trajectory: list, overwrite: bool) -> N
 
 
 class TuneProgress(StderrBar):
-    """tune's bar: loss, last dev accuracy, steps/s."""
+    """tune's progress: loss, last dev accuracy, steps/s (this process's ZO steps; a resumed run starts at ``start``)."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        super().__init__("tune", total, enabled)
+    def __init__(self, total: int, enabled: bool, start: int = 0) -> None:
+        super().__init__("tune", total, enabled, unit="step", start=start)
 
     def advance(self, loss: float, dev_acc: float | None, done: int, seconds: float) -> None:
         dev = f"{dev_acc:.3f}" if dev_acc is not None else "-"
-        rate = done / seconds if seconds > 0 else math.nan
-        self.update(completed=done, info=f"loss {loss:.4f}  dev {dev}  {rate:.2f} steps/s")
+        rate = f"{(done - self.start) / seconds:.2f}" if seconds > 0 else "-"
+        self.update(completed=done, info=f"loss {loss:.4f}  dev {dev}  {rate} steps/s")
