@@ -50,11 +50,14 @@ def apply(
         replayed = replay_patch(None if base == "demo" else base, layer_patch, revision=revision)
         result["replay"] = {"steps": replayed.steps, "max_abs_diff": replayed.max_abs_diff,
                             "bit_exact": replayed.bit_exact}
-        err_console.print(f"replay: max |replayed - patch| = {replayed.max_abs_diff:.3g} "
-                          f"({'bit-exact' if replayed.bit_exact else 'NOT bit-exact'})")
+        if replayed.bit_exact is None:
+            err_console.print(f"replay: rebuilt the weights of a trajectory-only patch ({replayed.steps} steps)")
+        else:
+            err_console.print(f"replay: max |replayed - patch| = {replayed.max_abs_diff:.3g} "
+                              f"({'bit-exact' if replayed.bit_exact else 'NOT bit-exact'})")
         if replay_out is not None:
             result["replay"]["saved"] = str(replayed.patch.save_pretrained(replay_out, overwrite=overwrite))
-        if not replayed.bit_exact:
+        if replayed.bit_exact is False:
             if json_out:
                 emit_json(result)
             raise PatchError(f"the trajectory does not reproduce the patch (max abs diff {replayed.max_abs_diff:.3g})",

@@ -29,13 +29,15 @@ def push(
     token: TokenOpt = None,
     endpoint: EndpointOpt = None,
     commit_message: Annotated[Optional[str], typer.Option("--commit-message", help="Commit message.")] = None,
+    trajectory_only: Annotated[bool, typer.Option(
+        "--trajectory-only", help="Upload manifest, card and trajectory only (KBs); users rebuild the weights.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Upload a layer patch (validated first) to a Hub model repo."""
     from layerzo.patch.source import push_patch
 
     pushed = push_patch(patch, repo_id, token=token, private=private, revision=revision, endpoint=endpoint,
-                        commit_message=commit_message)
+                        commit_message=commit_message, trajectory_only=trajectory_only)
     err_console.print(f"pushed {patch} to {repo_id} (the repo is {pushed.visibility})", highlight=False)
     if json_out:
         emit_json({"repo_id": repo_id, "commit_url": pushed.commit_url, "private": pushed.private})

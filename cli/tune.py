@@ -88,6 +88,8 @@ def tune(
     checkpoint_every: Annotated[
         Optional[int], _opt("--checkpoint-every", "Save a resumable checkpoint in OUT.ckpt/ every N steps (0: only on Ctrl-C). [default: 50]")
     ] = None,
+    save: Annotated[str, typer.Option(
+        "--save", help="weights (a weight patch) or trajectory (manifest + trajectory only, KBs; rebuilt from the base).")] = "weights",
     record_local_paths: Annotated[bool, typer.Option(
         "--record-local-paths", help="Write the local model/data paths into the patch (default: their names only).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in OUT.ckpt/ (same options).")] = False,
@@ -104,7 +106,7 @@ def tune(
     try:
         result = run_tune(config, out, overwrite=overwrite, progress=not quiet, resume=resume,
                           note=lambda line: err_console.print(line, highlight=False), read_paths=[recipe] if recipe else [],
-                          record_paths=record_local_paths)
+                          record_paths=record_local_paths, save=save)
     except TuneInterrupted as exc:  # Ctrl-C or SIGTERM: a checkpoint was saved; say exactly how to continue
         err_console.print(str(exc), style="yellow", markup=False, highlight=False, soft_wrap=True)
         err_console.print(f"resume with: {resume_command(ctx)}", markup=False, highlight=False, soft_wrap=True)

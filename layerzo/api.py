@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from layerzo.patch.apply import apply_to_model
+from layerzo.patch.merge import apply_to_model
 from layerzo.model.loading import load_model
 from layerzo.patch.format import LayerPatch
+from layerzo.patch.replay import with_weights
 
 
 def load(
@@ -32,6 +33,7 @@ def load(
     """
     if not isinstance(patch, LayerPatch):
         patch = LayerPatch.from_pretrained(patch, revision=patch_revision, token=token)
+    patch = with_weights(patch, base, revision=revision)  # a trajectory-only patch is rebuilt from the base
     loaded = load_model(base, dtype=dtype, device="cpu", revision=revision, trust_remote_code=trust_remote_code)
     apply_to_model(loaded.model, patch, force=force)
     if device != "cpu":

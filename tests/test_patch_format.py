@@ -215,3 +215,41 @@ def test_constructor_validates_like_the_reader(model):
 def test_nonexistent_patch_path_is_one_line(tmp_path):
     with pytest.raises(PatchError, match="does not exist"):
         LayerPatch.from_pretrained(tmp_path / "nope")
+
+
+def test_a_lora_patch_is_a_standard_peft_adapter_with_layerzos_logits(tiny_llama_dir, data_dir, tmp_path):
+    """PeftModel.from_pretrained(base, PATCH) loads a LoRA-ZO patch; its logits equal layerzo.load's (fp32)."""
+    import layerzo
+    from peft import PeftModel
+
+    from layerzo.model.loading import load_model
+    from layerzo.tune.config import TuneConfig
+    from layerzo.tune.loop import tune
+
+    out = tmp_path / "lora"
+    config = TuneConfig.from_dict({"model": str(tiny_llama_dir), "data_dir": str(data_dir), "layers": "1,2",
+                                   "lora": True, "lora_rank": 4, "lora_alpha": 8.0, "steps": 4, "batch_size": 4,
+                                   "num_train": 16, "num_dev": 0, "num_test": 0, "lr": 5e-2, "eps": 1e-2})
+    tune(config, out, progress=False)
+    files = json.loads((out / MANIFEST_NAME).read_text())["files"]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["r"] == 4 and adapter["lora_alpha"] == 8.0
+    ids = torch.randint(0, 1000, (2, 7), generator=torch.Generator().manual_seed(3))
+    base = load_model(str(tiny_llama_dir)).model
+    peft_model = PeftModel.from_pretrained(base, str(out))
+    ours, _ = layerzo.load(str(tiny_llama_dir), str(out))
+    with torch.no_grad():
+        peft_logits, our_logits = peft_model(input_ids=ids).logits, ours(input_ids=ids).logits
+        plain = load_model(str(tiny_llama_dir)).model(input_ids=ids).logits
+    assert not torch.equal(peft_logits, plain)  # the adapters moved
+    torch.testing.assert_close(peft_logits, our_logits, atol=1e-5, rtol=1e-5)
+    # the two files carry the same adapters
+    from safetensors.torch import load_file
+
+    mine, theirs = load_file(out / WEIGHTS_NAME), load_file(out / "adapter_model.safetensors")
+    assert {f"base_model.model.{k}" for k in mine} == set(theirs)
+    assert all(torch.equal(mine[k], theirs[f"base_model.model.{k}"]) for k in mine)
+    # same run, same bytes (peft's own config writer would order its sets differently per process)
+    tune(config, tmp_path / "again", progress=False)
+    assert (tmp_path / "again" / "adapter_config.json").read_bytes() == (out / "adapter_config.json").read_bytes()

@@ -224,7 +224,7 @@ def check_base(model, patch, *, force: bool = False) -> None:
     base is reported before the first slow harness run.
     """
     from layerzo.model.layers import find_layer_layout
-    from layerzo.patch.apply import check_model_identity, merge_tensors
+    from layerzo.patch.merge import check_model_identity, merge_tensors
 
     config = getattr(model, "config", None)
     check_model_identity(patch, [type(model).__name__, *(getattr(config, "architectures", None) or [])],
@@ -297,6 +297,11 @@ def evaluate(
     say = progress or (lambda _msg: None)
     selection = validate_tasks(config)
     layer_patch = load_patch(patch, token=token) if patch is not None else None
+    if layer_patch is not None and not layer_patch.weights_included:
+        from layerzo.patch.replay import with_weights
+
+        say("rebuilding the trajectory-only patch's weights from the base")
+        layer_patch = with_weights(layer_patch, model if loaded is None else loaded.source.location, revision=revision)
     with task_manager(selection, config) as manager:
         if loaded is None:
             from layerzo.model.loading import load_model
@@ -312,7 +317,7 @@ def evaluate(
         base = run_harness(lm, loaded.tokenizer, selection, manager, config).results
         patched, patch_notes = None, []
         if layer_patch is not None:
-            from layerzo.patch.apply import apply_to_model
+            from layerzo.patch.merge import apply_to_model
 
             # copy_ into the very parameters the harness holds: no second load, no merged copy on disk
             patch_notes = apply_to_model(loaded.model, layer_patch, force=force)

@@ -200,8 +200,9 @@ def export_checkpoint(
     told each stage ("loading model", "exporting ...") as it starts.
     """
     from layerzo.model.loading import load_model
-    from layerzo.patch.apply import apply_to_model
+    from layerzo.patch.merge import apply_to_model
     from layerzo.patch.format import LayerPatch
+    from layerzo.patch.replay import with_weights
 
     check_export_format(fmt)
     config = config or ExportConfig()
@@ -211,7 +212,8 @@ def export_checkpoint(
     if plan.replaces:
         report_stage(plan.note("layerzo export"))
     report_stage("loading model")
-    layer_patch = None if patch is None else LayerPatch.from_pretrained(patch, token=token)
+    layer_patch = None if patch is None else with_weights(LayerPatch.from_pretrained(patch, token=token), base,
+                                                          revision=revision)  # trajectory-only: rebuilt
     loaded = load_model(base, dtype=config.dtype, revision=revision, trust_remote_code=trust_remote_code)
     if layer_patch is not None:
         apply_to_model(loaded.model, layer_patch)

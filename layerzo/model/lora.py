@@ -1,22 +1,27 @@
-"""LoRA-ZO baseline: low-rank adapters on the attention q/v projections, tuned by the ZO engine.
+"""LoRA-ZO: peft's LoRA adapters on the attention q/v projections, tuned by the ZO engine.
 
-A small hand-written wrapper (no peft dependency at train time) so that the
-state-dict names are exactly the patch format's:
-``model.layers.3.self_attn.q_proj.lora_A.weight`` ([r, in]) and
-``...q_proj.lora_B.weight`` ([out, r]); the wrapped projection computes
+The adapters are injected with peft (``inject_adapter_in_model``), so the
+tuned modules are peft's own ``lora.Linear`` and a LoRA patch is also a
+standard PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``)
+that ``PeftModel.from_pretrained(base, PATCH)`` loads. The wrapped projection
+computes ``y = base(x) + (alpha / r) · B(A(x))``.
 
-    y = base(x) + (alpha / r) · B(A(x))
+Names: the patch keeps layerzo's key names (``model.layers.3.self_attn.q_proj.lora_A.weight``,
+[r, in]; ``...lora_B.weight``, [out, r]); inside the model peft adds its adapter
+name (``...q_proj.lora_A.default.weight``): :func:`model_parameter_name` maps one to the other.
 
-A is initialised like peft (kaiming-uniform, a=√5 → U(±1/√in)) from a
-dedicated, seeded generator; B starts at zero so the wrapped model starts
-exactly at the base model. Adapters are float32 whatever the model dtype
-(ZO updates would vanish in bf16); their output is cast back at the boundary.
+Initialisation: A like peft's default (kaiming-uniform, a=√5 → U(±1/√in)), but
+drawn from a dedicated generator seeded with the run's seed, projection by
+projection in module order, so a replay regenerates it exactly and the global
+RNG is never touched; B starts at zero, so the wrapped model starts exactly at
+the base. Adapters are float32 whatever the model dtype (ZO updates would
+vanish in bf16); peft casts at their boundary.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -25,31 +30,8 @@ from layerzo.errors import ArchitectureError, ConfigError
 from layerzo.model.layers import LayerLayout
 
 DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "v_proj")
-
-
-class LoRALinear(nn.Module):
-    """``base`` (frozen) plus a float32 rank-``r`` update; children: ``base``, ``lora_A``, ``lora_B``."""
-
-    def __init__(self, base: nn.Linear, r: int, alpha: float, generator: torch.Generator) -> None:
-        super().__init__()
-        self.base = base
-        self.r, self.alpha = r, alpha
-        self.scaling = alpha / r
-        device = base.weight.device
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=torch.float32)
-        bound = 1.0 / math.sqrt(base.in_features)
-        with torch.no_grad():
-            a = torch.rand(self.lora_A.weight.shape, generator=generator, dtype=torch.float32)
-            self.lora_A.weight.copy_(a.mul_(2 * bound).sub_(bound))
-            self.lora_B.weight.zero_()
-        self.lora_A.requires_grad_(False)
-        self.lora_B.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        delta = self.lora_B(self.lora_A(x.to(torch.float32))) * self.scaling
-        return out + delta.to(out.dtype)
+ADAPTER_NAME = "default"  # peft's adapter name inside the model
+PEFT_PREFIX = "base_model.model."  # the key prefix of a saved PEFT adapter
 
 
 def _check(r: int, alpha: float) -> None:
@@ -57,6 +39,33 @@ def _check(r: int, alpha: float) -> None:
         raise ConfigError(f"lora_rank must be an integer ≥ 1, got {r!r}")
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
         raise ConfigError(f"lora_alpha must be a positive number, got {alpha!r}")
+
+
+def target_modules(model: nn.Module, layout: LayerLayout, layers: Sequence[int],
+                   targets: Sequence[str] = DEFAULT_TARGETS) -> list[str]:
+    """Full names of the linear ``targets`` projections of ``layers``, in module order."""
+    found: list[str] = []
+    for i in layers:
+        prefix = layout.key_prefix(i)
+        names = [name for name, module in model.named_modules()
+                 if name.startswith(prefix) and name.rsplit(".", 1)[-1] in targets and isinstance(module, nn.Linear)]
+        if not names:
+            raise ArchitectureError(
+                f"layer {i} has no linear {'/'.join(targets)} projections to put LoRA on "
+                f"({type(model).__name__} may use a fused attention projection)",
+                "use --layers without --lora on this architecture",
+            )
+        found += names
+    return found
+
+
+def lora_config(modules: Sequence[str], r: int, alpha: float, base_model: str | None = None,
+                revision: str | None = None) -> Any:
+    """The peft ``LoraConfig`` of a layerzo LoRA patch (exact module names: no pattern to misread)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=list(modules), lora_dropout=0.0, bias="none",
+                      task_type="CAUSAL_LM", base_model_name_or_path=base_model, revision=revision)
 
 
 def add_lora(
@@ -69,40 +78,47 @@ def add_lora(
     targets: Sequence[str] = DEFAULT_TARGETS,
     seed: int = 0,
 ) -> list[str]:
-    """Wrap the ``targets`` linear projections of ``layers`` in :class:`LoRALinear`, in place.
+    """Inject peft LoRA adapters on the ``targets`` projections of ``layers``, in place.
 
-    Returns the adapter parameter names (A then B of each wrapped projection,
-    in module order): exactly the keys a LoRA patch stores.
+    Returns the adapter names in the patch's key format (A then B of each
+    projection, in module order): exactly the keys a LoRA patch stores.
     """
+    from peft import inject_adapter_in_model
+
     _check(r, alpha)
+    modules = target_modules(model, layout, layers, targets)
+    inject_adapter_in_model(lora_config(modules, r, alpha), model, adapter_name=ADAPTER_NAME)
+    model.requires_grad_(False)  # ZO needs no autograd; peft marks its adapters trainable
     generator = torch.Generator().manual_seed(seed)
     names: list[str] = []
-    for i in layers:
-        prefix = layout.key_prefix(i)
-        found = [
-            (name, module)
-            for name, module in model.named_modules()
-            if name.startswith(prefix) and name.rsplit(".", 1)[-1] in targets and isinstance(module, nn.Linear)
-        ]
-        if not found:
-            raise ArchitectureError(
-                f"layer {i} has no linear {'/'.join(targets)} projections to put LoRA on "
-                f"({type(model).__name__} may use a fused attention projection)",
-                "use --layers without --lora on this architecture",
-            )
-        for name, module in found:
-            parent_name, attr = name.rsplit(".", 1)
-            setattr(model.get_submodule(parent_name), attr, LoRALinear(module, r, alpha, generator))
+    with torch.no_grad():
+        for name in modules:
+            layer = model.get_submodule(name)
+            layer.lora_A[ADAPTER_NAME].float()  # fp32 adapters in any model dtype; peft casts at their boundary
+            layer.lora_B[ADAPTER_NAME].float()
+            a, b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+            bound = 1.0 / math.sqrt(a.shape[1])
+            values = torch.rand(a.shape, generator=generator, dtype=torch.float32)
+            a.copy_(values.mul_(2 * bound).sub_(bound))
+            b.zero_()
             names += [f"{name}.lora_A.weight", f"{name}.lora_B.weight"]
     return names
 
 
+def model_parameter_name(patch_name: str) -> str:
+    """``...q_proj.lora_A.weight`` (patch) → ``...q_proj.lora_A.default.weight`` (inside the peft-wrapped model)."""
+    head, _, tail = patch_name.rpartition(".lora_")
+    return f"{head}.lora_{tail.split('.')[0]}.{ADAPTER_NAME}.weight" if head else patch_name
+
+
 def remove_lora(model: nn.Module) -> None:
-    """Undo :func:`add_lora` (put the base projections back; adapters are dropped)."""
+    """Undo :func:`add_lora`: put the base projections back (adapters dropped, nothing merged)."""
+    from peft.tuners.lora import LoraLayer
+
     for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoraLayer):
             parent_name, attr = name.rsplit(".", 1)
-            setattr(model.get_submodule(parent_name), attr, module.base)
+            setattr(model.get_submodule(parent_name), attr, module.get_base_layer())
 
 
 def lora_base_names(adapter_names: Sequence[str]) -> list[str]:
@@ -118,3 +134,13 @@ def lora_base_names(adapter_names: Sequence[str]) -> list[str]:
 def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """The dense update ``scaling · B @ A`` ([out, in], float32) that merging adds to the base weight."""
     return (b.to(torch.float32) @ a.to(torch.float32)) * scaling
+
+
+def peft_state_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Patch-format LoRA tensors under the keys a saved PEFT adapter uses (``base_model.model.`` + name)."""
+    return {PEFT_PREFIX + name: t for name, t in tensors.items()}
+
+
+def adapter_modules(tensors: Mapping[str, Any]) -> list[str]:
+    """The projection names a LoRA patch's tensors adapt, in key order."""
+    return sorted({name.rsplit(".lora_", 1)[0] for name in tensors})

@@ -24,7 +24,10 @@ MANIFEST_NAME = "layerzo_patch.json"
 TRAJECTORY_NAME = "trajectory.jsonl"
 CARD_NAME = "README.md"
 FORMAT_VERSION = 1
-PATCH_FILES = (WEIGHTS_NAME, MANIFEST_NAME, TRAJECTORY_NAME, CARD_NAME)
+# A LoRA patch is also a standard PEFT adapter: PeftModel.from_pretrained(base, PATCH) loads these two.
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+PATCH_FILES = (WEIGHTS_NAME, MANIFEST_NAME, TRAJECTORY_NAME, CARD_NAME, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)
 KINDS = ("layers", "lora")
 
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
@@ -227,7 +230,7 @@ def validate_tensors(manifest: PatchManifest, tensors: Mapping[str, Any]) -> Non
     import torch
 
     if not tensors:
-        raise PatchError("the patch holds no tensors")
+        raise PatchError("the patch holds no tensors", "a trajectory-only patch is rebuilt from its base first")
     check_names(manifest, tensors)
     for key, t in tensors.items():
         if not isinstance(t, torch.Tensor):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from layerzo.core.outputs import check_output, output_lock
 from layerzo.io import hub
 from layerzo.patch.format import LayerPatch
 from layerzo.patch.manifest import MANIFEST_NAME, PATCH_FILES
+from layerzo.patch.replay import check_replayable
 
 
 @dataclass(frozen=True)
@@ -30,19 +32,25 @@ class PushResult:
 
 
 def push_patch(folder: str | os.PathLike, repo_id: str, *, token: str | None = None, private: bool = False,
-               revision: str | None = None, endpoint: str | None = None,
-               commit_message: str | None = None) -> PushResult:
+               revision: str | None = None, endpoint: str | None = None, commit_message: str | None = None,
+               trajectory_only: bool = False) -> PushResult:
     """Upload a saved patch folder (validated first: a broken patch is never published).
 
-    Returns the commit URL and whether the repo is private: ``private=True``
-    only applies when the repo is created, so the Hub is asked afterwards.
+    ``trajectory_only`` uploads the manifest, card and trajectory without the
+    weights (KBs instead of MBs; users rebuild them from the base). Returns the
+    commit URL and whether the repo is private: ``private=True`` only applies
+    when the repo is created, so the Hub is asked afterwards.
     """
     hub.check_repo_id(repo_id)
     patch = LayerPatch.from_pretrained(folder)
     m = patch.manifest
     message = commit_message or f"layerzo patch: layer(s) {','.join(map(str, m.layers))} of {m.base_model}"
-    url = hub.upload_folder(folder, repo_id, PATCH_FILES, message, token=token, private=private,
-                            revision=revision, endpoint=endpoint)
+    with tempfile.TemporaryDirectory(prefix="layerzo-push-") as tmp:
+        if trajectory_only and patch.weights_included:
+            check_replayable(m)  # a trajectory nobody can replay is no patch
+            folder = patch.save_pretrained(Path(tmp) / "patch", weights=False)
+        url = hub.upload_folder(folder, repo_id, PATCH_FILES, message, token=token, private=private,
+                                revision=revision, endpoint=endpoint)
     return PushResult(url, hub.repo_is_private(repo_id, token=token, endpoint=endpoint))
 
 

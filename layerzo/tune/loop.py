@@ -48,7 +48,7 @@ from layerzo.core.outputs import check_output, output_lock
 from layerzo.errors import CheckpointError, ConfigError, DivergenceError, TaskError, TuneInterrupted
 from layerzo.model.layers import get_layer, layer_parameter_names, parse_layer_spec
 from layerzo.model.loading import LoadedModel, load_model, public_path_name
-from layerzo.model.lora import add_lora, lora_base_names, remove_lora
+from layerzo.model.lora import add_lora, lora_base_names, model_parameter_name, remove_lora
 from layerzo.model.precision import fp32_master_layers
 from layerzo.patch.format import LayerPatch
 from layerzo.patch.manifest import FORMAT_VERSION, MANIFEST_NAME, PatchManifest, TrajectoryStep
@@ -66,6 +66,7 @@ from layerzo.zo.distributed import (DataParallel, check_tuned_placement, config_
 from layerzo.zo.engine import RNG_ALGORITHM, Z_DTYPE, TunedParams, ZOState, z_cache_budget
 
 METRICS_NAME = "metrics.jsonl"
+SAVE_CHOICES = ("weights", "trajectory")
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ class Tuned:
     """What :func:`tuned_model` prepares: the tuned layers, their tensors and the base fingerprint."""
 
     layers: tuple[int, ...]
-    names: list[str]
+    names: list[str]  # in the patch's key format, in params order (LoRA: without peft's adapter name)
     params: TunedParams
     fingerprint: dict[str, str]
     profile: dict | None
@@ -105,6 +106,7 @@ class Run:
     t_start: float
     note: Callable[[str], None] | None = None
     record_paths: bool = False  # write local paths (model, data) into the patch; off: names only
+    save_weights: bool = True  # False: a trajectory-only patch
 
     @property
     def ckpt_dir(self) -> Path:
@@ -137,7 +139,7 @@ def tune(config: TuneConfig, out_dir: str | os.PathLike, *, overwrite: bool = Fa
          loaded: LoadedModel | None = None, data_parallel: DataParallel | None = None, resume: bool = False,
          note: Callable[[str], None] | None = None, prefix_cache: SharedLowerOutputs | None = None,
          zero_shot_cache: ZeroShotCache | None = None, read_paths: Sequence[str | os.PathLike] = (),
-         record_paths: bool = False) -> TuneResult:
+         record_paths: bool = False, save: str = "weights") -> TuneResult:
     """Run a ZO tune and write the layer patch to ``out_dir``.
 
     ``loaded`` (a :class:`layerzo.model.loading.LoadedModel`) skips loading
@@ -153,7 +155,11 @@ def tune(config: TuneConfig, out_dir: str | os.PathLike, *, overwrite: bool = Fa
     like the model, data and task files, OUT may not be, contain or sit inside them.
     The patch names a local base and data folder by their last path part only
     (plus the base fingerprint) unless ``record_paths``: pushed files carry no local paths.
+    ``save="trajectory"`` writes a trajectory-only patch (no weight file; apply,
+    load, eval and export rebuild the weights from the base).
     """
+    if save not in SAVE_CHOICES:
+        raise ConfigError(f"save must be one of {', '.join(SAVE_CHOICES)}, got {save!r}")
     # Under torchrun (WORLD_SIZE > 1) every rank runs this function; rank 0 alone writes (layerzo.zo.distributed).
     dp = data_parallel if data_parallel is not None else init_data_parallel(shard_batch=config.shard_batch)
     inputs = [config.model, config.data_dir, config.task, *read_paths]
@@ -161,7 +167,7 @@ def tune(config: TuneConfig, out_dir: str | os.PathLike, *, overwrite: bool = Fa
     with output_lock(out, "layerzo tune") if dp.is_main else contextlib.nullcontext():
         result = run_tune(config, out, dp, has_checkpoint, overwrite=overwrite, progress=progress, loaded=loaded,
                           resume=resume, note=note, prefix_cache=prefix_cache, zero_shot_cache=zero_shot_cache,
-                          record_paths=record_paths)
+                          record_paths=record_paths, save_weights=save == "weights")
     if data_parallel is None:
         shutdown(dp)  # waits for rank 0's writes, then leaves the process group
     return result
@@ -170,7 +176,7 @@ def tune(config: TuneConfig, out_dir: str | os.PathLike, *, overwrite: bool = Fa
 def run_tune(config: TuneConfig, out: Path, dp: DataParallel, has_checkpoint: bool, *, overwrite: bool, progress: bool,
              loaded: LoadedModel | None, resume: bool, note: Callable[[str], None] | None,
              prefix_cache: SharedLowerOutputs | None, zero_shot_cache: ZeroShotCache | None,
-             record_paths: bool) -> TuneResult:
+             record_paths: bool, save_weights: bool = True) -> TuneResult:
     """:func:`tune` once its output is checked and locked: load, set up, train, finish."""
     t_start = time.perf_counter()
     splits = load_task(config.task, config.data_dir, num_train=config.num_train, num_dev=config.num_dev,
@@ -189,7 +195,7 @@ def run_tune(config: TuneConfig, out: Path, dp: DataParallel, has_checkpoint: bo
                      for s in (splits.dev, splits.test))
         identity = run_identity(config.to_dict(), tuned.layers, tuned.names, tuned.fingerprint)
         run = Run(config, out, dp, loaded, splits, tuned, dev, test, identity, prefix_cache, zero_shot_cache, t_start,
-                  note, record_paths)
+                  note, record_paths, save_weights)
         state = resume_state(run, note) if has_checkpoint else start_state(run, note if resume else None)
         try:
             diverged = train(run, state, progress)
@@ -251,15 +257,17 @@ def tuned_model(config: TuneConfig, loaded: LoadedModel) -> Iterator[Tuned]:
         if config.lora:
             names = add_lora(model, layout, layers, r=config.lora_rank, alpha=config.lora_alpha, seed=config.seed)
             fingerprint = {n: tensor_sha256(state[n]) for n in lora_base_names(names)}
+            in_model = [model_parameter_name(n) for n in names]  # peft's names carry the adapter name
             masters = fp32_master_layers([], model_dtype)
         else:
             names = [n for i in layers for n in layer_parameter_names(model, layout, i)]
             fingerprint = {n: tensor_sha256(state[n]) for n in names}
+            in_model = names
             masters = fp32_master_layers(modules, model_dtype)
         with masters:
             # Lower layers may be cached only if nothing below the first tuned layer is tuned.
             first_cached = min(layers) if config.cache_lower_layers else 0
-            yield Tuned(layers, names, TunedParams.from_model(model, names), fingerprint, profile, first_cached)
+            yield Tuned(layers, names, TunedParams.from_model(model, in_model), fingerprint, profile, first_cached)
     finally:
         remove_lora(model)
         for module in modules:
@@ -482,7 +490,7 @@ def public_recipe(config: TuneConfig, record_paths: bool) -> dict:
 
 def write_patch(run: Run, metrics: dict, trajectory: list, overwrite: bool) -> None:
     config, loaded, tuned = run.config, run.loaded, run.tuned
-    tensors = {n: t.detach().to("cpu").clone() for n, t in zip(tuned.params.names, tuned.params.tensors)}
+    tensors = {n: t.detach().to("cpu").clone() for n, t in zip(tuned.names, tuned.params.tensors)}  # patch names
     dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
     model_config = getattr(loaded.model, "config", None)
     archs = getattr(model_config, "architectures", None) or [type(loaded.model).__name__]
@@ -499,7 +507,8 @@ def write_patch(run: Run, metrics: dict, trajectory: list, overwrite: bool) -> N
         if config.lora else None,
     )
     # An empty existing folder passed the up-front check: replacing it is not an overwrite.
-    LayerPatch(manifest, tensors, trajectory).save_pretrained(run.out, overwrite=overwrite or run.out.exists())
+    LayerPatch(manifest, tensors, trajectory).save_pretrained(run.out, overwrite=overwrite or run.out.exists(),
+                                                              weights=run.save_weights)
 
 
 class TuneProgress(StderrBar):
