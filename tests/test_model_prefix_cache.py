@@ -1,4 +1,4 @@
-"""Frozen lower layers shared ACROSS runs (a layerzo.tune.prefix_cache.SharedLowerOutputs), as a sweep uses them."""
+"""Frozen lower layers shared ACROSS runs (a layerzo.model.prefix_cache.SharedLowerOutputs), as a sweep uses them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from conftest import make_tiny_model
 from layerzo.model.layers import find_layer_layout, get_layer
-from layerzo.tune.prefix_cache import SharedLowerOutputs, cached_lower_layers
+from layerzo.model.prefix_cache import SharedLowerOutputs, cached_lower_layers
 
 
 def _batch(seed: int) -> SimpleNamespace:

@@ -1,0 +1,136 @@
+"""ZO sensitivity profile of every layer vs the activation profile, on the demo model and SST-2.
+
+    python benchmarks/bench_sensitivity.py --data-dir ../shared/data [--directions 8 --batches 2 --batch-size 8]
+
+Times ``profile_model`` (activation outliers, 8 training inputs) and ``task_sensitivity``
+(K directions × B batches per layer, the task's loss, prefix cache) in one process, and writes the
+per-layer table, the outlier pick, the sensitivity pick and the Spearman correlation of
+the sensitivity ranking with layer depth to benchmarks/results/sensitivity_sst2_smollm2.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from common import RESULTS, header, stamp, write_report
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        for rank, i in enumerate(order):
+            r[i] = float(rank)
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    n, ma, mb = len(a), sum(ra) / len(a), sum(rb) / len(b)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    sa = sum((x - ma) ** 2 for x in ra) ** 0.5
+    sb = sum((y - mb) ** 2 for y in rb) ** 0.5
+    return cov / (sa * sb) if sa and sb and n > 1 else float("nan")
+
+
+def render(result: dict, report, args) -> str:
+    """The Markdown report (also re-made from the JSON by --rerank after a change of the pick rule)."""
+    outlier = result["outlier_pick"]
+    rows = ["| layer | grad/weight | grad norm | stability | own Δ | final Δ | growth | loss Δ |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in report.layers:
+        mark = " (outlier pick)" if s.layer == outlier else ""
+        mark += " (sensitivity pick)" if s.layer == report.pick else ""
+        rows.append(f"| {s.layer}{mark} | {s.grad_per_weight:.3g} | {s.grad_rms:.3g} | {s.stability:.2f} | "
+                    f"{s.own_change:.2e} | {s.final_change:.2e} | {s.growth:.2f} | {s.loss_change:.2e} |")
+    return header("ZO sensitivity profile: demo model, SST-2", result) + "\n".join([
+        f"K = {args.directions} directions × {args.batches} batches of {args.batch_size}, eps 1e-3, "
+        f"{report.forwards} forwards. Sensitivity profile {report.seconds:.1f} s = "
+        f"{result['ratio_to_activation_profile']:.1f}× the activation profile's forward "
+        f"({result['activation_profile_seconds']:.2f} s), {result['ratio_to_profile_command']:.2f}× a whole "
+        f"`layerzo profile` (model load {result['load_seconds']:.1f} s + forward).", "",
+        f"Outlier pick: layer {outlier} (rank {result['outlier_pick_sensitivity_rank']} in the sensitivity "
+        f"ranking). Sensitivity pick: layer {report.pick} — {report.reason}. Largest gradient per weight: layer "
+        f"{result['largest_grad_per_weight']}. Spearman(gradient per weight, earliness) = "
+        f"{result['spearman_sensitivity_vs_depth']:.2f}.", "", *rows, "",
+        "![sensitivity](sensitivity_sst2_smollm2.png)", "",
+        *([f"The pick was re-applied to these measurements with `--rerank` ({result['reranked']})."]
+          if result.get("reranked") else [])])
+
+
+def rerank(path) -> None:
+    """Apply the current pick rule to a saved report (the per-layer numbers do not change)."""
+    import json
+    from types import SimpleNamespace
+
+    from layerzo.zo.sensitivity import (LayerSensitivity, SensitivityConfig, SensitivityReport, pick_by_sensitivity,
+                                        plot_sensitivity)
+
+    result = json.loads(path.read_text())
+    doc = result["sensitivity"]
+    layers = tuple(LayerSensitivity(**{k: (float("inf") if v is None else v) for k, v in d.items()})
+                   for d in doc["layers"])
+    pick, reason = pick_by_sensitivity(layers)
+    report = SensitivityReport(doc["model"], SensitivityConfig(**doc["config"]), doc["num_batches"], layers, pick,
+                               reason, doc["seconds"], doc["forwards"])
+    result.update(reranked="python benchmarks/bench_sensitivity.py --rerank, after the pick rule changed from the "
+                           "largest gradient per weight to the largest change of the final hidden state",
+                  sensitivity=report.to_dict(), sensitivity_pick=pick, sensitivity_reason=reason,
+                  outlier_pick_sensitivity_rank=report.ranking().index(result["outlier_pick"]) + 1,
+                  largest_grad_per_weight=max(layers, key=lambda s: s.grad_per_weight).layer)
+    args = SimpleNamespace(directions=report.config.directions, batches=report.num_batches,
+                           batch_size=result.get("batch_size", 8))
+    plot_sensitivity(report, RESULTS / "sensitivity_sst2_smollm2.png")
+    write_report("sensitivity_sst2_smollm2", result, render(result, report, args))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--directions", type=int, default=8)
+    p.add_argument("--batches", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--rerank", action="store_true", help="re-apply the pick rule to the saved report, no run")
+    args = p.parse_args()
+    if args.rerank:
+        rerank(RESULTS / "sensitivity_sst2_smollm2.json")
+        return
+    from layerzo.data.tasks import calibration_texts
+    from layerzo.model.loading import load_model
+    from layerzo.profile.rule import ProfileConfig
+    from layerzo.profile.run import profile_model
+    from layerzo.tune.select import task_sensitivity
+    from layerzo.zo.sensitivity import SensitivityConfig, plot_sensitivity
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    loaded = load_model(None)
+    load_seconds = time.perf_counter() - t0
+    texts = calibration_texts("sst2", args.data_dir, n=ProfileConfig().num_sequences, seed=0)
+    t0 = time.perf_counter()
+    activation = profile_model(loaded.model, loaded.tokenizer, texts, ProfileConfig(), loaded.layout,
+                               model_name=loaded.source.name)
+    activation_seconds = time.perf_counter() - t0
+    report = task_sensitivity(loaded, "sst2", args.data_dir, config=SensitivityConfig(directions=args.directions),
+                              num_batches=args.batches, batch_size=args.batch_size)
+    doc = report.to_dict()
+    gpw = [s.grad_per_weight for s in report.layers]
+    result = stamp({
+        "load_seconds": round(load_seconds, 2), "activation_profile_seconds": round(activation_seconds, 3),
+        "sensitivity_seconds": report.seconds, "ratio_to_activation_profile": report.seconds / activation_seconds,
+        "ratio_to_profile_command": report.seconds / (load_seconds + activation_seconds),
+        "outlier_pick": activation.pick.layer, "sensitivity_pick": report.pick, "sensitivity_reason": report.reason,
+        "outlier_pick_sensitivity_rank": report.ranking().index(activation.pick.layer) + 1,
+        "largest_grad_per_weight": max(report.layers, key=lambda s: s.grad_per_weight).layer,
+        "batch_size": args.batch_size,
+        "spearman_sensitivity_vs_depth": spearman(gpw, [float(-i) for i in range(len(gpw))]),
+        "sensitivity": doc})
+    plot_sensitivity(report, RESULTS / "sensitivity_sst2_smollm2.png")
+    md = render(result, report, args)
+    write_report("sensitivity_sst2_smollm2", result, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

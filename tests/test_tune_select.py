@@ -1,0 +1,24 @@
+"""Layer selection on a task's own loss (layerzo.tune.select)."""
+
+from __future__ import annotations
+
+import pytest
+
+from layerzo.errors import TaskError
+from layerzo.model.loading import load_model
+from layerzo.tune.select import task_sensitivity
+from layerzo.zo.sensitivity import SensitivityConfig
+
+
+def test_task_sensitivity_measures_every_layer_on_the_tasks_training_batches(tiny_llama_dir, data_dir):
+    loaded = load_model(str(tiny_llama_dir))
+    report = task_sensitivity(loaded, "sst2", data_dir, config=SensitivityConfig(directions=2), num_batches=2,
+                              batch_size=4, num_train=16)
+    assert [s.layer for s in report.layers] == list(range(loaded.layout.num_layers))
+    assert report.num_batches == 2 and 0 <= report.pick < loaded.layout.num_layers
+    assert all(s.grad_rms > 0 for s in report.layers)
+    again = task_sensitivity(loaded, "sst2", data_dir, config=SensitivityConfig(directions=2), num_batches=2,
+                             batch_size=4, num_train=16)
+    assert [s.grad_rms for s in again.layers] == [s.grad_rms for s in report.layers]  # seeded: same numbers
+    with pytest.raises(TaskError, match="1 batch"):
+        task_sensitivity(loaded, "sst2", data_dir, num_batches=0)
