@@ -22,3 +22,23 @@ def test_task_sensitivity_measures_every_layer_on_the_tasks_training_batches(tin
     assert [s.grad_rms for s in again.layers] == [s.grad_rms for s in report.layers]  # seeded: same numbers
     with pytest.raises(TaskError, match="1 batch"):
         task_sensitivity(loaded, "sst2", data_dir, num_batches=0)
+
+
+def test_tune_select_sensitivity_tunes_the_sensitivity_pick_and_records_why(tiny_llama_dir, data_dir, tmp_path):
+    import json
+
+    from layerzo.errors import ConfigError
+    from layerzo.tune.config import TuneConfig
+    from layerzo.tune.loop import tune
+
+    config = TuneConfig.from_dict({"model": str(tiny_llama_dir), "data_dir": str(data_dir), "select": "sensitivity",
+                                   "steps": 1, "batch_size": 4, "num_train": 16, "num_dev": 0, "num_test": 0})
+    result = tune(config, tmp_path / "p", progress=False)
+    profile = json.loads((tmp_path / "p" / "layerzo_patch.json").read_text())["profile"]
+    loaded = load_model(str(tiny_llama_dir))
+    expected = task_sensitivity(loaded, "sst2", data_dir, batch_size=4, num_train=16, max_length=config.max_length)
+    assert result.layers == (expected.pick,) and profile["dominant_layer"] == expected.pick
+    assert profile["selection"] == "sensitivity" and profile["reason"] == expected.reason
+    assert len(profile["sensitivity"]["layers"]) == loaded.layout.num_layers
+    with pytest.raises(ConfigError, match="select must be one of outlier, sensitivity"):
+        TuneConfig.from_dict({"select": "vibes"})

@@ -35,6 +35,8 @@ from layerzo.zo.engine import ZOConfig
 # patch's recipe and of a checkpoint's identity, so a resumed run gives the same bytes.
 RESUME_FREE_FIELDS = ("checkpoint_every",)
 KEEP_CHOICES = ("best", "last")
+SELECT_CHOICES = ("outlier", "sensitivity")
+INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class TuneConfig:
     revision: str | None = None
     data_dir: str | None = None
     layers: str = "dominant"  # "dominant" | "all" | "5" | "3,7" | "0-3,11" | "-1"
+    select: str = "outlier"  # how "dominant" picks: the first outlier layer, or the ZO sensitivity profile
     lora: bool = False  # LoRA-ZO on the q/v projections of the selected layers
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -76,6 +79,8 @@ class TuneConfig:
         _int_at_least("max_length", self.max_length, 2)
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.select not in SELECT_CHOICES:
+            raise ConfigError(f"select must be one of {', '.join(SELECT_CHOICES)}, got {self.select!r}")
         if self.keep not in KEEP_CHOICES:
             raise ConfigError(f"keep must be one of {', '.join(KEEP_CHOICES)}, got {self.keep!r}")
         if not isinstance(self.layers, str) or not self.layers.strip():
@@ -142,8 +147,11 @@ def _did_you_mean(key: str) -> str:
 
 
 def _int_at_least(name: str, value: Any, low: int) -> None:
+    """An int in [low, INT64_MAX]: counts and seeds reach torch, whose integers are 64-bit."""
     if type(value) is not int or value < low:
         raise ConfigError(f"{name} must be an integer ≥ {low}, got {value!r}")
+    if value > INT64_MAX:
+        raise ConfigError(f"{name} must be at most {INT64_MAX} (a 64-bit integer), got {value}")
 
 
 def _coerce(name: str, value: Any, hint: Any, where: str) -> Any:
@@ -219,11 +227,15 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path).expanduser()
     if not p.is_file() and p.parent == Path("."):  # a bare name: one of the recipes shipped with layerzo
         p = shipped_recipe(p.name) or p
+    if p.is_dir():
+        raise ConfigError(f"recipe {p} is a folder, not a YAML file")
     if not p.is_file():
         raise ConfigError(f"recipe {p} does not exist",
                           f"pass a YAML file, or a shipped recipe: {', '.join(shipped_recipe_names())}")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"recipe {p} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" (line {mark.line + 1})" if mark is not None else ""

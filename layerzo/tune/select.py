@@ -17,9 +17,6 @@ from layerzo.model.loading import LoadedModel
 from layerzo.tune.batches import train_batches
 from layerzo.zo.sensitivity import SensitivityConfig, SensitivityReport, layer_sensitivity
 
-SELECT_CHOICES = ("outlier", "sensitivity")
-
-
 def task_sensitivity(loaded: LoadedModel, task: str, data_dir: str | os.PathLike | None = None, *,
                      config: SensitivityConfig = SensitivityConfig(), num_batches: int = 2, batch_size: int = 8,
                      max_length: int = 128, num_train: int = 1000, seed: int = 0,
