@@ -47,7 +47,7 @@ def build(args):
     """Load the model, the batch, the profiled layer and one step function per variant."""
     from layerzo.model.layers import layer_parameter_names
     from layerzo.model.lora import add_lora, remove_lora
-    from layerzo.tune.prefix_cache import cached_lower_layers
+    from layerzo.model.prefix_cache import cached_lower_layers
     from layerzo.model.loading import load_model
     from layerzo.data.scoring import batch_loss, encode_batch
     from layerzo.data.tasks import load_task

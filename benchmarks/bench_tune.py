@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from layerzo.model.layers import layer_parameter_names
-from layerzo.tune.prefix_cache import cached_lower_layers
+from layerzo.model.prefix_cache import cached_lower_layers
 from layerzo.model.loading import load_model
 from layerzo.data.scoring import batch_loss, encode_batch
 from layerzo.data.tasks import load_task

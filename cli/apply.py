@@ -17,8 +17,8 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def apply(
-    base: Annotated[str, typer.Argument(help="Base model: checkpoint dir, Hub id, or .gguf file ('demo' = SmolLM2).")],
-    patch: Annotated[str, typer.Argument(help="Layer patch folder or Hub repo id.")],
+    base: Annotated[str, typer.Argument(metavar="BASE", help="Base model: checkpoint dir, Hub id, or .gguf file ('demo' = SmolLM2).")],
+    patch: Annotated[str, typer.Argument(metavar="PATCH", help="Layer patch folder or Hub repo id.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output checkpoint folder (must not exist).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
     force: Annotated[
@@ -33,6 +33,10 @@ def apply(
     revision: RevisionOpt = None,
     patch_revision: Annotated[Optional[str], typer.Option("--patch-revision", help="Hub revision of the patch.")] = None,
     token: TokenOpt = None,
+    gguf_type: Annotated[
+        Optional[str], typer.Option("--gguf-type", help="With OUT.gguf: type of the patched tensors: F16 (default), "
+                                    "F32, Q8_0, or the base's own type.")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Write OUT = BASE with PATCH applied: a complete checkpoint for AutoModelForCausalLM.from_pretrained."""
@@ -44,8 +48,10 @@ def apply(
     layer_patch = LayerPatch.from_pretrained(patch, revision=patch_revision, token=token)
     result: dict = {"patch": layer_patch.source, "patch_revision": layer_patch.source_revision}
     if replay:
+        from layerzo.model.loading import check_model_source
         from layerzo.patch.replay import replay_patch
 
+        check_model_source(None if base == "demo" else base, revision=revision)  # a bad base: one line, no progress
         err_console.print(f"replaying {len(layer_patch.trajectory)} ZO steps on {base} ...")
         replayed = replay_patch(None if base == "demo" else base, layer_patch, revision=revision)
         result["replay"] = {"steps": replayed.steps, "max_abs_diff": replayed.max_abs_diff,
@@ -66,7 +72,8 @@ def apply(
         from layerzo.patch.apply import apply_patch
 
         report = apply_patch(None if base == "demo" else base, layer_patch, out, overwrite=overwrite, force=force,
-                             revision=revision, token=token, log=lambda line: err_console.print(line))
+                             revision=revision, token=token, log=lambda line: err_console.print(line),
+                             gguf_type=gguf_type)
         for note in report.notes:
             err_console.print(f"[yellow]note:[/] {note}", highlight=False)
         err_console.print(f"wrote {report.out}: rewrote {len(report.rewritten)} shard(s), hard-linked "

@@ -70,6 +70,10 @@ def eval_command(
     from layerzo.eval.harness import EvalConfig, evaluate, load_patch, resolve_seed
     from layerzo.patch.manifest import CARD_NAME
 
+    if output is not None:  # before the work: a report that cannot be saved fails now, in one line
+        from layerzo.core.atomic import check_file_output
+
+        check_file_output(output, inputs=[model, patch, data_dir], command="layerzo eval")
     if write_card and patch is None:
         raise EvalError("--write-card needs --patch")
     if write_card and not Path(patch).expanduser().is_dir():

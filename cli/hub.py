@@ -22,8 +22,8 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def push(
-    patch: Annotated[Path, typer.Argument(help="Layer patch folder (written by layerzo tune).")],
-    repo_id: Annotated[str, typer.Argument(help="Hub repo id, org/name (created if missing).")],
+    patch: Annotated[Path, typer.Argument(metavar="PATCH", help="Layer patch folder (written by layerzo tune).")],
+    repo_id: Annotated[str, typer.Argument(metavar="REPO_ID", help="Hub repo id, org/name (created if missing).")],
     private: Annotated[bool, typer.Option("--private", help="Create the repo as private.")] = False,
     revision: RevisionOpt = None,
     token: TokenOpt = None,
@@ -47,7 +47,7 @@ def push(
 
 @handle_errors
 def pull(
-    repo_id: Annotated[str, typer.Argument(help="Hub repo id of a layer patch.")],
+    repo_id: Annotated[str, typer.Argument(metavar="REPO_ID", help="Hub repo id of a layer patch.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the patch to (must not exist).")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
     revision: RevisionOpt = None,

@@ -54,11 +54,26 @@ def profile(
     trust_remote_code: TrustRemoteCodeOpt = False,
     json_out: JsonOpt = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of max|h| and ratio per layer.")] = None,
+    sensitivity: Annotated[bool, typer.Option(
+        "--sensitivity", help="Also measure each layer's ZO sensitivity on --task's training batches (forward passes only).")] = False,
+    directions: Annotated[int, typer.Option("--directions", help="With --sensitivity: random directions K per layer.")] = 8,
+    sensitivity_batches: Annotated[int, typer.Option(
+        "--sensitivity-batches", help="With --sensitivity: training batches (of --batch-size) per direction.")] = 2,
+    sensitivity_plot: Annotated[Optional[Path], typer.Option(
+        "--sensitivity-plot", help="With --sensitivity: write a PNG of the per-layer sensitivity.")] = None,
 ) -> None:
     """Profile residual-stream activations per layer and pick the dominant layer (Sun et al. 2024)."""
     from layerzo.data.calibration import calibration_for
     from layerzo.profile.rule import ProfileConfig
 
+    from layerzo.core.atomic import check_file_output
+    from layerzo.errors import ConfigError
+
+    for figure in (plot, sensitivity_plot):  # before the work: a figure that cannot be saved fails now
+        if figure is not None:
+            check_file_output(figure, inputs=[model, calib, data_dir, task], command="layerzo profile")
+    if (sensitivity or sensitivity_plot) and task is None:
+        raise ConfigError("--sensitivity measures the ZO signal on a task's training batches", "pass --task")
     config = ProfileConfig(
         max_threshold=max_threshold, ratio_threshold=ratio_threshold, persist_window=persist_window,
         persist_min=persist_min, same_channel=same_channel, num_sequences=num_sequences,
@@ -86,8 +101,40 @@ def profile(
 
         written = plot_profile(report, plot)
         err_console.print(f"plot written to {written}")
+    sens = _sensitivity(loaded, task, data_dir, directions, sensitivity_batches, batch_size, max_length, seed,
+                        sensitivity_plot) if sensitivity or sensitivity_plot else None
     if json_out:
-        emit_json(report.to_dict())
+        emit_json({**report.to_dict(), **({"sensitivity": sens.to_dict()} if sens is not None else {})})
+
+
+def _sensitivity(loaded, task, data_dir, directions, batches, batch_size, max_length, seed, figure):
+    from layerzo.tune.select import task_sensitivity
+    from layerzo.zo.sensitivity import SensitivityConfig, plot_sensitivity
+
+    with err_console.status(f"ZO sensitivity of {loaded.num_layers} layers ({directions} directions × {batches} "
+                            "batches)..."):
+        sens = task_sensitivity(loaded, task, None if data_dir is None else str(data_dir),
+                                config=SensitivityConfig(directions=directions, seed=seed), num_batches=batches,
+                                batch_size=batch_size, max_length=max_length, seed=seed)
+    _print_sensitivity(sens)
+    if figure is not None:
+        err_console.print(f"sensitivity plot written to {plot_sensitivity(sens, figure)}")
+    return sens
+
+
+def _print_sensitivity(sens) -> None:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=f"ZO sensitivity: K={sens.config.directions}, {sens.num_batches} batch(es), "
+                  f"{sens.seconds:.1f} s", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in ("layer", "grad/w", "stable", "final Δ", "growth", "pick"):
+        table.add_column(name, justify="right" if name != "pick" else "left", no_wrap=True)
+    for s in sens.layers:
+        table.add_row(str(s.layer), f"{s.grad_per_weight:.2e}", f"{s.stability:.2f}", f"{s.final_change:.2e}",
+                      f"{s.growth:.2f}", "★" if s.layer == sens.pick else "")
+    err_console.print(table)
+    err_console.print(f"[bold]sensitivity pick: layer {sens.pick}[/] — {sens.reason}", highlight=False, soft_wrap=True)
 
 
 def _print_table(report) -> None:

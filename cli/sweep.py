@@ -27,7 +27,7 @@ def sweep(
     task: Annotated[str, typer.Option("--task", help="Task name (sst2, rte, ...) or task YAML.")] = "sst2",
     tasks: Annotated[Optional[str], typer.Option("--tasks", help="Several tasks, e.g. sst2,rte (overrides --task).")] = None,
     data_dir: DataDirOpt = None,
-    layers: Annotated[str, typer.Option("--layers", help="Layers tuned one at a time: all, 0-29, 3,7 or 0-3,11.")] = "all",
+    layers: Annotated[str, typer.Option("--layers", help="Layers tuned one at a time: all, 0-29, 3,7, 0-3,11 or -1 (the last layer).")] = "all",
     full: Annotated[bool, typer.Option("--full/--no-full", help="Also run the whole-model MeZO baseline.")] = True,
     steps: Annotated[int, typer.Option("--steps", help="ZO steps per run.")] = 100,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step.")] = 16,
@@ -47,7 +47,7 @@ def sweep(
     device: DeviceOpt = "cpu",
     resume: Annotated[bool, typer.Option("--resume", help="Skip runs already in OUT/sweep.jsonl (same recipe only).")] = False,
     merge: Annotated[Optional[list[Path]], typer.Option(
-        "--merge", help="Fold in the runs of another sweep folder (same options; repeatable), then resume.")] = None,
+        "--merge", metavar="<path>", help="Fold in the runs of another sweep folder (same options; repeatable), then resume.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     json_out: JsonOpt = False,
 ) -> None:

@@ -52,16 +52,17 @@ def tune(
     task: Annotated[Optional[str], _opt("--task", "Task name (sst2, rte, ...) or task YAML. [default: sst2]")] = None,
     data_dir: Annotated[Optional[str], _opt("--data-dir", "Folder with <task>/{train,validation}.jsonl.")] = None,
     layers: Annotated[Optional[str], _opt("--layers", "dominant (profile first), all, 5, 3,7, 0-3,11, or -1 (the last layer). [default: dominant]")] = None,
-    lora: Annotated[Optional[bool], _opt("--lora/--no-lora", "LoRA-ZO on q/v of the selected layers.")] = None,
+    select: Annotated[Optional[str], _opt("--select", "How --layers dominant picks: outlier (first activation-outlier layer) or sensitivity (ZO sensitivity profile). [default: outlier]")] = None,
+    lora: Annotated[Optional[bool], _opt("--lora/--no-lora", "LoRA-ZO on q/v of the selected layers. [default: no-lora]")] = None,
     lora_rank: Annotated[Optional[int], _opt("--lora-rank", "LoRA rank. [default: 8]")] = None,
     lora_alpha: Annotated[Optional[float], _opt("--lora-alpha", "LoRA alpha. [default: 16]")] = None,
     steps: Annotated[Optional[int], _opt("--steps", "ZO steps. [default: 1000]")] = None,
     batch_size: Annotated[Optional[int], _opt("--batch-size", "Examples per step. [default: 16]")] = None,
     lr: Annotated[Optional[float], _opt("--lr", "Learning rate. [default: 1e-4]")] = None,
     eps: Annotated[Optional[float], _opt("--eps", "Perturbation scale. [default: 1e-3]")] = None,
-    weight_decay: Annotated[Optional[float], _opt("--weight-decay", "Weight decay (not on norms/biases).")] = None,
+    weight_decay: Annotated[Optional[float], _opt("--weight-decay", "Weight decay (not on norms/biases). [default: 0]")] = None,
     q: Annotated[Optional[int], _opt("--q", "Directions averaged per step. [default: 1]")] = None,
-    momentum: Annotated[Optional[float], _opt("--momentum", "ZO-SGD momentum (0 = off).")] = None,
+    momentum: Annotated[Optional[float], _opt("--momentum", "ZO-SGD momentum (0 = off). [default: 0]")] = None,
     lr_schedule: Annotated[Optional[str], _opt("--lr-schedule", "constant or linear. [default: constant]")] = None,
     max_abs_grad: Annotated[Optional[float], _opt("--max-abs-grad", "Reject a step if |g| exceeds this. [default: 1e4]")] = None,
     max_bad_steps: Annotated[Optional[int], _opt("--max-bad-steps", "Rejected steps in a row before giving up. [default: 5]")] = None,
@@ -72,17 +73,17 @@ def tune(
     num_test: Annotated[Optional[int], _opt("--num-test", "Test examples. [default: 1000]")] = None,
     eval_batch_size: Annotated[Optional[int], _opt("--eval-batch-size", "Batch size for dev/test. [default: 16]")] = None,
     max_length: Annotated[Optional[int], _opt("--max-length", "Tokens per sequence at most. [default: 512]")] = None,
-    dtype: Annotated[Optional[str], _opt("--dtype", "float32 or bfloat16 (frozen model precision).")] = None,
+    dtype: Annotated[Optional[str], _opt("--dtype", "float32 or bfloat16 (frozen model precision). [default: float32]")] = None,
     device: Annotated[Optional[str], _opt("--device", "cpu, cuda, cuda:1, ... (torchrun: cuda → cuda:LOCAL_RANK) [default: cpu]")] = None,
     device_map: Annotated[
         Optional[str], _opt("--device-map", "Spread the frozen model: auto, balanced, sequential, or a JSON module→device map.")
     ] = None,
     shard_batch: Annotated[
-        Optional[bool], _opt("--shard-batch/--no-shard-batch", "torchrun: each rank scores its 1/W of the batch.")
+        Optional[bool], _opt("--shard-batch/--no-shard-batch", "torchrun: each rank scores its 1/W of the batch. [default: no-shard-batch]")
     ] = None,
-    trust_remote_code: Annotated[Optional[bool], _opt("--trust-remote-code/--no-trust-remote-code", "Allow checkpoint code.")] = None,
+    trust_remote_code: Annotated[Optional[bool], _opt("--trust-remote-code/--no-trust-remote-code", "Allow checkpoint code. [default: no-trust-remote-code]")] = None,
     cache_lower_layers: Annotated[
-        Optional[bool], _opt("--cache-lower-layers/--no-cache-lower-layers", "Run layers below the tuned one once per step.")
+        Optional[bool], _opt("--cache-lower-layers/--no-cache-lower-layers", "Run layers below the tuned one once per step. [default: cache-lower-layers]")
     ] = None,
     keep: Annotated[Optional[str], _opt("--keep", "Weights the patch keeps: best (best dev accuracy, base included) or last. [default: best]")] = None,
     checkpoint_every: Annotated[

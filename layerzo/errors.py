@@ -70,6 +70,10 @@ class OutputExistsError(LayerzoError):
     """The output path exists and --overwrite was not given."""
 
 
+class OutputPathError(LayerzoError):
+    """The output cannot be written where it was asked: a file in the way, a folder for a file, no permission."""
+
+
 class HubError(LayerzoError):
     """Talking to the Hugging Face Hub failed."""
 

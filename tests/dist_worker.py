@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from layerzo.zo.distributed import DataParallel, emulate_step, init_data_parallel, shutdown
 from layerzo.errors import ConfigError
 from layerzo.model.layers import layer_parameter_names
-from layerzo.tune.prefix_cache import cached_lower_layers
+from layerzo.model.prefix_cache import cached_lower_layers
 from layerzo.model.loading import load_model
 from layerzo.data.scoring import batch_loss, encode_batch
 from layerzo.data.tasks import load_task

@@ -99,3 +99,53 @@ def test_atomic_write_text_writes_utf8_and_returns_the_path(tmp_path):
     assert atomic_write_text(path, "zweite Zeile ✓") == path
     assert path.read_bytes() == "zweite Zeile ✓".encode("utf-8")
     assert [p.name for p in tmp_path.iterdir()] == ["note.md"]
+
+
+def test_check_can_write_names_the_users_path_and_creates_nothing(tmp_path, monkeypatch):
+    from layerzo.core.atomic import check_can_write
+    from layerzo.errors import OutputPathError
+
+    check_can_write(tmp_path / "new" / "deeper" / "out")  # a parent to create is fine
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputPathError, match=f"cannot write {tmp_path / 'file' / 'sub'}: Not a directory: "):
+        check_can_write(tmp_path / "file" / "sub")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(tmp_path) else real_access(p, mode))
+    with pytest.raises(OutputPathError) as info:
+        check_can_write(tmp_path / "out")
+    assert str(info.value).startswith(f"cannot write {tmp_path / 'out'}: Permission denied")
+
+
+def test_check_file_output_refuses_a_folder_an_input_and_an_unwritable_place(tmp_path):
+    from layerzo.core.atomic import check_file_output
+    from layerzo.errors import OutputPathError
+
+    (tmp_path / "calib.txt").write_text("x")
+    (tmp_path / "folder").mkdir()
+    check_file_output(tmp_path / "report.json", inputs=[tmp_path / "calib.txt"], command="layerzo eval")
+    check_file_output(tmp_path / "calib.txt", inputs=[], command="layerzo eval")  # an existing file is replaced
+    with pytest.raises(OutputPathError, match="is a folder, not a file"):
+        check_file_output(tmp_path / "folder", inputs=[], command="layerzo eval")
+    with pytest.raises(OutputExistsError, match="is the input"):
+        check_file_output(tmp_path / "calib.txt", inputs=[tmp_path / "calib.txt"], command="layerzo profile")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "folder"]
+
+
+def test_a_failure_to_make_the_temp_sibling_names_the_output_not_the_temp(tmp_path, monkeypatch):
+    import tempfile
+
+    from layerzo.errors import OutputPathError
+
+    def denied(*args, dir=None, prefix="", suffix="", **kwargs):
+        raise PermissionError(13, "Permission denied", f"{dir}/{prefix}abc{suffix}")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    for make in (lambda: atomic_dir(tmp_path / "out"), lambda: atomic_file(tmp_path / "f.json")):
+        with pytest.raises(OutputPathError) as info:
+            with make():
+                pass
+        assert str(info.value) in (f"cannot write {tmp_path / 'out'}: Permission denied",
+                                   f"cannot write {tmp_path / 'f.json'}: Permission denied")
+        assert ".tmp" not in str(info.value)

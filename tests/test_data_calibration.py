@@ -58,3 +58,11 @@ def test_calibration_refuses_task_and_file_together_before_reading_either(tmp_pa
         calibration_for(task="no-such-task", text_file=tmp_path / "missing.txt")
     with pytest.raises(TaskError, match="unknown task"):
         calibration_for(task="no-such-task")
+
+
+def test_a_calibration_file_that_is_a_folder_or_not_utf8_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder, not a file"):
+        read_calibration_file(tmp_path)
+    (tmp_path / "latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.txt is not UTF-8 text"):
+        read_calibration_file(tmp_path / "latin1.txt")

@@ -246,7 +246,7 @@ def test_unknown_task_suggests_the_closest_name():
         get_task("sst")
     with pytest.raises(TaskError, match="did you mean 'boolq'"):
         load_task("boolqq", FIXTURES)
-    with pytest.raises(TaskError, match="unknown task 'zzzzzz'; \\(known: sst2"):
+    with pytest.raises(TaskError, match="unknown task 'zzzzzz' \\(known: sst2"):
         get_task("zzzzzz")
 
 

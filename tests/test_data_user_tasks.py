@@ -108,3 +108,12 @@ def test_load_task_yaml_builds_a_file_backed_spec(tmp_path):
     assert spec.name == "arith" and spec.hf_dataset is None and spec.fields == ("q",)
     assert dict(spec.files) == {"train": tmp_path / "d.jsonl", "validation": tmp_path / "d.jsonl"}
     assert spec.examples({"q": "2+2", "label": 1}, "here") == [Example("2+2=", (" no", " yes"), 1, "here")]
+
+
+def test_a_task_yaml_that_is_a_folder_or_not_utf8_is_one_line(tmp_path):
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(TaskError, match="is a folder, not a YAML file"):
+        get_task(tmp_path / "folder.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("name: café\n".encode("latin-1"))
+    with pytest.raises(TaskError, match="latin1.yaml is not UTF-8 text"):
+        get_task(tmp_path / "latin1.yaml")

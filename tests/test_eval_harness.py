@@ -159,3 +159,29 @@ def test_cli_patch_for_another_base_one_line(tmp_path, tiny_llama_dir, small_dat
 def test_write_card_needs_a_local_patch(small_data_dir):
     line = _one_error_line(_cli("--tasks", "sst2", "--data-dir", str(small_data_dir), "--write-card"))
     assert "--write-card needs --patch" in line
+
+
+def test_a_seed_the_harness_cannot_take_is_refused_up_front():
+    from layerzo.errors import EvalError
+    from layerzo.eval.harness import EvalConfig
+
+    EvalConfig(tasks=("sst2",), seed=2**32 - 1)
+    with pytest.raises(EvalError, match=r"--seed must be an integer from 0 to 2\*\*32 - 1"):
+        EvalConfig(tasks=("sst2",), seed=2**32)
+
+
+def test_an_output_that_cannot_be_written_fails_before_the_model_loads(tmp_path, tiny_llama_dir, small_data_dir,
+                                                                       monkeypatch):
+    import layerzo.model.loading as loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded although the report cannot be saved")
+
+    monkeypatch.setattr(loading, "load_model", no_loading)
+    (tmp_path / "folder").mkdir()
+    line = _one_error_line(_cli("--model", str(tiny_llama_dir), "--tasks", "sst2", "--data-dir", str(small_data_dir),
+                                "--output", str(tmp_path / "folder")))
+    assert "is a folder, not a file" in line
+    line = _one_error_line(_cli("--model", str(tiny_llama_dir), "--tasks", "sst2", "--data-dir", str(small_data_dir),
+                                "--output", str(tiny_llama_dir / "report.json")))
+    assert "sits inside the input" in line

@@ -59,3 +59,9 @@ def test_task_files_point_to_absolute_data_files(tmp_path, small_data_dir):
     assert json.loads((out / "layerzo_eval.json").read_text()) == {
         "data_dir": str(small_data_dir.resolve()), "seed": 3, "num_test": 7}
     assert not (out / "layerzo_rte.yaml").exists()  # only the asked-for tasks
+
+
+def test_a_data_dir_that_is_a_file_says_so(tmp_path):
+    (tmp_path / "data").write_text("x")
+    with pytest.raises(EvalError, match="data dir .* is a file, not a folder"):
+        check_data_dir(["rte"], tmp_path / "data")

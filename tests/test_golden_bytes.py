@@ -12,7 +12,9 @@ a change is MEANT to alter the bytes: ``LAYERZO_WRITE_GOLDEN=1 pytest tests/test
 That happened once, by design, after the redesign had passed against the first recording:
 the reliability round made patches record the base's name instead of its local path, added
 the ``keep`` recipe key and the ``kept``/``no_op`` metrics, and made the card agree with the
-manifest. The trajectories and the tensor data (``tensor data``) came out identical.
+manifest; later the ``select`` recipe key and, for LoRA patches, the PEFT adapter files listed in
+the manifest. Each time the trajectories, the tensor data (``tensor data``) and, after the first
+time, the whole weight files came out identical (LoRA-ZO moved onto peft with the same bytes).
 """
 
 from __future__ import annotations

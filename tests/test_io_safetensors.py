@@ -186,3 +186,52 @@ def test_shard_view_replaces_some_tensors_and_streams_the_rest(tmp_path):
     assert torch.equal(out["keep"], torch.arange(4.0)) and torch.equal(out["swap"], torch.ones(2, 2))
     with pytest.raises(ModelLoadError, match="holds no tensor nope"):
         ShardView(tmp_path / "in.safetensors", {"nope": torch.ones(1)})
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda d: (d / "s-2.safetensors").write_bytes((d / "s-2.safetensors").read_bytes()[:-4]), "s-2.safetensors: tensor b.w declares shape"),
+    (lambda d: (d / "s-1.safetensors").write_bytes(struct.pack("<Q", 2**62) + (d / "s-1.safetensors").read_bytes()[8:]),
+     "s-1.safetensors: declared safetensors header"),
+    (lambda d: (d / INDEX_NAME).write_text(json.dumps({"weight_map": {"a.w": "s-1.safetensors", "a.b": "s-1.safetensors",
+                                                                      "b.w": "s-2.safetensors", "c.w": "s-2.safetensors"}})),
+     "shard s-2.safetensors holds no tensor c.w"),
+])
+def test_check_shards_reads_headers_only_and_names_the_damaged_shard(tmp_path, damage, needle):
+    folder = tmp_path / "ckpt"
+    sharded_checkpoint(folder)
+    CheckpointReader(folder).check_shards()  # a whole checkpoint passes
+    damage(folder)
+    with pytest.raises(ModelLoadError) as info:
+        CheckpointReader(folder).check_shards()
+    assert needle in str(info.value) and str(folder) in str(info.value)
+
+
+def test_check_shards_also_checks_files_the_index_does_not_name(tmp_path):
+    folder = tmp_path / "ckpt"
+    sharded_checkpoint(folder)
+    (folder / "stray.safetensors").write_bytes(b"\x08" + b"\0" * 7 + b"{}")  # header says 8 bytes, 2 follow
+    reader = CheckpointReader(folder)
+    reader.check_shards()
+    with pytest.raises(ModelLoadError, match="stray.safetensors is truncated"):
+        reader.check_shards(also=["stray.safetensors", "s-1.safetensors"])
+
+
+def test_a_shard_that_is_a_folder_is_named_as_one(tmp_path):
+    folder = tmp_path / "ckpt"
+    sharded_checkpoint(folder)
+    (folder / "s-2.safetensors").unlink()
+    (folder / "s-2.safetensors").mkdir()
+    with pytest.raises(ModelLoadError, match="s-2.safetensors named in .* is a folder, not a file"):
+        CheckpointReader(folder)
+
+
+def test_write_shard_gives_the_file_plain_permissions_not_mkstemps_0600(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        write_shard(tmp_path / "w.safetensors", {"w": torch.ones(2)}, {"format": "pt"})
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o644

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,118 @@ def test_resolve_source_cases(tmp_path, monkeypatch):
 def test_demo_model_path_is_the_installed_gguf():
     path = demo_model_path()
     assert path.name == DEMO_GGUF_FILE and path.is_file() and path.stat().st_size > 10_000_000
+
+
+# ----------------------------------------------------------------------------- checks before loading
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_folder_that_is_no_model_gets_a_whole_sentence(tmp_path):
+    from layerzo.model.loading import check_model_folder
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    with pytest.raises(ModelLoadError) as info:
+        load_model(tmp_path / "notes")
+    assert str(info.value) == (f"{(tmp_path / 'notes').resolve()} is not a model: expected a checkpoint folder "
+                               "(config.json with safetensors weights: model.safetensors, or "
+                               "model.safetensors.index.json and its shards) or a .gguf file; found 1 entry: a.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="found an empty folder"):
+        check_model_folder(tmp_path / "empty")
+    (tmp_path / "ggufs").mkdir()
+    (tmp_path / "ggufs" / "m.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ModelLoadError) as info:
+        check_model_folder(tmp_path / "ggufs")
+    assert "give the .gguf file itself" in info.value.one_line()
+
+
+@pytest.mark.parametrize("config, needle", [
+    (b"{oops", "config.json is not valid JSON (Expecting property name enclosed in double quotes at line 1)"),
+    (b"\xff\xfe{}", "config.json is not UTF-8 text"),
+    (b"[1, 2]", "config.json must hold a JSON object, found a list"),
+    (b'{"hidden_size": 8}', "config.json has no model_type"),
+    (b'{"model_type": "nosuch"}', "model_type 'nosuch' is not an architecture transformers"),
+])
+def test_a_bad_config_is_named_before_transformers_reads_it(single_file_dir, tmp_path, config, needle):
+    from layerzo.model.loading import read_model_config
+
+    folder = _copy(single_file_dir, tmp_path / "m")
+    (folder / "config.json").write_bytes(config)
+    with pytest.raises(ModelLoadError) as info:
+        load_model(folder)
+    assert needle in str(info.value) and str(folder.resolve()) in str(info.value)
+    with pytest.raises(ModelLoadError):
+        read_model_config(folder)
+
+
+def test_custom_code_accepts_an_unknown_model_type_that_names_its_code(tmp_path):
+    from layerzo.model.loading import read_model_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mine", "auto_map": {"AutoConfig": "c.C"}}))
+    assert read_model_config(tmp_path, custom_code=True)["model_type"] == "mine"
+    with pytest.raises(ModelLoadError) as info:
+        read_model_config(tmp_path)
+    assert "--trust-remote-code" in info.value.one_line()
+
+
+def test_config_that_is_a_folder_and_weights_that_are_damaged_are_named(tiny_llama_dir, tmp_path):
+    folder = _copy(tiny_llama_dir, tmp_path / "m")
+    (folder / "config.json").unlink()
+    (folder / "config.json").mkdir()
+    with pytest.raises(ModelLoadError, match="config.json is a folder, not a file"):
+        load_model(folder)
+    folder = _copy(tiny_llama_dir, tmp_path / "m2")
+    shard = folder / "model-00003-of-00003.safetensors"
+    shard.write_bytes(struct.pack("<Q", 2**62) + shard.read_bytes()[8:])
+    with pytest.raises(ModelLoadError, match=f"{shard.name} is not a valid safetensors file .*header too large"):
+        load_model(folder)
+    folder = _copy(tiny_llama_dir, tmp_path / "m3")
+    shard = folder / "model-00001-of-00003.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ModelLoadError, match=f"{shard.name} is not a valid safetensors file"):
+        load_model(folder)
+
+
+def test_no_tokenizer_and_a_broken_tokenizer_are_one_line(single_file_dir, tmp_path):
+    folder = _copy(single_file_dir, tmp_path / "m")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    with pytest.raises(ModelLoadError, match="has no tokenizer: expected tokenizer.json"):
+        load_model(folder)
+    folder = _copy(single_file_dir, tmp_path / "m2")
+    (folder / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ModelLoadError) as info:
+        load_model(folder)
+    assert str(info.value).startswith(f"cannot load the tokenizer of model {folder.resolve()}: ")
+    assert "\n" not in str(info.value)
+
+
+def test_a_bad_gguf_is_named(tmp_path):
+    (tmp_path / "x.gguf").write_text("not a gguf")
+    with pytest.raises(ModelLoadError, match="is not a GGUF file"):
+        load_model(tmp_path / "x.gguf")
+    demo = demo_model_path()
+    (tmp_path / "cut.gguf").write_bytes(demo.read_bytes()[:1_000_000])
+    with pytest.raises(ModelLoadError) as info:
+        load_model(tmp_path / "cut.gguf")
+    assert "cut.gguf" in str(info.value) and "truncated or damaged" in info.value.one_line()
+
+
+def test_check_device_refuses_what_this_machine_lacks():
+    from layerzo.model.loading import check_device
+
+    check_device("cpu")
+    with pytest.raises(ConfigError, match="unknown device 'gpu0'"):
+        check_device("gpu0")
+    with pytest.raises(ConfigError, match="'meta' is not available"):
+        check_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="'cuda' is not available on this machine"):
+            check_device("cuda")
+    else:
+        check_device("cuda")
+        with pytest.raises(ConfigError, match="does not exist"):
+            check_device(f"cuda:{torch.cuda.device_count()}")

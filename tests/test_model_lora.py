@@ -95,3 +95,11 @@ def test_fused_attention_and_bad_rank_are_refused():
         add_lora(llama, find_layer_layout(llama), [0], r=0)
     with pytest.raises(ConfigError, match="lora_alpha"):
         add_lora(llama, find_layer_layout(llama), [0], alpha=-1)
+
+
+def test_a_rank_above_the_projection_size_is_refused_before_any_allocation():
+    model = make_tiny_model("llama")  # q/v projections are 32x32 and 32x16
+    layout = find_layer_layout(model)
+    with pytest.raises(ConfigError, match="lora_rank 1000000000 is larger than .*q_proj"):
+        add_lora(model, layout, [1], r=10**9)
+    assert not any("lora" in n for n, _ in model.named_parameters())

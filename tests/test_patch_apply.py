@@ -399,3 +399,44 @@ def test_patch_from_layerzo_tune_applies_and_replays(tiny_llama_dir, data_dir, t
     assert torch.equal(logits(load_dir(tmp_path / "out")), logits(layerzo.load(tiny_llama_dir, patch_dir)[0]))
     replayed = replay_patch(tiny_llama_dir, patch)
     assert replayed.bit_exact and replayed.max_abs_diff == 0.0
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.unlink()  # a fresh file: the session fixture's copy stays whole
+    path.write_bytes(data[:-100])
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda d: _truncate(d / "model-00001-of-00003.safetensors"), "model-00001-of-00003.safetensors is truncated"),
+    (lambda d: (d / "extra.safetensors").write_bytes(b"\x40" + b"\0" * 7 + b"{}"), "extra.safetensors is truncated"),
+    (lambda d: (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        **json.loads((d / "model.safetensors.index.json").read_text())["weight_map"],
+        "model.embed_tokens.extra": "model-00001-of-00003.safetensors"}})),
+     "shard model-00001-of-00003.safetensors holds no tensor model.embed_tokens.extra"),
+])
+def test_a_damaged_shard_the_patch_does_not_touch_is_refused_by_name_before_any_write(damage, needle, tiny_llama_dir,
+                                                                                       patch_dir, tmp_path):
+    """Shard 1 (embeddings + layer 0) is hard-linked, never rewritten, by a layer-2 patch: it is checked anyway."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama_dir, base)
+    damage(base)
+    before = tree_digest(base), sorted(p.name for p in tmp_path.iterdir())
+    result = run_apply(base, patch_dir, "-o", tmp_path / "out")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert needle in " ".join(lines[0].split()) and str(base.resolve()) in lines[0]
+    assert (tree_digest(base), sorted(p.name for p in tmp_path.iterdir())) == before  # no OUT, no temp, no lock
+    with pytest.raises(layerzo.errors.ModelLoadError, match=needle.split(" ")[0]):
+        apply_patch(base, patch_dir, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_a_base_whose_config_transformers_cannot_read_is_refused(tiny_llama_dir, patch_dir, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "model_type": "nosuch"}))
+    result = run_apply(base, patch_dir, "-o", tmp_path / "out")
+    assert result.exit_code == 1 and "model_type 'nosuch' is not an architecture transformers" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -253,3 +253,16 @@ def test_a_lora_patch_is_a_standard_peft_adapter_with_layerzos_logits(tiny_llama
     # same run, same bytes (peft's own config writer would order its sets differently per process)
     tune(config, tmp_path / "again", progress=False)
     assert (tmp_path / "again" / "adapter_config.json").read_bytes() == (out / "adapter_config.json").read_bytes()
+
+
+def test_the_four_patch_files_get_the_same_permissions(saved):
+    """The weights are written through a temp file (mkstemp: 0600); they get the mode of the other three."""
+    modes = {p.name: p.stat().st_mode & 0o777 for p in saved.iterdir()}
+    assert sorted(modes) == sorted([WEIGHTS_NAME, MANIFEST_NAME, TRAJECTORY_NAME, CARD_NAME])
+    assert len(set(modes.values())) == 1, modes
+
+
+def test_a_file_given_as_the_patch_says_it_is_a_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(PatchError, match="is a file, not a patch folder"):
+        LayerPatch.from_pretrained(tmp_path / "notes.txt")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from layerzo.errors import OutputExistsError, PatchError
-from layerzo.patch.manifest import CARD_NAME, PATCH_FILES, TRAJECTORY_NAME, WEIGHTS_NAME
+from layerzo.patch.manifest import CARD_NAME, TRAJECTORY_NAME, WEIGHTS_NAME
 from layerzo.patch.source import pull_patch, pull_to_dir, push_patch
-from test_io_hub import TOKEN, hub, online, patch_dir  # noqa: F401  (hub, online, patch_dir: fixtures)
+from test_io_hub import present, TOKEN, hub, online, patch_dir  # noqa: F401  (hub, online, patch_dir: fixtures)
 
 
 def test_broken_patch_is_not_pushed(online, hub, patch_dir):
@@ -29,7 +29,7 @@ def test_push_commits_exactly_the_patch_files_with_a_default_message(online, hub
     (patch_dir / "notes.txt").write_text("not a patch file")
     push_patch(patch_dir, "me/p6", token=TOKEN, endpoint=hub.endpoint)
     repo = hub.repos["me/p6"]
-    assert set(repo.commits[repo.branches["main"]]) == set(PATCH_FILES)
+    assert set(repo.commits[repo.branches["main"]]) == set(present(patch_dir))
     commit = next(r for r in hub.requests if "/commit/main" in r.path)
     assert "layerzo patch: layer(s) 2 of tiny/llama" in commit.body.decode()
 
@@ -38,8 +38,8 @@ def test_pull_to_dir_copies_the_patch_files_and_pins_the_commit(online, hub, pat
     push_patch(patch_dir, "me/p7", token=TOKEN, endpoint=hub.endpoint)
     out, commit = pull_to_dir("me/p7", tmp_path / "pulled", token=TOKEN, endpoint=hub.endpoint)
     assert out == (tmp_path / "pulled").absolute() and commit == hub.repos["me/p7"].branches["main"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(PATCH_FILES)
-    assert all((out / n).read_bytes() == (patch_dir / n).read_bytes() for n in PATCH_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(present(patch_dir))
+    assert all((out / n).read_bytes() == (patch_dir / n).read_bytes() for n in present(patch_dir))
     assert not any(p.is_symlink() for p in out.iterdir())  # real files, not links into the HF cache
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".pulled")]  # no temp folder left
 

@@ -30,7 +30,7 @@ from layerzo.tune.checkpoint import STATE_JSON, checkpoint_dir, load_checkpoint
 from layerzo.cli.main import app
 from layerzo.errors import OutputExistsError
 from layerzo.patch.format import LayerPatch
-from layerzo.patch.manifest import PATCH_FILES, WEIGHTS_NAME
+from layerzo.patch.manifest import MANIFEST_NAME, PATCH_FILES, WEIGHTS_NAME
 from layerzo.io.safetensors import CheckpointReader
 from layerzo.tune.loop import METRICS_NAME, tune
 from layerzo.tune.config import TuneConfig
@@ -67,10 +67,11 @@ def metric_rows(folder: Path) -> list[dict]:
 
 
 def assert_same_run(a: Path, b: Path) -> None:
-    """Byte-identical patch files; metrics.jsonl identical except the per-step wall-clock seconds."""
-    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir()) == sorted(
-        [*PATCH_FILES, METRICS_NAME])
-    for name in PATCH_FILES:
+    """The same files, byte-identical patch files; metrics.jsonl identical except the per-step wall-clock seconds."""
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    assert {MANIFEST_NAME, WEIGHTS_NAME, METRICS_NAME} <= set(names) <= {*PATCH_FILES, METRICS_NAME}, names
+    for name in set(names) & set(PATCH_FILES):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert metric_rows(a) == metric_rows(b)
 

@@ -87,7 +87,7 @@ def test_sharing_frozen_outputs_across_runs_changes_no_number_and_skips_lower_la
                                                                                      monkeypatch):
     import layerzo.sweep.run as sweep_mod
     from layerzo.model.layers import get_layer
-    from layerzo.tune.prefix_cache import SharedLowerOutputs
+    from layerzo.model.prefix_cache import SharedLowerOutputs
 
     calls = [0]
     get_layer(tiny.model, tiny.layout, 0).register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
@@ -228,3 +228,43 @@ def test_the_sweep_cli_runs_in_bfloat16(tiny_llama_dir, data_dir, tmp_path):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["config"]["dtype"] == "bfloat16" and [r["layer"] for r in doc["tasks"]["sst2"]["layers"]] == [2]
+
+
+def test_an_unknown_task_fails_before_the_model_loads_and_leaves_no_out_folder(data_dir, tmp_path, monkeypatch):
+    import layerzo.sweep.run as sweep_mod
+    from layerzo.errors import TaskError
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded for a task that does not exist")
+
+    monkeypatch.setattr(sweep_mod, "load_model", no_loading)
+    with pytest.raises(TaskError, match="unknown task 'nosuch'"):
+        run_sweep(_config(data_dir, tasks=("nosuch",)), tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failure_before_the_first_record_removes_the_out_folder_it_made(tiny, data_dir, tmp_path, monkeypatch):
+    import layerzo.sweep.run as sweep_mod
+
+    def failing_profile(*args, **kwargs):
+        raise ConfigError("the profile failed")
+
+    monkeypatch.setattr(sweep_mod, "_profile_record", failing_profile)
+    with pytest.raises(ConfigError):
+        run_sweep(_config(data_dir), tmp_path / "out", loaded=tiny, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "mine").mkdir()  # a folder the user made is never removed
+    with pytest.raises(ConfigError):
+        run_sweep(_config(data_dir), tmp_path / "mine", loaded=tiny, progress=False)
+    assert (tmp_path / "mine").is_dir()
+
+
+def test_out_that_is_a_file_or_inside_an_input_is_refused(tiny_llama_dir, data_dir, tmp_path):
+    from layerzo.errors import OutputPathError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputPathError, match="is a file, not a folder"):
+        run_sweep(_config(data_dir), tmp_path / "file", progress=False)
+    with pytest.raises(OutputExistsError, match="sits inside the input"):
+        run_sweep(_config(data_dir, model=str(tiny_llama_dir)), tiny_llama_dir / "sweep", progress=False)
+    assert not (tiny_llama_dir / "sweep").exists()

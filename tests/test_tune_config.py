@@ -129,3 +129,18 @@ def test_every_file_under_recipes_is_shipped_as_package_data():
             assert any(fnmatch.fnmatch(rel.name, g) for g in globs.get(folder, [])), f"{rel} is not package data"
             pkg = "layerzo.recipe_files" + ("." + folder.replace("/", ".") if folder else "")
             assert pkg in config["packages"], pkg
+
+
+def test_integers_beyond_64_bits_are_refused():
+    with pytest.raises(ConfigError, match="seed must be at most 9223372036854775807"):
+        TuneConfig(seed=2**63)
+    TuneConfig(seed=2**63 - 1)
+
+
+def test_a_recipe_that_is_a_folder_or_not_utf8_is_one_line(tmp_path):
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(ConfigError, match="is a folder, not a YAML file"):
+        load_recipe(tmp_path / "folder.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("lr: 1e-3  # café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_recipe(tmp_path / "latin1.yaml")

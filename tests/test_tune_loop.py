@@ -150,7 +150,7 @@ def test_demo_cli_tune_writes_a_small_one_layer_patch(data_dir, tmp_path):
     out = tmp_path / "P"
     res = CliRunner().invoke(app, ["tune", "--task", "sst2", "--data-dir", str(data_dir), "--steps", "3",
                                    "--num-train", "32", "--num-dev", "8", "--num-test", "8", "--batch-size", "4",
-                                   "--quiet", "--out", str(out)])
+                                   "--keep", "last", "--quiet", "--out", str(out)])
     assert res.exit_code == 0, res.output
     keys = _keys(out)
     assert len({k.split(".")[2] for k in keys}) == 1 and all(k.startswith("model.layers.") for k in keys)
@@ -159,6 +159,17 @@ def test_demo_cli_tune_writes_a_small_one_layer_patch(data_dir, tmp_path):
     model = load_model(None).model
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     assert (out / WEIGHTS_NAME).stat().st_size < 0.05 * model_bytes
+    # the same patch as a trajectory-only patch (KBs) rebuilds the weight patch bit-exactly on the demo GGUF
+    from layerzo.patch.replay import with_weights
+
+    patch = LayerPatch.from_pretrained(out)
+    assert len(patch.trajectory) == 3
+    patch.save_pretrained(tmp_path / "T", weights=False)
+    trajectory_only = LayerPatch.from_pretrained(tmp_path / "T")
+    size = sum(p.stat().st_size for p in (tmp_path / "T").iterdir())
+    assert not trajectory_only.weights_included and size < 64 * 1024 < (out / WEIGHTS_NAME).stat().st_size
+    rebuilt = with_weights(trajectory_only, None)
+    assert all(torch.equal(rebuilt.tensors[k], patch.tensors[k]) for k in patch.tensors)
 
 
 def test_tune_gives_a_callers_model_back_with_its_structure(tiny_llama_dir, data_dir, tmp_path):

@@ -42,3 +42,22 @@ def test_tune_select_sensitivity_tunes_the_sensitivity_pick_and_records_why(tiny
     assert len(profile["sensitivity"]["layers"]) == loaded.layout.num_layers
     with pytest.raises(ConfigError, match="select must be one of outlier, sensitivity"):
         TuneConfig.from_dict({"select": "vibes"})
+
+
+def test_profile_sensitivity_cli_prints_the_table_and_json(tiny_llama_dir, data_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from layerzo.cli.main import app
+
+    result = CliRunner().invoke(app, ["profile", "--model", str(tiny_llama_dir), "--task", "sst2", "--data-dir",
+                                      str(data_dir), "--sensitivity", "--directions", "2", "--sensitivity-batches",
+                                      "2", "--batch-size", "4", "--json", "--sensitivity-plot",
+                                      str(tmp_path / "s.png")])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert len(doc["sensitivity"]["layers"]) == 4 and doc["sensitivity"]["pick"] in range(4)
+    assert "sensitivity pick: layer" in result.stderr and (tmp_path / "s.png").is_file()
+    refused = CliRunner().invoke(app, ["profile", "--model", str(tiny_llama_dir), "--sensitivity"])
+    assert refused.exit_code == 1 and "pass --task" in refused.stderr

@@ -13,7 +13,7 @@ from conftest import make_tiny_model
 from layerzo.zo import engine as zo
 from layerzo.errors import ConfigError, DivergenceError
 from layerzo.model.layers import find_layer_layout, get_layer, layer_parameter_names
-from layerzo.tune.prefix_cache import cached_lower_layers
+from layerzo.model.prefix_cache import cached_lower_layers
 
 LAYER = 2
 
@@ -289,3 +289,11 @@ def test_unknown_parameter_name_is_refused():
     model = make_tiny_model("llama")
     with pytest.raises(ConfigError, match="not in the model"):
         zo.TunedParams.from_model(model, ["model.layers.99.mlp.up_proj.weight"])
+
+
+@pytest.mark.parametrize("field, value", [("lr", 1e308), ("weight_decay", 1e39), ("eps", 1e300)])
+def test_values_beyond_float32_are_refused_before_they_overflow_an_update(field, value):
+    """The update multiplies float32 tensors by lr / eps / weight decay: 1e308 would overflow there."""
+    with pytest.raises(ConfigError, match=f"{field} must be .*at most 3.403e\\+38"):
+        zo.ZOConfig(**{"lr": 1e-3, field: value})
+    zo.ZOConfig(**{"lr": 1e-3, field: 1e38})  # the float32 range itself is fine

@@ -15,12 +15,51 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from layerzo.errors import OutputExistsError
+from layerzo.core.outputs import check_output
+from layerzo.errors import OutputExistsError, OutputPathError
 
 
 def check_output_free(out: Path, overwrite: bool, hint: str = "pass --overwrite or choose another folder") -> None:
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists", hint)
+
+
+def check_can_write(out: str | os.PathLike) -> None:
+    """Before any work: ``out`` can be created, named by the user's path (never a temp, lock or probe file).
+
+    Its nearest existing ancestor must be a folder this process may create files
+    in. Nothing is created here, so a later refusal leaves no trace.
+    """
+    path = Path(out).expanduser().absolute()
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputPathError(f"cannot write {Path(out)}: Not a directory: {ancestor} is a file",
+                              "choose an output whose parent is a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot write {Path(out)}: Permission denied: this user may not create files in "
+                              f"{ancestor}", "choose an output in a folder you can write to")
+
+
+def check_file_output(path: str | os.PathLike, *, inputs: list, command: str) -> None:
+    """Before any work, for an output FILE (a report, a figure): it is no input, not a folder, and writable.
+
+    An existing file is replaced (these outputs are cheap to remake and written atomically).
+    """
+    check_output(path, inputs=inputs, overwrite=True, command=command, kind="file")
+    if Path(path).expanduser().is_dir():
+        raise OutputPathError(f"the output {Path(path)} is a folder, not a file", "give a file path for the output")
+    check_can_write(path)
+
+
+@contextlib.contextmanager
+def _created_beside(out: Path) -> Iterator[None]:
+    """An OSError while making the temp sibling of ``out`` names ``out``, not the temp name."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputPathError(f"cannot write {out}: {exc.strerror or exc}") from exc
 
 
 @contextlib.contextmanager
@@ -33,9 +72,10 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     """
     out = Path(out_dir).expanduser().absolute()
     check_output_free(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # the pid in the name lets a later run remove what a killed one left (layerzo.core.outputs.clean_stale_temps)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
+    with _created_beside(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # the pid in the name lets a later run remove what a killed one left (layerzo.core.outputs.clean_stale_temps)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
     # mkdtemp makes the folder 0700; give the result the permissions a plain mkdir would have
     umask = os.umask(0)
     os.umask(umask)
@@ -56,7 +96,8 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterat
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _plain_file_mode() -> int:
+def plain_file_mode() -> int:
+    """The permissions ``open(path, "w")`` gives a new file under the current umask (mkstemp gives 0600)."""
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
@@ -71,13 +112,14 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     ``path`` is untouched.
     """
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix or ".tmp", dir=out.parent)
+    with _created_beside(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix or ".tmp", dir=out.parent)
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
-        os.chmod(tmp, _plain_file_mode())
+        os.chmod(tmp, plain_file_mode())
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

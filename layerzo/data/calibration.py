@@ -67,23 +67,31 @@ def calibration_for(
 def read_calibration_file(path: str | os.PathLike) -> list[str]:
     """Texts for ``--calib``: ``.jsonl`` rows with a ``"text"`` string, otherwise one text per line."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"calibration file {path} is a folder, not a file")
     if not path.is_file():
         raise ConfigError(f"calibration file {path} does not exist")
     texts: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if path.suffix.lower() != ".jsonl":
-                texts.append(line.rstrip("\n"))
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataRowError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise DataRowError(f'{path}:{lineno}: expected an object with a "text" string')
-            texts.append(row["text"])
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if line.strip():
+                    texts.append(_calibration_text(path, lineno, line))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"calibration file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not texts:
         raise ConfigError(f"calibration file {path} has no texts")
     return texts
+
+
+def _calibration_text(path: Path, lineno: int, line: str) -> str:
+    """One line of a calibration file: the line itself, or a ``.jsonl`` row's ``"text"``."""
+    if path.suffix.lower() != ".jsonl":
+        return line.rstrip("\n")
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataRowError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        raise DataRowError(f'{path}:{lineno}: expected an object with a "text" string')
+    return row["text"]

@@ -107,8 +107,8 @@ def get_task(name: str | os.PathLike) -> TaskSpec:
     if key in TASKS:
         return TASKS[key]
     close = difflib.get_close_matches(key, TASK_NAMES, n=1, cutoff=0.5)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    raise TaskError(f"unknown task {str(name)!r}; {hint}(known: {', '.join(TASK_NAMES)}, or a task .yaml file)")
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise TaskError(f"unknown task {str(name)!r}{hint} (known: {', '.join(TASK_NAMES)}, or a task .yaml file)")
 
 
 def load_examples(

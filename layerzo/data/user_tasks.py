@@ -140,10 +140,14 @@ _Yaml12BoolLoader.add_implicit_resolver(
 
 def load_task_yaml(path: Path) -> TaskSpec:
     """Read and validate a user task YAML; errors name the file and the bad key."""
+    if path.is_dir():
+        raise TaskError(f"task file {path} is a folder, not a YAML file")
     if not path.is_file():
         raise TaskError(f"task file not found: {path}")
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Yaml12BoolLoader)
+    except UnicodeDecodeError as e:
+        raise TaskError(f"task file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""

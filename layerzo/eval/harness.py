@@ -69,8 +69,8 @@ class EvalConfig:
             raise EvalError(f"--num-fewshot must be an integer >= 0, got {self.num_fewshot!r}")
         if type(self.batch_size) is not int or self.batch_size < 1:
             raise EvalError(f"--batch-size must be a positive integer, got {self.batch_size!r}")
-        if type(self.seed) is not int or self.seed < 0:
-            raise EvalError(f"--seed must be an integer >= 0, got {self.seed!r}")
+        if type(self.seed) is not int or not 0 <= self.seed < 2**32:  # the harness seeds numpy: 32 bits
+            raise EvalError(f"--seed must be an integer from 0 to 2**32 - 1 (the harness seeds numpy), got {self.seed!r}")
 
     @property
     def num_test(self) -> int:
@@ -297,6 +297,10 @@ def evaluate(
     say = progress or (lambda _msg: None)
     selection = validate_tasks(config)
     layer_patch = load_patch(patch, token=token) if patch is not None else None
+    if loaded is None:
+        from layerzo.model.loading import check_model_source
+
+        check_model_source(model, revision=revision, device=device, trust_remote_code=trust_remote_code)
     if layer_patch is not None and not layer_patch.weights_included:
         from layerzo.patch.replay import with_weights
 

@@ -88,9 +88,9 @@ def check_harness_tasks(names: Sequence[str], known: Collection[str]) -> None:
             continue
         candidates = list(TASK_NAMES) + [n for n in known if not n.startswith(HARNESS_PREFIX)]
         close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        hint = f"; did you mean {close[0]!r}?" if close else ""
         raise EvalError(
-            f"unknown task {name!r}; {hint}(layerzo tasks: {', '.join(TASK_NAMES)}; "
+            f"unknown task {name!r}{hint} (layerzo tasks: {', '.join(TASK_NAMES)}; "
             "any lm-eval task name also works, see `lm_eval ls tasks`)"
         )
 
@@ -99,7 +99,8 @@ def check_data_dir(tasks: Sequence[str], data_dir: str | Path) -> None:
     """Every offline task needs ``<data_dir>/<task>/{train,validation}.jsonl``; name the first missing file."""
     root = Path(data_dir).expanduser()
     if not root.is_dir():
-        raise EvalError(f"data dir {root} does not exist", "pass --data-dir with <task>/{train,validation}.jsonl")
+        state = "is a file, not a folder" if root.exists() else "does not exist"
+        raise EvalError(f"data dir {root} {state}", "pass --data-dir with <task>/{train,validation}.jsonl")
     for task in tasks:
         for split in SPLITS:
             path = root / task / f"{split}.jsonl"

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from layerzo.core.atomic import atomic_dir
+from layerzo.core.atomic import atomic_dir, check_can_write
 from layerzo.core.outputs import check_output, output_lock
 from layerzo.core.env import debug_enabled, first_line
 from layerzo.errors import ConfigError, ExportError
@@ -208,6 +208,7 @@ def export_checkpoint(
     config = config or ExportConfig()
     plan = check_output(out_dir, inputs=[base, patch], overwrite=overwrite, command="layerzo export",
                         markers=[REPORT_NAME])
+    check_can_write(out_dir)
     report_stage = progress or (lambda stage: None)
     if plan.replaces:
         report_stage(plan.note("layerzo export"))

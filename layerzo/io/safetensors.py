@@ -17,8 +17,9 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
+from layerzo.core.atomic import plain_file_mode
 from layerzo.errors import LayerzoError, ModelLoadError, PatchFormatError
 
 SINGLE_WEIGHTS_NAME = "model.safetensors"
@@ -166,8 +167,28 @@ class CheckpointReader:
                 "give a safetensors checkpoint directory (pickled .bin checkpoints are refused)",
             )
         for shard in set(self.weight_map.values()):
-            if not (self.directory / shard).is_file():
-                raise ModelLoadError(f"{self.directory}: shard {shard} named in {INDEX_NAME} is missing")
+            path = self.directory / shard
+            if not path.is_file():
+                state = "is a folder, not a file" if path.is_dir() else "is missing"
+                raise ModelLoadError(f"{self.directory}: shard {shard} named in {INDEX_NAME} {state}")
+
+    def check_shards(self, also: Sequence[str] = ()) -> None:
+        """Every shard whole, by its header alone (no tensor is read): the header parses, the data
+        length matches the file size, and every key the index maps to the shard is in it.
+
+        ``also``: other safetensors files of the folder (not in the index) to check the same way.
+        """
+        for shard in [*self.shards, *(a for a in also if a not in self.weight_map.values())]:
+            try:
+                header = self.header(shard)
+            except ModelLoadError as exc:
+                raise ModelLoadError(f"{self.directory}: {exc}",
+                                     "the checkpoint is damaged: download or copy it again") from None
+            missing = sorted(k for k, s in self.weight_map.items() if s == shard and k not in header.tensors)
+            if missing:
+                raise ModelLoadError(f"{self.directory}: shard {shard} holds no tensor {missing[0]}, which "
+                                     f"{INDEX_NAME if self.is_sharded else 'the checkpoint'} maps to it",
+                                     "the checkpoint's shards and index do not match: download or copy it again")
 
     @property
     def is_sharded(self) -> bool:
@@ -217,8 +238,10 @@ class CheckpointReader:
 def _read_index(path: Path) -> tuple[dict, dict[str, str]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ModelLoadError(f"{path} is not valid UTF-8 JSON") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise ModelLoadError(f"{path} has no valid weight_map (key -> shard file)")
@@ -281,6 +304,7 @@ def write_shard(path: str | os.PathLike, tensors: Mapping, metadata: Mapping[str
                 data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
                 fh.write(memoryview(data.numpy()))
                 del tensor, data
+        os.chmod(tmp, plain_file_mode())  # like every other output file, not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

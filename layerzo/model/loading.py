@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
-from layerzo.core.env import first_line, is_offline
+from layerzo.core.env import is_offline
 from layerzo.errors import ConfigError, LayerzoError, ModelLoadError, OfflineError
 from layerzo.model.layers import LayerLayout, find_layer_layout
 
@@ -140,14 +140,9 @@ def load_model(
     the device too (:func:`check_device`), so a bad input is one :class:`ModelLoadError`
     (or :class:`ConfigError`) line naming the file, before anything slow runs.
     """
-    source = resolve_source(spec, revision)
     torch_dt = torch_dtype(dtype)
-    if device_map is None:
-        check_device(device)
-    if source.kind == "dir":
-        check_checkpoint_dir(Path(source.location), trust_remote_code=trust_remote_code)
-    elif source.kind == "gguf":
-        check_gguf_file(Path(source.location))
+    source = check_model_source(spec, revision=revision, device=None if device_map is not None else device,
+                                trust_remote_code=trust_remote_code)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -178,6 +173,20 @@ def load_model(
     if device_map is None and device != "cpu":
         model.to(device)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, layout=find_layer_layout(model))
+
+
+def check_model_source(spec: str | os.PathLike | None, *, revision: str | None = None, device: str | None = "cpu",
+                       trust_remote_code: bool = False) -> ModelSource:
+    """The checks :func:`load_model` runs first, for callers that want them before saying "loading ...":
+    the source resolved, the device present (None: not checked), a local folder or .gguf sound. Cheap: no tensor read."""
+    source = resolve_source(spec, revision)
+    if device is not None:
+        check_device(device)
+    if source.kind == "dir":
+        check_checkpoint_dir(Path(source.location), trust_remote_code=trust_remote_code)
+    elif source.kind == "gguf":
+        check_gguf_file(Path(source.location))
+    return source
 
 
 def _from_pretrained(source: ModelSource, what: str, load: Callable[[], object]) -> object:

@@ -87,6 +87,11 @@ def add_lora(
 
     _check(r, alpha)
     modules = target_modules(model, layout, layers, targets)
+    for name in modules:  # a rank above the projection's size adds nothing and can exhaust memory (--lora-rank 10**9)
+        weight = model.get_submodule(name).weight
+        if r > min(weight.shape):
+            raise ConfigError(f"lora_rank {r} is larger than {name} ({weight.shape[0]}x{weight.shape[1]}) allows",
+                              f"use --lora-rank {min(weight.shape)} or less")
     inject_adapter_in_model(lora_config(modules, r, alpha), model, adapter_name=ADAPTER_NAME)
     model.requires_grad_(False)  # ZO needs no autograd; peft marks its adapters trainable
     generator = torch.Generator().manual_seed(seed)

@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from layerzo.core.atomic import atomic_dir
+from layerzo.core.atomic import atomic_dir, check_can_write
 from layerzo.core.outputs import check_output, output_lock
-from layerzo.errors import BaseMismatchError, ModelLoadError, OutputExistsError
+from layerzo.errors import BaseMismatchError, ConfigError, ModelLoadError, OutputExistsError
 from layerzo.io import hub
-from layerzo.model.loading import resolve_source
+from layerzo.model.loading import check_model_folder, read_model_config, resolve_source
 from layerzo.patch.format import LayerPatch
 from layerzo.patch.merge import apply_to_model, check_model_identity, merge_tensors
 from layerzo.patch.replay import with_weights
@@ -56,15 +56,25 @@ class ApplyReport:
 # ---------------------------------------------------------------------------- on disk
 def apply_patch(base: str | os.PathLike | None, patch: LayerPatch | str | os.PathLike, out: str | os.PathLike, *,
                 overwrite: bool = False, force: bool = False, revision: str | None = None, token: str | None = None,
-                log: Callable[[str], None] | None = None) -> ApplyReport:
+                log: Callable[[str], None] | None = None, gguf_type: str | None = None) -> ApplyReport:
     """Write a complete HF checkpoint ``out`` = ``base`` with ``patch`` applied.
 
     ``base``: checkpoint dir (single file or sharded), Hub id, or .gguf (the
-    dequantized model is rebuilt and saved as safetensors).
+    dequantized model is rebuilt and saved as safetensors). An ``out`` ending in
+    ``.gguf`` writes a GGUF instead (:func:`layerzo.patch.gguf.apply_patch_gguf`:
+    ``base`` must be a .gguf; ``gguf_type`` F16 (default), F32, Q8_0 or the base's own).
     """
+    if str(out).lower().endswith(".gguf"):
+        from layerzo.patch.gguf import apply_patch_gguf
+
+        return apply_patch_gguf(base, patch, out, gguf_type=gguf_type, overwrite=overwrite, force=force,
+                                token=token, log=log)
+    if gguf_type is not None:
+        raise ConfigError("--gguf-type applies only to a .gguf output", "give an OUT ending in .gguf")
     patch_path = patch.source if isinstance(patch, LayerPatch) else patch
     plan = check_output(out, inputs=[base, patch_path], overwrite=overwrite, command="layerzo apply",
                         markers=[PROVENANCE_NAME])  # before anything is read or deleted
+    check_can_write(out)
     with output_lock(out, "layerzo apply"):
         if plan.replaces and log:
             log(plan.note("layerzo apply"))
@@ -85,21 +95,37 @@ def _apply_patch(base, patch: LayerPatch, out: Path, *, overwrite: bool, force: 
         base_dir = Path(source.location)
     if base_dir is not None and out.resolve() == base_dir.resolve():
         raise OutputExistsError(f"{out} is the base checkpoint; layerzo never writes into the base")
+    checked = read_base(base_dir) if base_dir is not None else None  # a damaged base is refused before any write
     report = ApplyReport(out=str(out), base=source.name, base_kind=source.kind, base_revision=base_revision,
                          patch=patch.source, patch_revision=patch.source_revision, layers=list(patch.manifest.layers))
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        if base_dir is not None:
-            _apply_to_dir(base_dir, patch, tmp, report, force=force, log=log)
+        if checked is not None:
+            _apply_to_dir(checked, patch, tmp, report, force=force, log=log)
         else:
             _apply_to_gguf(source.location, patch, tmp, report, force=force)
         (tmp / PROVENANCE_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
     return report
 
 
-def _apply_to_dir(base_dir: Path, patch: LayerPatch, tmp: Path, report: ApplyReport, *, force: bool,
-                  log: Callable[[str], None] | None) -> None:
+def read_base(base_dir: Path) -> tuple[CheckpointReader, dict]:
+    """The base checkpoint's reader and config.json, checked whole before anything is written or linked.
+
+    The folder must be a model with a config.json transformers knows, and every
+    safetensors file in it (the indexed shards and any other) structurally sound:
+    header parses, data length = file size, every key the index maps to a shard
+    present in that shard's header. Only headers are read, so this is cheap.
+    """
+    check_model_folder(base_dir)
+    config = read_model_config(base_dir, custom_code=True)  # apply runs no model code: a custom one is fine
     reader = CheckpointReader(base_dir)
-    config = _read_config(base_dir)
+    reader.check_shards(also=[p.name for p in sorted(base_dir.glob("*.safetensors"))])
+    return reader, config
+
+
+def _apply_to_dir(checked: tuple[CheckpointReader, dict], patch: LayerPatch, tmp: Path, report: ApplyReport, *,
+                  force: bool, log: Callable[[str], None] | None) -> None:
+    reader, config = checked
+    base_dir = reader.directory
     check_model_identity(patch, list(config.get("architectures") or []), _config_layers(config))
     key_map = map_keys(list(patch.manifest.base_fingerprint), reader.weight_map, lambda: _base_model_prefix(config))
     base = reader.tensors([key_map[k] for k in key_map])  # only the patched tensors are read
@@ -189,16 +215,6 @@ def map_keys(patch_keys: list[str], checkpoint_keys: Mapping[str, str] | list[st
             raise BaseMismatchError(f"the base checkpoint has no tensor {key}", "apply the patch to the base model named in it")
         mapping[key] = found
     return mapping
-
-
-def _read_config(base_dir: Path) -> dict:
-    try:
-        config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{base_dir} has no readable config.json: {exc}") from exc
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{base_dir}/config.json is not a JSON object")
-    return config
 
 
 def _config_layers(config: dict) -> int | None:

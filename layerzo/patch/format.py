@@ -83,6 +83,9 @@ class LayerPatch:
             patch = cls._from_dir(path)
             patch.source = str(path.resolve())
             return patch
+        if path.is_file():
+            raise PatchError(f"patch {path_or_repo_id} is a file, not a patch folder (a folder with {MANIFEST_NAME})",
+                             "give a patch folder or a Hub repo id org/name")
         if not hub.looks_like_repo_id(str(path_or_repo_id)):
             raise PatchError(f"patch {path_or_repo_id} does not exist", "give a patch folder or a Hub repo id org/name")
         local, commit = hub.download_files(str(path_or_repo_id), PATCH_FILES, revision=revision, token=token,

@@ -27,9 +27,10 @@ and only if it is an earlier GGUF written here.
 
 The header is walked with ``struct`` instead of ``gguf.GGUFReader``: that reader
 builds numpy views per array element, which takes ~3 s for the demo's 49k-token
-vocabulary (copying the whole 94 MiB file takes 0.09 s); skipping the same bytes
-takes milliseconds, and copying them raw keeps the metadata byte-identical by
-construction. Type sizes, names and (de)quantization come from the ``gguf`` package.
+vocabulary (copying the whole 94 MiB file takes ~0.1 s); skipping the same bytes
+takes ~10 ms, and copying them raw keeps the metadata byte-identical by
+construction. The sha256 of the base (``layerzo.base_sha256``) and the patch
+fingerprint are computed in threads beside the checks and the copy. Type sizes, names and (de)quantization come from the ``gguf`` package.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ from layerzo.errors import (ArchitectureError, BaseMismatchError, ConfigError, M
 from layerzo.model.loading import DTYPES, resolve_source
 from layerzo.patch.format import LayerPatch
 from layerzo.patch.manifest import all_finite
+from layerzo.patch.merge import check_model_identity
+from layerzo.patch.replay import with_weights
 from layerzo.version import __version__
 
 VERIFIED_ARCHITECTURES = ("llama",)  # GGUF general.architecture values whose layout is verified here
@@ -60,6 +63,7 @@ WRITABLE_TYPES = ("F16", "F32", "Q8_0")  # plus the base's own type when the ggu
 DEFAULT_TYPE = "F16"
 METADATA_PREFIX = "layerzo."
 MARKER_KEY = "layerzo.patch_fingerprint"  # marks a GGUF written by apply_patch_gguf
+BASE_SHA_KEY = "layerzo.base_sha256"
 _SHA_PLACEHOLDER = "0" * 64
 _COPY_BLOCK = 8 << 20
 _VERSIONS = (2, 3)
@@ -161,6 +165,19 @@ class _Cursor:
         self.need(n)
         self.pos += n
 
+    def skip_strings(self, count: int) -> None:
+        unpack, buf, pos, end = self.u64.unpack_from, self.buf, self.pos, len(self.buf)
+        for _ in range(count):
+            if pos + 8 > end:
+                break
+            pos += 8 + unpack(buf, pos)[0]
+        else:
+            if pos <= end:
+                self.pos = pos
+                return None
+        self.pos = end
+        return self.need(1)  # raises: truncated
+
     def value(self, vtype: int, decode: bool = True) -> Any:
         """The value of type ``vtype`` at the cursor; arrays of strings/arrays and long arrays are skipped (None)."""
         if vtype in self.scalars:
@@ -184,6 +201,8 @@ class _Cursor:
             self.need(count * st.size)
             self.pos += count * st.size
             return None
+        if itype == self.string_type:  # a vocabulary: tens of thousands of strings, skipped in a tight loop
+            return self.skip_strings(count)
         for _ in range(count):
             self.value(itype, decode=False)
         return None
@@ -402,13 +421,7 @@ def check_identity(header: GGUFHeader, patch: LayerPatch) -> None:
                                 f"only; {header.path.name} is {arch or 'of unknown architecture'}",
                                 "write a safetensors checkpoint instead: -o a folder")
     m = patch.manifest
-    if m.architecture != HF_ARCHITECTURE[arch]:
-        raise BaseMismatchError(f"the patch was made for {m.architecture} ({m.base_model}) but the base GGUF is "
-                                f"{arch} ({HF_ARCHITECTURE[arch]})", "apply it to the base model named in the patch")
-    layers = header.values.get(f"{arch}.block_count")
-    if layers != m.num_layers:
-        raise BaseMismatchError(f"the patch was made for a {m.num_layers}-layer {m.base_model} but the base GGUF has "
-                                f"{layers} layers", "apply it to the base model named in the patch")
+    check_model_identity(patch, [HF_ARCHITECTURE[arch]], header.values.get(f"{arch}.block_count"))
     if m.layer_path not in (None, "model.layers"):
         raise BaseMismatchError(f"the patch's layers live under {m.layer_path}, not model.layers as in a {arch} GGUF")
     marked = sorted(k for k in header.values if k.startswith(METADATA_PREFIX))
@@ -452,7 +465,7 @@ def plan_replacements(header: GGUFHeader, patch: LayerPatch, gguf_type: str | No
             raise BaseMismatchError(f"base tensor {name} ({key}) has shape {base.shape} but the patch needs "
                                     f"{expected[key]}; the patch was made for {m.base_model}")
         target = tensor_type_for(name, len(base.dims), qtype)
-        if base.dims and tensor_nbytes_ok(base.dims, target) is False:
+        if not rows_fit(base.dims, target):
             raise ConfigError(f"--gguf-type {qtype.name} cannot encode {name}: its rows of {base.dims[0]} values are "
                               f"not a multiple of the type's block", "choose F16 or F32")
     n_head, n_kv = llama_heads(header)
@@ -472,14 +485,19 @@ def plan_replacements(header: GGUFHeader, patch: LayerPatch, gguf_type: str | No
         if heads is not None:
             merged = llama_permute(merged, n_head, heads)
         target = tensor_type_for(name, len(base.dims), qtype)
-        out.append(Replacement(key, base, int(target), encode(merged, target, name)))
+        data = encode(merged, target, name)
+        if data.nbytes != tensor_nbytes(base.dims, target):  # pragma: no cover - a gguf package bug
+            raise PatchError(f"encoding {name} as {target.name} gave {data.nbytes} bytes, not "
+                             f"{tensor_nbytes(base.dims, target)}")
+        out.append(Replacement(key, base, int(target), data))
     return out, qtype, notes
 
 
-def tensor_nbytes_ok(dims: Sequence[int], qtype) -> bool:
+def rows_fit(dims: Sequence[int], qtype) -> bool:
+    """True if rows of ``dims[0]`` values split into whole blocks of ``qtype``."""
     from gguf import GGML_QUANT_SIZES
 
-    return int(dims[0]) % GGML_QUANT_SIZES[qtype][0] == 0
+    return not dims or int(dims[0]) % GGML_QUANT_SIZES[qtype][0] == 0
 
 
 def _expected_shapes(patch: LayerPatch) -> dict[str, tuple[int, ...]]:
@@ -519,8 +537,10 @@ def _encode_string(text: str) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def layerzo_metadata(patch: LayerPatch, qtype_name: str) -> list[tuple[str, str | list[int]]]:
-    """The keys appended to OUT's metadata; ``layerzo.base_sha256`` comes last (filled in once hashed)."""
+def layerzo_metadata(patch: LayerPatch, qtype_name: str,
+                     fingerprint: str | None = None) -> list[tuple[str, str | list[int]]]:
+    """The keys appended to OUT's metadata (``fingerprint``: :func:`patch_fingerprint`, computed if not given);
+    :func:`write_gguf` adds ``layerzo.base_sha256`` after them."""
     m = patch.manifest
     return [
         ("layerzo.version", __version__),
@@ -529,8 +549,7 @@ def layerzo_metadata(patch: LayerPatch, qtype_name: str) -> list[tuple[str, str 
         ("layerzo.layers", [int(i) for i in m.layers]),
         ("layerzo.tensor_type", qtype_name),
         ("layerzo.base_fingerprint", combine_sha256(f"{k}={v}" for k, v in sorted(m.base_fingerprint.items()))),
-        (MARKER_KEY, patch_fingerprint(patch)),
-        ("layerzo.base_sha256", _SHA_PLACEHOLDER),
+        (MARKER_KEY, fingerprint or patch_fingerprint(patch)),
     ]
 
 
@@ -548,8 +567,9 @@ def encode_metadata(entries: Sequence[tuple[str, str | list[int]]]) -> bytes:
     return bytes(out)
 
 
-def build_header(header: GGUFHeader, extra_kv: bytes, n_extra: int, types: dict[str, int]) -> tuple[bytes, list[int]]:
-    """OUT's header (padded to the alignment) and each tensor's data offset, in base order."""
+def build_header(header: GGUFHeader, extra_kv: bytes, n_extra: int,
+                 types: dict[str, int]) -> tuple[bytes, list[int], int]:
+    """OUT's header (padded to the alignment), each tensor's data offset in base order, and the data size."""
     from gguf import GGUF_MAGIC
 
     infos, offsets, cursor = bytearray(), [], 0
@@ -561,7 +581,7 @@ def build_header(header: GGUFHeader, extra_kv: bytes, n_extra: int, types: dict[
         cursor += _pad(tensor_nbytes(t.dims, ggml_type), header.alignment)
     head = struct.pack("<IIQQ", GGUF_MAGIC, header.version, len(header.tensors), header.kv_count + n_extra)
     body = head + header.kv_bytes + extra_kv + bytes(infos)
-    return body + bytes(_pad(len(body), header.alignment) - len(body)), offsets
+    return body + bytes(_pad(len(body), header.alignment) - len(body)), offsets, cursor
 
 
 class _RangeCopier:
@@ -600,11 +620,16 @@ def _pwrite_all(fd: int, data, offset: int) -> int:
 
 def write_gguf(header: GGUFHeader, replacements: Sequence[Replacement], metadata: Sequence[tuple[str, Any]],
                path: Path, base_sha256: Callable[[], str]) -> None:
-    """Write OUT to ``path``: BASE's metadata bytes + ``metadata``, the replaced tensors' new bytes, every
-    other tensor copied byte for byte; ``layerzo.base_sha256`` (last key) is filled in from ``base_sha256()``."""
+    """Write OUT to ``path``: BASE's metadata bytes + ``metadata`` + ``layerzo.base_sha256``, the replaced
+    tensors' new bytes, every other tensor copied byte for byte.
+
+    ``base_sha256()`` is called once the tensor data is written (the hash may still be running in a
+    thread); its 64 hex digits overwrite a placeholder of the same length, the metadata's last bytes.
+    """
+    metadata = [*metadata, (BASE_SHA_KEY, _SHA_PLACEHOLDER)]
     extra = encode_metadata(metadata)
     by_name = {r.tensor.name: r for r in replacements}
-    head, offsets = build_header(header, extra, len(metadata), {r.tensor.name: r.ggml_type for r in replacements})
+    head, offsets, size = build_header(header, extra, len(metadata), {r.tensor.name: r.ggml_type for r in replacements})
     sha_at = 24 + len(header.kv_bytes) + len(extra) - 64  # the placeholder: the last 64 bytes of the metadata
     src = os.open(header.path, os.O_RDONLY)
     try:
@@ -617,11 +642,10 @@ def write_gguf(header: GGUFHeader, replacements: Sequence[Replacement], metadata
                     _pwrite_all(dst, by_name[t.name].data, len(head) + offset)
                 else:
                     copier.copy(header.data_offset + t.offset, len(head) + offset, t.n_bytes)
-            last = header.tensors[-1] if header.tensors else None
-            end = len(head) + (offsets[-1] + _pad(tensor_nbytes(last.dims, by_name[last.name].ggml_type
-                               if last.name in by_name else last.ggml_type), header.alignment) if last else 0)
-            os.ftruncate(dst, end)
+            os.ftruncate(dst, len(head) + size)  # the last tensor's padding, as GGUFWriter writes it
             digest = base_sha256()
+            if len(digest) != len(_SHA_PLACEHOLDER):  # pragma: no cover - a stopped or broken hash
+                raise PatchError(f"the sha256 of {header.path.name} could not be computed")
             _pwrite_all(dst, digest.encode("ascii"), sha_at)
         finally:
             os.close(dst)
@@ -693,11 +717,15 @@ def apply_patch_gguf(base: str | os.PathLike | None, patch: LayerPatch | str | o
         if not isinstance(patch, LayerPatch):
             patch = LayerPatch.from_pretrained(patch, token=token)
         header = read_gguf_header(base_path)
+        check_identity(header, patch)  # before a trajectory-only patch is replayed on the base
+        patch = with_weights(patch, base_path)
         stop = threading.Event()
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerzo-sha256") as pool:
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="layerzo-sha256") as pool:
             digest: Future = pool.submit(_hash_file, base_path, stop)  # overlaps the checks and the copy
+            fingerprint: Future = pool.submit(patch_fingerprint, patch)  # overlaps the checks
             try:
-                report = _apply(header, patch, out_path, gguf_type, force, digest.result, source.name)
+                report = _apply(header, patch, out_path, gguf_type, force, digest.result, fingerprint.result,
+                                source.name)
             except BaseException:
                 stop.set()
                 raise
@@ -705,9 +733,9 @@ def apply_patch_gguf(base: str | os.PathLike | None, patch: LayerPatch | str | o
 
 
 def _apply(header: GGUFHeader, patch: LayerPatch, out: Path, gguf_type: str | None, force: bool,
-           base_sha256: Callable[[], str], base_name: str) -> GGUFApplyReport:
+           base_sha256: Callable[[], str], fingerprint: Callable[[], str], base_name: str) -> GGUFApplyReport:
     replacements, qtype, notes = plan_replacements(header, patch, gguf_type, force=force)
-    metadata = layerzo_metadata(patch, qtype.name)
+    metadata = layerzo_metadata(patch, qtype.name, fingerprint())
     with atomic_file(out) as tmp:
         write_gguf(header, replacements, metadata, tmp, base_sha256)
     from gguf import GGMLQuantizationType
@@ -720,7 +748,8 @@ def _apply(header: GGUFHeader, patch: LayerPatch, out: Path, gguf_type: str | No
     return GGUFApplyReport(out=str(out), base=base_name, patch=patch.source, patch_revision=patch.source_revision,
                            layers=list(patch.manifest.layers), gguf_type=qtype.name, base_sha256=base_sha256(),
                            patch_fingerprint=dict(metadata)[MARKER_KEY], tensors_rewritten=written,
-                           tensors_copied=len(header.tensors) - len(written), metadata_added=[k for k, _ in metadata],
+                           tensors_copied=len(header.tensors) - len(written),
+                           metadata_added=[k for k, _ in metadata] + [BASE_SHA_KEY],
                            rewritten=[out.name], notes=notes)
 
 

@@ -19,9 +19,10 @@ from layerzo.patch.manifest import PatchManifest, all_finite, lora_base_key
 def check_model_identity(patch: LayerPatch, architectures: list[str], num_layers: int | None) -> None:
     """Refuse a base of another architecture or layer count than the patch was made for."""
     m = patch.manifest
+    architectures = list(dict.fromkeys(architectures))  # the class name and config.architectures often agree
     if architectures and m.architecture not in architectures:
         raise BaseMismatchError(f"the patch was made for {m.architecture} ({m.base_model}) but the base is "
-                                f"{', '.join(architectures)}", "apply it to the base model named in the patch")
+                                f"{' / '.join(architectures)}", "apply it to the base model named in the patch")
     if num_layers is not None and num_layers != m.num_layers:
         raise BaseMismatchError(f"the patch was made for a {m.num_layers}-layer {m.base_model} but the base has "
                                 f"{num_layers} layers", "apply it to the base model named in the patch")

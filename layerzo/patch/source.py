@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from layerzo.core.atomic import atomic_dir
+from layerzo.core.atomic import atomic_dir, check_can_write
 from layerzo.core.outputs import check_output, output_lock
 from layerzo.io import hub
 from layerzo.patch.format import LayerPatch
@@ -66,6 +66,7 @@ def pull_to_dir(repo_id: str, out_dir: str | os.PathLike, *, revision: str | Non
     """``layerzo pull``: fetch, validate, then copy the patch files to ``out_dir`` atomically."""
     out = Path(out_dir).expanduser().absolute()
     check_output(out, inputs=[], overwrite=overwrite, command="layerzo pull", markers=[MANIFEST_NAME])
+    check_can_write(out)
     local, commit = pull_patch(repo_id, revision=revision, token=token, endpoint=endpoint)
     LayerPatch.from_pretrained(local)  # validate before anything lands in out_dir
     with output_lock(out, "layerzo pull"), atomic_dir(out, overwrite=overwrite) as tmp:

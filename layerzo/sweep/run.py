@@ -10,7 +10,7 @@ massive-activation layer) the one worth tuning? For each task:
    bit-identical (``torch.equal`` + ``tensor_sha256`` against the base), so
    every run starts from the same base model in one process; the frozen
    layers' outputs carry over from run to run
-   (:func:`layerzo.tune.prefix_cache.shared_lower_outputs`), so run ``i`` runs only
+   (:func:`layerzo.model.prefix_cache.shared_lower_outputs`), so run ``i`` runs only
    layer ``i-1`` below itself, once per batch;
 3. the whole-model baseline (``layers=all``, MeZO) with its own ``full_lr``;
 4. one record per run appended to ``DIR/sweep.jsonl`` (rewritten atomically),
@@ -43,10 +43,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from layerzo.core.atomic import atomic_write_text
+from layerzo.core.atomic import atomic_write_text, check_can_write, check_file_output
 from layerzo.core.hashing import combine_sha256, tensor_sha256
 from layerzo.core.progress import StderrBar
-from layerzo.errors import ConfigError, DivergenceError, LayerIndexError, LayerzoError, OutputExistsError
+from layerzo.data.tasks import get_task
+from layerzo.errors import (ConfigError, DivergenceError, LayerIndexError, LayerzoError, OutputExistsError,
+                            OutputPathError)
 from layerzo.model.layers import layer_parameter_names, parse_layer_spec
 from layerzo.model.loading import load_model
 from layerzo.patch.manifest import MANIFEST_NAME
@@ -54,7 +56,7 @@ from layerzo.sweep.report import append_record, read_records, summarize, write_o
 from layerzo.tune.batches import ZeroShotCache
 from layerzo.tune.config import TuneConfig
 from layerzo.tune.loop import METRICS_NAME, resolve_layers, tune
-from layerzo.tune.prefix_cache import SharedLowerOutputs
+from layerzo.model.prefix_cache import SharedLowerOutputs
 
 FULL = "all"  # layer key of the whole-model MeZO baseline
 RECORDS_NAME = "sweep.jsonl"
@@ -261,8 +263,38 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike, *, resume: bool =
     casts its fp32 master layers back). ``merge`` folds in the runs of other sweep
     folders made with the same recipe (see :func:`merge_records`) and then
     resumes: only runs found in none of them are tuned.
+
+    Before any work OUT is checked (a folder, no input, writable) and the task
+    names too; a sweep that fails before its first record leaves no OUT behind.
     """
     out = Path(out_dir).expanduser().absolute()
+    check_sweep_output(out, [config.tune.model, config.tune.data_dir, *config.tasks, *merge])
+    for task in config.tasks:
+        get_task(task)  # an unknown task fails now, not after the model load
+    created = not out.exists()
+    try:
+        return _run_sweep(config, out, resume=resume, loaded=loaded, progress=progress, log=log, command=command,
+                          merge=merge)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # nothing was recorded: leave no empty folder behind
+        raise
+
+
+def check_sweep_output(out: Path, inputs: Sequence) -> None:
+    """OUT is a folder (new, or a sweep to resume) that no input is or contains, and its files can be written.
+
+    A sweep writes only its own ``sweep.*`` files into OUT, so those are what is checked against the inputs.
+    """
+    if out.is_file():
+        raise OutputPathError(f"the output {out} is a file, not a folder", "give a folder path for the output")
+    check_can_write(out)
+    check_file_output(out / RECORDS_NAME, inputs=[i for i in inputs if i is not None], command="layerzo sweep")
+
+
+def _run_sweep(config: SweepConfig, out: Path, *, resume: bool, loaded, progress: bool,
+               log: Callable[[str], None] | None, command: str | None, merge: Sequence[str | os.PathLike]) -> dict:
+    """:func:`run_sweep` once OUT and the tasks are checked."""
     path = out / RECORDS_NAME
     if path.exists() and not (resume or merge):
         raise OutputExistsError(f"{path} already exists; pass --resume to continue that sweep, or choose another --out")

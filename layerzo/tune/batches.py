@@ -7,7 +7,7 @@ from typing import Iterator
 import torch
 
 from layerzo.errors import ConfigError
-from layerzo.tune.prefix_cache import SharedLowerOutputs, cached_lower_layers
+from layerzo.model.prefix_cache import SharedLowerOutputs, cached_lower_layers
 from layerzo.data.scoring import candidate_scores, encode_batch
 
 

@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from layerzo.core.atomic import check_can_write
 from layerzo.core.hashing import tensor_sha256
 from layerzo.core.progress import StderrBar
 from layerzo.data.scoring import batch_loss, encode_batch
@@ -59,7 +60,8 @@ from layerzo.tune.checkpoint import (STATE_JSON, Checkpoint, StopOnInterrupt, ch
                                      check_writable, checkpoint_dir, load_checkpoint, remove_checkpoint, run_identity,
                                      save_checkpoint)
 from layerzo.tune.config import TuneConfig
-from layerzo.tune.prefix_cache import SharedLowerOutputs, cached_lower_layers
+from layerzo.tune.select import task_sensitivity
+from layerzo.model.prefix_cache import SharedLowerOutputs, cached_lower_layers
 from layerzo.version import __version__
 from layerzo.zo.distributed import (DataParallel, check_tuned_placement, config_digest, init_data_parallel, placement,
                                     shutdown, weights_digest)
@@ -215,6 +217,7 @@ def check_outputs(out_dir: str | os.PathLike, overwrite: bool, resume: bool, inp
     """
     out = Path(out_dir).expanduser().absolute()
     plan = check_output(out, inputs=inputs, overwrite=overwrite, command="layerzo tune", markers=[MANIFEST_NAME])
+    check_can_write(out)  # named by OUT, before check_writable's probe file could be the one named
     check_output(checkpoint_dir(out), inputs=inputs, overwrite=True, command="layerzo tune", markers=[STATE_JSON])
     has_checkpoint = check_checkpoint_dir(checkpoint_dir(out), resume=resume, overwrite=overwrite)
     check_writable(out.parent)  # a read-only or full disk fails now, not after training
@@ -230,6 +233,11 @@ def resolve_layers(config: TuneConfig, loaded: LoadedModel) -> tuple[tuple[int, 
         return tuple(range(loaded.layout.num_layers)), None
     if spec != "dominant":
         return spec, None  # type: ignore[return-value]
+    if config.select == "sensitivity":
+        sens = task_sensitivity(loaded, config.task, config.data_dir, batch_size=config.batch_size,
+                                max_length=config.max_length, num_train=config.num_train, seed=config.seed)
+        return (sens.pick,), {"dominant_layer": sens.pick, "selection": "sensitivity", "reason": sens.reason,
+                              "sensitivity": sens.to_dict()}
     texts = calibration_texts(config.task, config.data_dir, n=ProfileConfig().num_sequences, seed=config.seed)
     report = profile_model(
         loaded.model, loaded.tokenizer, texts, ProfileConfig(), loaded.layout,

@@ -41,6 +41,7 @@ from layerzo.errors import ConfigError, DivergenceError
 
 LR_SCHEDULES = ("constant", "linear")
 Z_DTYPE = torch.float32  # z is always drawn in float32 (recorded in the patch as ``z_dtype``)
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # lr, eps and weight decay scale float32 tensors
 RNG_ALGORITHM = "torch.randn(float32) per tensor; seed = splitmix64(direction_seed, tensor_index)"
 _MASK64 = (1 << 64) - 1
 
@@ -119,8 +120,8 @@ class ZOConfig:
     def __post_init__(self) -> None:
         _finite_at_least("lr", self.lr, 0.0)
         _finite_at_least("weight_decay", self.weight_decay, 0.0)
-        if not (math.isfinite(self.eps) and self.eps > 0):
-            raise ConfigError(f"eps must be a positive number, got {self.eps}")
+        if not (isinstance(self.eps, (int, float)) and 0 < self.eps <= FLOAT32_MAX):
+            raise ConfigError(f"eps must be a positive number at most {FLOAT32_MAX:.4g} (float32), got {self.eps}")
         if not (isinstance(self.q, int) and self.q >= 1):
             raise ConfigError(f"q (directions per step) must be an integer ≥ 1, got {self.q}")
         if not (0.0 <= self.momentum < 1.0):
@@ -134,8 +135,11 @@ class ZOConfig:
 
 
 def _finite_at_least(name: str, value: float, low: float) -> None:
+    """``value`` in [low, FLOAT32_MAX]: the update multiplies float32 tensors by it, so a larger one overflows."""
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low):
         raise ConfigError(f"{name} must be a finite number ≥ {low}, got {value}")
+    if value > FLOAT32_MAX:
+        raise ConfigError(f"{name} must be at most {FLOAT32_MAX:.4g} (the float32 range the update runs in), got {value}")
 
 
 def lr_at(config: ZOConfig, step: int, total_steps: int = 1) -> float:
