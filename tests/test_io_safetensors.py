@@ -235,3 +235,45 @@ def test_write_shard_gives_the_file_plain_permissions_not_mkstemps_0600(tmp_path
     finally:
         os.umask(umask)
     assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_the_library_refuses_every_malformed_file_our_parser_refuses(tmp_path):
+    """Why the own header parser stays (see the module docstring): the library agrees on what is malformed,
+    but says less; this pins the agreement, so a safetensors release that accepts one of these shows up."""
+    import json as _json
+    import struct
+
+    import torch
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import save_file
+
+    from layerzo.errors import PatchFormatError
+    from layerzo.io.safetensors import read_header
+
+    save_file({"a": torch.zeros(4, 4), "b": torch.ones(4)}, tmp_path / "ok.safetensors")
+    raw = (tmp_path / "ok.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header, data = _json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+    def variant(name, edit=None, tail=b"", cut=0, length=None):
+        h = _json.loads(_json.dumps(header))
+        if edit:
+            edit(h)
+        text = _json.dumps(h).encode()
+        text += b" " * ((8 - len(text) % 8) % 8)
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(struct.pack("<Q", length or len(text)) + text + (data[: len(data) - cut] if cut else data) + tail)
+        return path
+
+    bad = [variant("truncated", cut=8),
+           variant("huge", lambda h: h["a"].update(shape=[2**31, 2**31])),
+           variant("overlap", lambda h: h["b"].update(data_offsets=[0, 16])),
+           variant("gap", lambda h: h["b"].update(data_offsets=[68, 84]), tail=b"\0" * 4),
+           variant("header62", length=2**62)]
+    for path in bad:
+        with pytest.raises(PatchFormatError):
+            read_header(path)
+        with pytest.raises(SafetensorError):
+            with safe_open(path, "pt") as f:
+                [f.get_tensor(k) for k in f.keys()]
+    assert set(read_header(tmp_path / "ok.safetensors").tensors) == {"a", "b"}

@@ -16,7 +16,8 @@ import layerzo
 from conftest import make_tiny_model
 from layerzo.cli.main import app
 from layerzo.errors import BaseMismatchError
-from layerzo.patch.apply import PROVENANCE_NAME, apply_patch, map_keys
+from layerzo.patch.apply import apply_patch, map_keys
+from layerzo.patch.provenance import PROVENANCE_NAME
 from layerzo.patch.merge import apply_to_model
 from layerzo.patch.format import LayerPatch
 from layerzo.patch.manifest import MANIFEST_NAME, TRAJECTORY_NAME, WEIGHTS_NAME

@@ -5,25 +5,12 @@ from __future__ import annotations
 import dataclasses
 import re
 
-import pytest
 import yaml
 
-from conftest import make_tiny_model
 from layerzo.patch.card import build_model_card
-from layerzo.patch.manifest import CARD_NAME, MANIFEST_NAME, TRAJECTORY_NAME, WEIGHTS_NAME, TrajectoryStep
+from layerzo.patch.manifest import CARD_NAME, MANIFEST_NAME, TRAJECTORY_NAME, WEIGHTS_NAME
 from patch_helpers import make_patch
-
-STEPS = (TrajectoryStep(0, (11, 12), (0.5, -0.25), 1e-3), TrajectoryStep(1, (13, 14), (1.5, 0.0), 1e-3))
-
-
-@pytest.fixture(scope="module")
-def model():
-    return make_tiny_model("llama", num_layers=4, seed=3)
-
-
-@pytest.fixture()
-def saved(model, tmp_path):
-    return make_patch(model, 2, trajectory=STEPS).save_pretrained(tmp_path / "patch")
+from test_patch_format import STEPS, model, saved  # noqa: F401  (model, saved: the same fixtures)
 
 
 def front_matter(card: str) -> dict:

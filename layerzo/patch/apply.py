@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -25,39 +24,19 @@ from layerzo.errors import BaseMismatchError, ConfigError, ModelLoadError, Outpu
 from layerzo.io import hub
 from layerzo.model.loading import check_model_folder, read_model_config, resolve_source
 from layerzo.patch.format import LayerPatch
+from layerzo.patch.provenance import PROVENANCE_NAME, ApplyReport
 from layerzo.patch.merge import apply_to_model, check_model_identity, merge_tensors
 from layerzo.patch.replay import with_weights
 from layerzo.io.safetensors import INDEX_NAME, CheckpointReader, ShardView, write_shard
 
-PROVENANCE_NAME = "layerzo_apply.json"
 _HUB_BASE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
-
-
-@dataclass
-class ApplyReport:
-    """What ``apply_patch`` did (also written to ``out/layerzo_apply.json``)."""
-
-    out: str
-    base: str
-    base_kind: str
-    base_revision: str | None
-    patch: str | None
-    patch_revision: str | None
-    layers: list[int]
-    rewritten: list[str] = field(default_factory=list)
-    linked: list[str] = field(default_factory=list)
-    copied: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ---------------------------------------------------------------------------- on disk
 def apply_patch(base: str | os.PathLike | None, patch: LayerPatch | str | os.PathLike, out: str | os.PathLike, *,
                 overwrite: bool = False, force: bool = False, revision: str | None = None, token: str | None = None,
                 log: Callable[[str], None] | None = None, gguf_type: str | None = None) -> ApplyReport:
-    """Write a complete HF checkpoint ``out`` = ``base`` with ``patch`` applied.
+    """Write a complete HF checkpoint ``out`` = ``base`` with ``patch`` applied (an ``out`` ending in .gguf: a GGUF).
 
     ``base``: checkpoint dir (single file or sharded), Hub id, or .gguf (the
     dequantized model is rebuilt and saved as safetensors). An ``out`` ending in

@@ -41,7 +41,7 @@ import os
 import struct
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -52,6 +52,7 @@ from layerzo.errors import (ArchitectureError, BaseMismatchError, ConfigError, M
                             PatchError)
 from layerzo.model.loading import DTYPES, resolve_source
 from layerzo.patch.format import LayerPatch
+from layerzo.patch.provenance import GGUFApplyReport
 from layerzo.patch.manifest import all_finite
 from layerzo.patch.merge import check_model_identity
 from layerzo.patch.replay import with_weights
@@ -666,32 +667,6 @@ def _hash_file(path: Path, stop: threading.Event) -> str:
 
 
 # ---------------------------------------------------------------------------- the command
-@dataclass
-class GGUFApplyReport:
-    """What :func:`apply_patch_gguf` did; ``rewritten``/``linked``/``copied`` count files as ApplyReport does."""
-
-    out: str
-    base: str
-    patch: str | None
-    patch_revision: str | None
-    layers: list[int]
-    gguf_type: str
-    base_sha256: str
-    patch_fingerprint: str
-    tensors_rewritten: dict[str, str] = field(default_factory=dict)  # GGUF name -> type written
-    tensors_copied: int = 0
-    metadata_added: list[str] = field(default_factory=list)
-    base_kind: str = "gguf"
-    base_revision: str | None = None
-    rewritten: list[str] = field(default_factory=list)
-    linked: list[str] = field(default_factory=list)
-    copied: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 def apply_patch_gguf(base: str | os.PathLike | None, patch: LayerPatch | str | os.PathLike, out: str | os.PathLike, *,
                      gguf_type: str | None = None, overwrite: bool = False, force: bool = False,
                      token: str | None = None, log: Callable[[str], None] | None = None) -> GGUFApplyReport:
@@ -745,7 +720,8 @@ def _apply(header: GGUFHeader, patch: LayerPatch, out: Path, gguf_type: str | No
     notes.append(f"rewrote {len(written)} tensor(s) of layer {layers} as {qtype.name} (1-D tensors and norms as F32); "
                  f"copied {len(header.tensors) - len(written)} tensor(s) and {header.kv_count} metadata key(s) "
                  "byte for byte")
-    return GGUFApplyReport(out=str(out), base=base_name, patch=patch.source, patch_revision=patch.source_revision,
+    return GGUFApplyReport(out=str(out), base=base_name, base_kind="gguf", base_revision=None, patch=patch.source,
+                           patch_revision=patch.source_revision,
                            layers=list(patch.manifest.layers), gguf_type=qtype.name, base_sha256=base_sha256(),
                            patch_fingerprint=dict(metadata)[MARKER_KEY], tensors_rewritten=written,
                            tensors_copied=len(header.tensors) - len(written),
