@@ -10,12 +10,26 @@ from __future__ import annotations
 from pathlib import Path
 
 
+MAX_MESSAGE_CHARS = 2000  # a refusal longer than this echoes the input back instead of describing it
+
+
+def _one_line(text: object) -> str:
+    """Whitespace (newlines included) folded to single spaces, clipped to MAX_MESSAGE_CHARS."""
+    folded = " ".join(str(text).split())
+    return folded if len(folded) <= MAX_MESSAGE_CHARS else folded[: MAX_MESSAGE_CHARS - 1] + "…"
+
+
 class LayerzoError(Exception):
-    """Base class: a problem the user can fix, described in one line."""
+    """Base class: a problem the user can fix, described in one line.
+
+    The message and hint are folded to one line and clipped on construction, so
+    no input echoed into a message (a YAML value, a file's bytes) can make it
+    span lines or pages.
+    """
 
     def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.hint = hint
+        super().__init__(_one_line(message))
+        self.hint = None if hint is None else _one_line(hint)
 
     def one_line(self) -> str:
         text = " ".join(str(self).split())

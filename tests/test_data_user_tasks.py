@@ -66,7 +66,7 @@ def test_yaml_labels_match_as_text_and_yes_no_stay_strings(tmp_path):
     ("train: d.jsonl\nvalidation: d.jsonl\ntemplate: '{q}'\ncandidates: {a: x}\nlabel_map: {1: b}\n",
      "not one of the candidate labels"),
     ("train: d.jsonl\nvalidation: d.jsonl\ntemplate: '{q}'\ncandidates: 3\n", "list or a mapping"),
-    ("train: [d.jsonl\n", "invalid YAML at line"),
+    ("train: [d.jsonl\n", "is not valid YAML at line"),
     ("- a\n- b\n", "expected a mapping"),
 ])
 def test_yaml_task_config_errors(tmp_path, yaml_text, message):

@@ -236,3 +236,24 @@ def test_check_device_refuses_what_this_machine_lacks():
         check_device("cuda")
         with pytest.raises(ConfigError, match="does not exist"):
             check_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_a_checkpoint_missing_a_tensor_is_refused_not_filled_with_random_values(tiny_llama_dir, tmp_path):
+    """transformers fills missing weights with random values and loads "fine"; layerzo refuses (found by fuzzing GGUF)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from layerzo.errors import ModelLoadError
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_llama_dir, folder)
+    for f in folder.glob("model*.safetensors*"):
+        f.unlink()
+    state = {}
+    for shard in tiny_llama_dir.glob("model-*.safetensors"):
+        state.update(load_file(shard))
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"lacks 1 tensor\(s\) the model needs \(e.g. model.layers.1.mlp.up_proj"):
+        load_model(str(folder))

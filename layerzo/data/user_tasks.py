@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
+from layerzo.core.yamlio import NoAliasLoader, read_yaml
 from layerzo.data import templates
 from layerzo.data.spec import Row, TaskSpec
 from layerzo.errors import DataRowError, TaskError
@@ -121,7 +121,7 @@ def _data_path(base: Path, value: str) -> Path:
     return Path(os.path.normpath(base / Path(value).expanduser()))
 
 
-class _Yaml12BoolLoader(yaml.SafeLoader):
+class _Yaml12BoolLoader(NoAliasLoader):
     """SafeLoader where only true/false are booleans (YAML 1.2), not yes/no/on/off.
 
     Label maps like ``{yes: positive, no: negative}`` must keep their keys as
@@ -131,7 +131,7 @@ class _Yaml12BoolLoader(yaml.SafeLoader):
 
 _Yaml12BoolLoader.yaml_implicit_resolvers = {
     first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    for first, resolvers in NoAliasLoader.yaml_implicit_resolvers.items()
 }
 _Yaml12BoolLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
@@ -144,14 +144,7 @@ def load_task_yaml(path: Path) -> TaskSpec:
         raise TaskError(f"task file {path} is a folder, not a YAML file")
     if not path.is_file():
         raise TaskError(f"task file not found: {path}")
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Yaml12BoolLoader)
-    except UnicodeDecodeError as e:
-        raise TaskError(f"task file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise TaskError(f"{path}: invalid YAML{at} ({getattr(e, 'problem', None) or e})") from None
+    data = read_yaml(path, TaskError, "task file", loader=_Yaml12BoolLoader)
     if not isinstance(data, dict):
         raise TaskError(f"{path}: expected a mapping with keys {', '.join(KEYS)}")
     unknown = sorted(set(map(str, data)) - set(KEYS))

@@ -165,7 +165,9 @@ def load_model(
                 common["local_files_only"] = True
     with _quiet_tqdm():
         tokenizer = _from_pretrained(source, "the tokenizer of ", lambda: AutoTokenizer.from_pretrained(target, **common))
-        model = _from_pretrained(source, "", lambda: AutoModelForCausalLM.from_pretrained(target, **common, **model_kw))
+        model, info = _from_pretrained(source, "", lambda: AutoModelForCausalLM.from_pretrained(
+            target, **common, **model_kw, output_loading_info=True))
+    check_nothing_missing(source, model, info)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
@@ -173,6 +175,23 @@ def load_model(
     if device_map is None and device != "cpu":
         model.to(device)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, layout=find_layer_layout(model))
+
+
+def check_nothing_missing(source: ModelSource, model, info: dict) -> None:
+    """Refuse a file that lacks tensors the model needs: transformers would fill them with random values.
+
+    Tied weights (an LM head shared with the embeddings) are not missing. Found by
+    fuzzing mutated GGUF files (tests/test_fuzz.py): a corrupt tensor table loaded "fine".
+    """
+    tied = set()
+    for names in getattr(model, "all_tied_weights_keys", None) or {}:
+        tied.add(names)
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        tied |= {k for k in info.get("missing_keys", []) if k.endswith("lm_head.weight")}
+    missing = sorted(set(info.get("missing_keys", [])) - tied)
+    if missing:
+        raise ModelLoadError(f"{source.location} lacks {len(missing)} tensor(s) the model needs (e.g. {missing[0]}); "
+                             "they would be random", "the file may be truncated or damaged")
 
 
 def check_model_source(spec: str | os.PathLike | None, *, revision: str | None = None, device: str | None = "cpu",

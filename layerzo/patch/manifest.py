@@ -302,11 +302,14 @@ def read_trajectory(path: Path) -> list[TrajectoryStep]:
     if path.stat().st_size > MAX_TRAJECTORY_BYTES:
         raise PatchFormatError(f"{path.name} is larger than {MAX_TRAJECTORY_BYTES} bytes")
     steps: list[TrajectoryStep] = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if line.strip():
-                step = TrajectoryStep.from_json(line, f"{path.name}:{number}")
-                if steps and step.step <= steps[-1].step:
-                    raise PatchFormatError(f"{path.name}:{number}: step {step.step} is not after step {steps[-1].step}")
-                steps.append(step)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PatchFormatError(f"{path.name} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    for number, line in enumerate(text.split("\n"), 1):  # only "\n" ends a JSONL line
+        if line.strip():
+            step = TrajectoryStep.from_json(line, f"{path.name}:{number}")
+            if steps and step.step <= steps[-1].step:
+                raise PatchFormatError(f"{path.name}:{number}: step {step.step} is not after step {steps[-1].step}")
+            steps.append(step)
     return steps

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from layerzo.core.atomic import atomic_write_text
+from layerzo.core.yamlio import read_yaml
 from layerzo.errors import ConfigError
 from layerzo.model.loading import DTYPES
 from layerzo.zo.distributed import parse_device_map
@@ -222,8 +223,6 @@ def shipped_recipe(name: str) -> Path | None:
 
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate a recipe YAML file, or a shipped recipe by name (``smollm2-135m``)."""
-    import yaml
-
     p = Path(path).expanduser()
     if not p.is_file() and p.parent == Path("."):  # a bare name: one of the recipes shipped with layerzo
         p = shipped_recipe(p.name) or p
@@ -232,14 +231,7 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"recipe {p} does not exist",
                           f"pass a YAML file, or a shipped recipe: {', '.join(shipped_recipe_names())}")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"recipe {p} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"recipe {p} is not valid YAML{at}") from None
+    data = read_yaml(p, ConfigError, "recipe")
     return validate_recipe(data or {}, where=f"recipe {p}")
 
 
