@@ -8,7 +8,8 @@ ConfigError, TaskError, ...) whose message is one line without traceback text. A
 is a bug: another exception type, a multi-line message, a hang, a crash, a huge allocation.
 A target does not stop at the first bug: it runs all its cases, collects every KIND of failure
 (exception type and the file:line that raised it) with its smallest input, saved under
-``$TMPDIR/layerzo-fuzz-failures/<target>/``, and fails at the end with one line per kind.
+``$TMPDIR/layerzo-fuzz-<pid>/<target>/`` (or ``$LAYERZO_FUZZ_FAILURES``), and fails at the end with one
+line per kind.
 
 In-process targets have a per-example deadline and a peak-RSS check. The targets whose
 parsers may hang or allocate without bound on hostile input (YAML aliases and templates, GGUF
@@ -63,7 +64,8 @@ MAX_RSS_GROWTH_MB = 512  # the largest honest input here is a few kB; a "huge sh
 CHILD_SECONDS = 5.0  # forked targets: one case may take this long (a valid tiny GGUF loads in ~0.1 s)
 CHILD_EXTRA_BYTES = 2 << 30  # ... and grow its address space by this much at most
 MAX_MESSAGE_CHARS = 10_000  # a refusal that long echoes the input back instead of describing it
-FAILURES_DIR = Path(tempfile.gettempdir()) / "layerzo-fuzz-failures"
+# one folder per run (concurrent runs must not delete each other's findings); LAYERZO_FUZZ_FAILURES overrides it
+FAILURES_DIR = Path(os.environ.get("LAYERZO_FUZZ_FAILURES") or Path(tempfile.gettempdir()) / f"layerzo-fuzz-{os.getpid()}")
 
 
 def fuzz_examples(ci: int = CI_EXAMPLES, environ: Mapping[str, str] = os.environ) -> int:
