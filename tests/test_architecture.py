@@ -2,7 +2,7 @@
 
 The stack, bottom to top (docs/architecture.md explains each package):
 
-    version, errors, recipe_files → core → model, io → data, profile, zo → patch → tune
+    version, errors, recipe_files → core → io → model → data, profile, zo → patch → tune
     → eval, export, sweep → api → (cli, outside the package)
 
 A module may import its own package's modules (without cycles) and packages
@@ -22,12 +22,13 @@ PKG = Path(__file__).resolve().parents[1] / "layerzo"
 LEVELS = {
     "version": 0, "errors": 0, "recipe_files": 0,
     "core": 1,
-    "model": 2, "io": 2,
-    "data": 3, "profile": 3, "zo": 3,
-    "patch": 4,
-    "tune": 5,
-    "eval": 6, "export": 6, "sweep": 6,
-    "api": 7, "__init__": 8,
+    "io": 2,
+    "model": 3,
+    "data": 4, "profile": 4, "zo": 4,
+    "patch": 5,
+    "tune": 6,
+    "eval": 7, "export": 7, "sweep": 7,
+    "api": 8, "__init__": 9,
 }
 TOP_LEVEL_FILES = {"__init__.py", "api.py", "errors.py", "version.py", "py.typed"}
 MAX_FUNCTION_LINES = 80

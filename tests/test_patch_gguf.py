@@ -23,8 +23,9 @@ from layerzo.core.hashing import tensor_sha256
 from layerzo.errors import ArchitectureError, BaseMismatchError, ConfigError, ModelLoadError, OutputExistsError
 from layerzo.patch.apply import apply_patch
 from layerzo.patch.format import LayerPatch
+from layerzo.io.gguf import read_gguf_header
 from layerzo.patch.gguf import (MARKER_KEY, apply_patch_gguf, llama_permute, llama_unpermute, patch_fingerprint,
-                                read_gguf_header, resolve_gguf_type)
+                                resolve_gguf_type)
 from layerzo.patch.manifest import FORMAT_VERSION, PatchManifest
 from patch_helpers import make_patch
 

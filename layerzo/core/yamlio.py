@@ -44,7 +44,8 @@ def read_yaml(path: Path, error: type[Exception], what: str, loader: type = NoAl
         raise error(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except RecursionError:
         raise error(f"{what} {path} nests too deeply to be a {what}") from None
-    except (ValueError, TypeError, OverflowError) as exc:  # a tag whose value cannot be built (!!float abc)
+    except (ValueError, TypeError, OverflowError, AttributeError, KeyError, IndexError) as exc:
+        # a tag whose value PyYAML's constructors cannot build (!!float abc, !!timestamp x, !!bool maybe)
         raise error(f"{what} {path} is not valid YAML ({type(exc).__name__}: {exc})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)

@@ -82,6 +82,8 @@ class TaskSpec:
                 context, candidates = self.template(**values)
             except ValueError as e:
                 raise DataRowError(f"{where}: {e}") from None
+            except KeyError as e:  # a template slot the task's fields do not provide
+                raise DataRowError(f"{where}: the prompt template uses {{{e.args[0]}}}, which the row does not give") from None
             out.append(Example(context, candidates, self.label_index(flat, where), where))
         return out
 

@@ -208,6 +208,8 @@ def _read_jsonl_cached(spec: TaskSpec, path: str, mtime_ns: int, size: int) -> t
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataRowError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+                except RecursionError:  # thousands of nested brackets
+                    raise DataRowError(f"{where}: JSON nested too deeply to be a data row") from None
                 out.extend(spec.examples(row, where))
     except UnicodeDecodeError as e:
         raise TaskError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None

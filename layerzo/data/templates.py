@@ -119,5 +119,6 @@ def template_fields(template: str) -> tuple[str, ...]:
 
 
 def render_user_template(template: str, candidates: tuple[str, ...], **fields: str) -> Prompt:
-    """A user task's prompt: ``template`` with its ``{field}`` slots filled in."""
+    """A user task's prompt: ``template`` with its ``{field}`` slots filled in (a missing field: KeyError
+    naming it, which the task loader turns into a row error)."""
     return template.format_map(fields), candidates

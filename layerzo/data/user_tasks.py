@@ -118,6 +118,8 @@ def _prepare(config: UserTaskConfig, row: Row, where: str) -> list[Row]:
 
 def _data_path(base: Path, value: str) -> Path:
     """A data path from the YAML: ``~`` expanded, relative ones resolved against the YAML's folder."""
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in value) or "\x00" in value:  # no file system can hold these names
+        raise TaskError(f"{base}: data path {value[:80]!r} is not a valid file name")
     return Path(os.path.normpath(base / Path(value).expanduser()))
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Literal
 
 from layerzo.core.env import is_offline
+from layerzo.io.gguf import read_gguf_header
 from layerzo.errors import ConfigError, LayerzoError, ModelLoadError, OfflineError
 from layerzo.model.layers import LayerLayout, find_layer_layout
 
@@ -394,6 +395,15 @@ def check_gguf_file(path: Path) -> None:
     if magic != b"GGUF":
         raise ModelLoadError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)",
                              "give a .gguf model file, or a checkpoint folder")
+    header = read_gguf_header(path)  # ~10 ms: header, tensor table and truncation checked
+    arch = header.architecture
+    declared = header.values.get(f"{arch}.block_count") if arch else None
+    blocks = {t.name.split(".")[1] for t in header.tensors if t.name.startswith("blk.")}
+    if declared is not None and (type(declared) is not int or {str(i) for i in range(min(declared, 1 << 16))} != blocks):
+        # transformers would build a name map for every declared block (a huge count hangs it) and
+        # silently drop the tensors of blocks it does not declare (found by fuzzing)
+        raise ModelLoadError(f"{path} declares {declared!r} decoder blocks ({arch}.block_count) but holds the "
+                             f"tensors of {len(blocks)}", "the file may be truncated or damaged")
 
 
 @contextmanager
