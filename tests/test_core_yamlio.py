@@ -57,3 +57,10 @@ def test_a_tag_whose_value_cannot_be_built_is_a_refusal(tmp_path):
     path.write_text("lr: !!float abc\n")
     with pytest.raises(ConfigError, match="not valid YAML \\(ValueError"):
         read_yaml(path, ConfigError, "recipe")
+
+
+def test_flow_depth_counts_the_deepest_bracket_nesting():
+    from layerzo.core.yamlio import MAX_FLOW_DEPTH, flow_depth
+
+    assert flow_depth("a: [1, {b: [2]}]\n") == 3 and flow_depth("a: 1\n") == 0 and flow_depth("]]][") == 1
+    assert flow_depth("[" * (MAX_FLOW_DEPTH + 1)) > MAX_FLOW_DEPTH

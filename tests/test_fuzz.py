@@ -16,9 +16,9 @@ parsers may hang or allocate without bound on hostile input (YAML aliases and te
 headers that claim huge models) run every case in a forked child with a time limit and an
 address-space limit, so a hang, a crash or a runaway allocation is caught and reported too.
 
-Case counts: ``LAYERZO_FUZZ_EXAMPLES=N`` cases per target (default 300 per CI run; the slow
-GGUF target runs 60), ``LAYERZO_FUZZ_LONG=1`` at least 10,000 per target. Every test prints
-its counts (``pytest -s``) and records the case count as the ``fuzz_cases`` property.
+Case counts: ``LAYERZO_FUZZ_EXAMPLES=N`` cases per target (default per CI run: 300, and 150 for
+the targets that fork a child per case), ``LAYERZO_FUZZ_LONG=1`` at least 10,000 per target.
+Every test prints its counts (``pytest -s``) and records the case count as ``fuzz_cases``.
 """
 
 from __future__ import annotations
@@ -59,13 +59,15 @@ from patch_helpers import make_patch, reseal, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 CI_EXAMPLES = 300  # per target and CI run: keep CI fast
+FORKED_CI_EXAMPLES = 150  # the targets that fork a child per case (~50 ms each)
 LONG_EXAMPLES = 10_000  # LAYERZO_FUZZ_LONG=1: at least this many per target
 MAX_RSS_GROWTH_MB = 512  # the largest honest input here is a few kB; a "huge shape" must never be allocated
 CHILD_SECONDS = 5.0  # forked targets: one case may take this long (a valid tiny GGUF loads in ~0.1 s)
 CHILD_EXTRA_BYTES = 2 << 30  # ... and grow its address space by this much at most
 MAX_MESSAGE_CHARS = 10_000  # a refusal that long echoes the input back instead of describing it
 # one folder per run (concurrent runs must not delete each other's findings); LAYERZO_FUZZ_FAILURES overrides it
-FAILURES_DIR = Path(os.environ.get("LAYERZO_FUZZ_FAILURES") or Path(tempfile.gettempdir()) / f"layerzo-fuzz-{os.getpid()}")
+FAILURES_DIR = Path(os.environ.get("LAYERZO_FUZZ_FAILURES")
+                    or Path(tempfile.gettempdir()) / f"layerzo-fuzz-{os.getpid()}")
 
 
 def fuzz_examples(ci: int = CI_EXAMPLES, environ: Mapping[str, str] = os.environ) -> int:
@@ -162,7 +164,8 @@ def forked(call: Callable[[], object], expected: type[Exception], seconds: float
             os.close(read_fd)
             soft, hard = resource.getrlimit(resource.RLIMIT_AS)
             limit = address_space_bytes() + CHILD_EXTRA_BYTES
-            resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+            limit = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
             with os.fdopen(write_fd, "wb") as pipe:
                 pipe.write(json.dumps(outcome(call, expected)).encode())
         except BaseException:  # pragma: no cover - reported by the parent as "no result"
@@ -236,7 +239,8 @@ class Outcomes:
         print("\n" + "\n".join(lines) + f"\n  most common refusals: {common}")
         record_property("fuzz_cases", self.ran)
         assert self.ran >= minimum // 2, f"hypothesis ran only {self.ran} cases"  # not silently skipped
-        assert not self.failures, "\n".join(lines)
+        if self.failures:
+            pytest.fail("\n".join(lines), pytrace=False)
 
 
 # ----------------------------------------------------------------------------- mutations
@@ -411,9 +415,9 @@ def fork_safe(monkeypatch):
 # ----------------------------------------------------------------------------- the harness itself
 def test_case_counts_keep_ci_fast_and_the_long_mode_runs_ten_thousand():
     assert fuzz_examples(environ={}) == CI_EXAMPLES == 300
-    assert fuzz_examples(60, environ={}) == 60
+    assert fuzz_examples(FORKED_CI_EXAMPLES, environ={}) == FORKED_CI_EXAMPLES == 150
     assert fuzz_examples(environ={"LAYERZO_FUZZ_EXAMPLES": "50"}) == 50
-    assert fuzz_examples(60, environ={"LAYERZO_FUZZ_LONG": "1"}) == LONG_EXAMPLES == 10_000
+    assert fuzz_examples(FORKED_CI_EXAMPLES, environ={"LAYERZO_FUZZ_LONG": "1"}) == LONG_EXAMPLES == 10_000
     assert fuzz_examples(environ={"LAYERZO_FUZZ_LONG": "1", "LAYERZO_FUZZ_EXAMPLES": "20000"}) == 20_000
     assert fuzz_examples(environ={"LAYERZO_FUZZ_LONG": "0"}) == CI_EXAMPLES
 
@@ -625,14 +629,14 @@ def test_fuzz_recipe_yaml(tmp_path, fork_safe, record_property):
                       json_mutations(load_recipe(path)).map(str.encode),  # JSON is YAML too
                       billion_laughs(RECIPE_KEYS).map(str.encode), DEEP.map(str.encode), st.binary(max_size=64))
 
-    @fuzz_settings(deadline=None)  # each case has the child's time limit
+    @fuzz_settings(fuzz_examples(FORKED_CI_EXAMPLES), deadline=None)  # each case has the child's time limit
     @given(texts)
     def run(data):
         path.write_bytes(data)
         count.call_forked(lambda: build_config(load_recipe(path)), {"recipe.yaml": data})
 
     run()
-    count.report(record_property=record_property)
+    count.report(record_property, minimum=fuzz_examples(FORKED_CI_EXAMPLES))
 
 
 # ----------------------------------------------------------------------------- user task YAML + JSONL
@@ -669,7 +673,8 @@ def task_files() -> dict[str, bytes]:
 def task_folders(draw) -> dict[str, bytes]:
     """The three files of a user task, at least one of them mutated."""
     files = task_files()
-    yaml_edit = st.one_of(yaml_line_mutations(TASK_YAML, TASK_VALUES).map(str.encode), byte_mutations(files["task.yaml"]),
+    yaml_edit = st.one_of(yaml_line_mutations(TASK_YAML, TASK_VALUES).map(str.encode),
+                          byte_mutations(files["task.yaml"]),
                           billion_laughs(TASK_KEYS).map(lambda t: (TASK_YAML + t).encode()))
     which = draw(st.sets(st.sampled_from(sorted(files)), min_size=1))
     for name in which:
@@ -690,7 +695,7 @@ def test_fuzz_user_task(tmp_path, fork_safe, record_property):
     assert len(load().train) == 4  # the template itself is valid
     count = Outcomes("user task", TaskError)
 
-    @fuzz_settings(deadline=None)  # each case has the child's time limit
+    @fuzz_settings(fuzz_examples(FORKED_CI_EXAMPLES), deadline=None)  # each case has the child's time limit
     @given(task_folders())
     def run(files):
         for name, data in files.items():
@@ -698,7 +703,7 @@ def test_fuzz_user_task(tmp_path, fork_safe, record_property):
         count.call_forked(load, files)
 
     run()
-    count.report(record_property=record_property)
+    count.report(record_property, minimum=fuzz_examples(FORKED_CI_EXAMPLES))
 
 
 # ----------------------------------------------------------------------------- GGUF
@@ -792,7 +797,8 @@ def gguf_mutations(valid: bytes, path: Path, data_offset: int):
         for _ in range(draw(st.integers(1, 3))):
             pos, size, kind = draw(st.sampled_from(draw(st.sampled_from(fields))))
             choices = INTERESTING.get((size, kind), [0])
-            value = draw(st.one_of(st.sampled_from(choices), st.integers(0, 40) if kind in "uib" else st.floats(width=32)))
+            near = st.integers(0, 40) if kind in "uib" else st.floats(width=32)
+            value = draw(st.one_of(st.sampled_from(choices), near))
             buf[pos:pos + size] = struct.pack(PACK[(size, kind)], value)
         return bytes(buf)
 
@@ -842,7 +848,7 @@ def test_fuzz_gguf(gguf_template, tmp_path, fork_safe, record_property):
     strategy = gguf_mutations(valid, gguf_template, gguf.GGUFReader(str(gguf_template)).data_offset)
     path = tmp_path / "m.gguf"
     count = Outcomes("gguf", LayerzoError)
-    n = fuzz_examples(60)
+    n = fuzz_examples(FORKED_CI_EXAMPLES)
 
     @fuzz_settings(n, deadline=None)  # each case has the child's time limit
     @given(strategy)

@@ -218,7 +218,7 @@ def test_a_bad_gguf_is_named(tmp_path):
     (tmp_path / "cut.gguf").write_bytes(demo.read_bytes()[:1_000_000])
     with pytest.raises(ModelLoadError) as info:
         load_model(tmp_path / "cut.gguf")
-    assert "cut.gguf" in str(info.value) and "truncated or damaged" in info.value.one_line()
+    assert "cut.gguf" in str(info.value) and "truncated" in info.value.one_line()
 
 
 def test_check_device_refuses_what_this_machine_lacks():

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 MAX_YAML_BYTES = 1024 * 1024  # a recipe or task file is a few hundred bytes
+MAX_FLOW_DEPTH = 64  # [ { nesting; PyYAML recurses per level and takes ~1 s to hit the recursion limit
 
 
 class NoAliasLoader(yaml.SafeLoader):
@@ -28,6 +29,18 @@ class NoAliasLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+def flow_depth(text: str) -> int:
+    """The deepest ``[``/``{`` nesting in ``text`` (brackets inside quotes count too: a cheap upper bound)."""
+    depth = deepest = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}" and depth:
+            depth -= 1
+    return deepest
+
+
 def read_yaml(path: Path, error: type[Exception], what: str, loader: type = NoAliasLoader) -> Any:
     """The parsed document of ``path``, or ``error`` with one line naming ``what`` and the problem.
 
@@ -39,9 +52,13 @@ def read_yaml(path: Path, error: type[Exception], what: str, loader: type = NoAl
     if size > MAX_YAML_BYTES:
         raise error(f"{what} {path} is {size} bytes; a YAML file of more than {MAX_YAML_BYTES} bytes is refused")
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=loader)  # noqa: S506 - a SafeLoader subclass
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise error(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if flow_depth(text) > MAX_FLOW_DEPTH:
+        raise error(f"{what} {path} nests too deeply to be a {what}")
+    try:
+        return yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader subclass
     except RecursionError:
         raise error(f"{what} {path} nests too deeply to be a {what}") from None
     except (ValueError, TypeError, OverflowError, AttributeError, KeyError, IndexError) as exc:
