@@ -399,7 +399,7 @@ def check_gguf_file(path: Path) -> None:
     arch = header.architecture
     declared = header.values.get(f"{arch}.block_count") if arch else None
     blocks = {t.name.split(".")[1] for t in header.tensors if t.name.startswith("blk.")}
-    if declared is not None and (type(declared) is not int or {str(i) for i in range(min(declared, 1 << 16))} != blocks):
+    if arch and (type(declared) is not int or {str(i) for i in range(min(declared, 1 << 16))} != blocks):
         # transformers would build a name map for every declared block (a huge count hangs it) and
         # silently drop the tensors of blocks it does not declare (found by fuzzing)
         raise ModelLoadError(f"{path} declares {declared!r} decoder blocks ({arch}.block_count) but holds the "
