@@ -46,7 +46,7 @@ TARGET_DOMINANT_OVER_FLOOR = 1.1
 def build(args):
     """Load the model, the batch, the profiled layer and one step function per variant."""
     from layerzo.model.layers import layer_parameter_names
-    from layerzo.model.lora import add_lora, remove_lora
+    from layerzo.model.lora import add_lora, model_parameter_name, remove_lora
     from layerzo.model.prefix_cache import cached_lower_layers
     from layerzo.model.loading import load_model
     from layerzo.data.scoring import batch_loss, encode_batch
@@ -73,7 +73,7 @@ def build(args):
 
     def lora_setup():
         names = add_lora(model, layout, range(n), r=8, alpha=16, seed=0)
-        lora_state["params"] = TunedParams.from_model(model, names)
+        lora_state["params"] = TunedParams.from_model(model, [model_parameter_name(x) for x in names])
 
         def teardown():
             remove_lora(model)

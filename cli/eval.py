@@ -37,8 +37,9 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def eval_command(
-    tasks: Annotated[str, typer.Option("--tasks", "-t", help="Comma-separated: sst2,rte,cb,boolq,copa,wic,wsc,multirc "
-                                       "(offline, layerzo's prompts) and/or any lm-eval task name.")],
+    tasks: Annotated[str, typer.Option("--tasks", "-t", help="Comma-separated: sst2,rte,cb,boolq,copa,wic,wsc,multirc,"
+                                       "squad,drop (offline, layerzo's prompts and scores) and/or any lm-eval task "
+                                       "name.")],
     model: ModelOpt = None,
     patch: Annotated[Optional[str], typer.Option("--patch", "-p", help="Layer patch folder or Hub repo id; "
                                                  "evaluated on the same in-memory base after the base run.")] = None,
@@ -48,6 +49,13 @@ def eval_command(
     num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", help="Few-shot examples per prompt "
                                                        "(default: 0).", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Harness batch size.")] = 16,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest greedy answer of squad/drop "
+                                                          "in tokens, as `layerzo tune --max-new-tokens` (default: "
+                                                          "50).", show_default=False)] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Tokens per sequence at most for layerzo "
+                                                      "tasks, as `layerzo tune --max-length` (default: 512; lm-eval "
+                                                      "tasks: the model's context length).",
+                                                      show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Row sampling and harness seed (default: the patch "
                                                 "recipe's seed, else 0).", show_default=False)] = None,
     dtype: DtypeOpt = "float32",
@@ -79,8 +87,10 @@ def eval_command(
     if write_card and not Path(patch).expanduser().is_dir():
         raise EvalError(f"--write-card needs a local patch folder, got {patch}", "pull the patch first")
     layer_patch = load_patch(patch, token=token) if patch is not None else None
+    lengths = {k: v for k, v in (("max_new_tokens", max_new_tokens), ("max_length", max_length)) if v is not None}
     config = EvalConfig(tasks=(tasks,), data_dir=str(data_dir) if data_dir is not None else None, limit=limit,
-                        num_fewshot=num_fewshot, batch_size=batch_size, seed=resolve_seed(seed, layer_patch))
+                        num_fewshot=num_fewshot, batch_size=batch_size, seed=resolve_seed(seed, layer_patch),
+                        **lengths)  # unset: EvalConfig's defaults, tune's
     report = evaluate(config, model=model, patch=layer_patch, dtype=dtype, device=device, revision=revision,
                       trust_remote_code=trust_remote_code, token=token, force=force,
                       progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))

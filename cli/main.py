@@ -15,7 +15,7 @@ from typer.core import TyperGroup
 
 from layerzo import __version__
 
-COMMAND_MODULES = ("profile", "tune", "apply", "hub", "eval", "export", "sweep")
+COMMAND_MODULES = ("profile", "tune", "apply", "hub", "eval", "generate", "export", "sweep")
 
 # click's exception classes, reached through a public subclass: newer typers vendor click under a private name
 USAGE_ERROR = next(k for k in typer.BadParameter.__mro__ if k.__name__ == "UsageError")

@@ -49,7 +49,7 @@ def tune(
     recipe: Annotated[Optional[Path], _opt("--recipe", "Recipe YAML, or a shipped recipe by name (smollm2-135m, llama2-7b, qwen3-8b); options override it.")] = None,
     model: Annotated[Optional[str], _opt("--model", "Checkpoint dir, .gguf or Hub id (default: SmolLM2-135M demo).")] = None,
     revision: Annotated[Optional[str], _opt("--revision", "Hub revision of the model.")] = None,
-    task: Annotated[Optional[str], _opt("--task", "Task name (sst2, rte, ...) or task YAML. [default: sst2]")] = None,
+    task: Annotated[Optional[str], _opt("--task", "Task name (sst2, rte, ..., squad, drop), a task YAML, or a prompt/completion or messages .jsonl. [default: sst2]")] = None,
     data_dir: Annotated[Optional[str], _opt("--data-dir", "Folder with <task>/{train,validation}.jsonl.")] = None,
     layers: Annotated[Optional[str], _opt("--layers", "dominant (profile first), all, 5, 3,7, 0-3,11, or -1 (the last layer). [default: dominant]")] = None,
     select: Annotated[Optional[str], _opt("--select", "How --layers dominant picks: outlier (first activation-outlier layer) or sensitivity (ZO sensitivity profile). [default: outlier]")] = None,
@@ -58,6 +58,8 @@ def tune(
     lora_alpha: Annotated[Optional[float], _opt("--lora-alpha", "LoRA alpha. [default: 16]")] = None,
     steps: Annotated[Optional[int], _opt("--steps", "ZO steps. [default: 1000]")] = None,
     batch_size: Annotated[Optional[int], _opt("--batch-size", "Examples per step. [default: 16]")] = None,
+    objective: Annotated[Optional[str], _opt("--objective", "auto (choice for classification, ce for generative tasks), choice, ce (teacher-forced cross-entropy), or the non-differentiable accuracy, f1, em. [default: auto]")] = None,
+    max_new_tokens: Annotated[Optional[int], _opt("--max-new-tokens", "Generative tasks: greedy answer length at most (dev/test, f1/em). [default: 50]")] = None,
     lr: Annotated[Optional[float], _opt("--lr", "Learning rate. [default: 1e-4]")] = None,
     eps: Annotated[Optional[float], _opt("--eps", "Perturbation scale. [default: 1e-3]")] = None,
     weight_decay: Annotated[Optional[float], _opt("--weight-decay", "Weight decay (not on norms/biases). [default: 0]")] = None,
@@ -85,6 +87,9 @@ def tune(
     cache_lower_layers: Annotated[
         Optional[bool], _opt("--cache-lower-layers/--no-cache-lower-layers", "Run layers below the tuned one once per step. [default: cache-lower-layers]")
     ] = None,
+    prefix_cache_gb: Annotated[
+        Optional[float], _opt("--prefix-cache-gb", "GiB for the lower layers' per-example outputs, kept for the whole run (0: off; default: a quarter of the RAM, at most 8).")
+    ] = None,
     keep: Annotated[Optional[str], _opt("--keep", "Weights the patch keeps: best (best dev accuracy, base included) or last. [default: best]")] = None,
     checkpoint_every: Annotated[
         Optional[int], _opt("--checkpoint-every", "Save a resumable checkpoint in OUT.ckpt/ every N steps (0: only on Ctrl-C). [default: 50]")
@@ -106,7 +111,7 @@ def tune(
     config = config_from_options(recipe, ctx.params)  # the recipe keys among the parsed options
     try:
         result = run_tune(config, out, overwrite=overwrite, progress=not quiet, resume=resume,
-                          note=lambda line: err_console.print(line, highlight=False), read_paths=[recipe] if recipe else [],
+                          note=lambda line: err_console.print(line, highlight=False, soft_wrap=True), read_paths=[recipe] if recipe else [],
                           record_paths=record_local_paths, save=save)
     except TuneInterrupted as exc:  # Ctrl-C or SIGTERM: a checkpoint was saved; say exactly how to continue
         err_console.print(str(exc), style="yellow", markup=False, highlight=False, soft_wrap=True)
@@ -126,8 +131,12 @@ def tune(
 
     typer.echo(f"patch: {result.out_dir}")
     typer.echo(f"layers: {', '.join(map(str, result.layers))}")
-    typer.echo(f"dev acc: {pct(m['zero_shot_dev_acc'])} zero-shot -> {pct(m['best_dev_acc'])} best (step {m['best_step']})")
-    typer.echo(f"test acc: {pct(m['zero_shot_test_acc'])} zero-shot -> {pct(m['test_acc'])}")
+    name = m.get("metric", "acc")  # generative tasks: f1 (and em)
+    typer.echo(f"dev {name}: {pct(m[f'zero_shot_dev_{name}'])} zero-shot -> {pct(m[f'best_dev_{name}'])} best "
+               f"(step {m['best_step']})")
+    typer.echo(f"test {name}: {pct(m[f'zero_shot_test_{name}'])} zero-shot -> {pct(m[f'test_{name}'])}")
+    if "test_em" in m:
+        typer.echo(f"test em: {pct(m['zero_shot_test_em'])} zero-shot -> {pct(m['test_em'])}")
     typer.echo(f"steps: {m['steps']} ({m['steps_per_second']} steps/s, {m['wall_seconds']:.0f} s total)")
     if m.get("rejected_steps"):
         err_console.print(f"[yellow]{m['rejected_steps']} step(s) rejected (non-finite loss or |g| too large)[/]")

@@ -20,6 +20,7 @@ _LAZY = {
     "profile_model": "layerzo.profile.run:profile_model",
     "load_task": "layerzo.data.tasks:load_task",
     "LayerzoError": "layerzo.errors:LayerzoError",
+    "compare_generations": "layerzo.eval.compare:compare_generations",
 }
 
 __all__ = ["__version__", *_LAZY]

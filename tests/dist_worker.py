@@ -99,7 +99,7 @@ def main() -> None:
 
     with torch.no_grad():  # dist: each rank scores half the examples, the counts are summed
         evaluation = dp.eval_set(lambda ex: EvalSet(tok, ex, batch_size=4, max_length=64), train[:7])
-        acc = evaluation.accuracy(model, layout, args.layer)
+        acc = evaluation.evaluate(model, layout, args.layer)["acc"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({n: t.contiguous() for n, t in zip(params.names, params.tensors)}, out / f"rank{dp.rank}.safetensors")

@@ -162,6 +162,7 @@ def base_commands(base, ctx) -> dict[str, list]:
         "export": ["export", "--model", base, "-o", out],
         "export-onnx": ["export-onnx", "--model", base, "-p", patch, "-o", out],
         "sweep": sweep_args(base, data, out),
+        "generate": ["generate", "--model", base, "-p", patch, "Question: who?\nAnswer:"],
     }
 
 
@@ -191,6 +192,11 @@ def other_cases(ctx) -> dict[str, tuple[list, int, str]]:
         "apply-patch-truncated": (["apply", base, f["patch-truncated"], "-o", out], 1, "does not match its sha256"),
         "eval-patch-not-json": (["eval", "--model", base, "-p", f["patch-not-json"], "--tasks", "sst2",
                                  "--data-dir", data], 1, "is not valid JSON"),
+        "generate-patch-truncated": (["generate", "--model", base, "-p", f["patch-truncated"], "hi"], 1,
+                                     "does not match its sha256"),
+        "generate-empty-prompt": (["generate", "--model", base, "-p", patch, ""], 1, "the prompt is empty"),
+        "generate-device-cuda": (["generate", "--model", base, "-p", patch, "--device", "cuda", "hi"], 1,
+                                 "is not available"),
         "export-patch-is-a-file": (["export", "--model", base, "-p", a_file, "-o", out], 1, "is a file, not a patch"),
         "push-patch-truncated": (["push", f["patch-truncated"], "me/patch"], 1, "does not match its sha256"),
         "push-no-such-folder": (["push", f["root"] / "nosuch", "me/patch"], 1, "does not exist"),
@@ -228,7 +234,8 @@ def other_cases(ctx) -> dict[str, tuple[list, int, str]]:
         "sweep-unknown-task": (sweep_args(base, data, out, "--task", "nosuch"), 1, "unknown task 'nosuch'"),
         # usage errors: exit code 2, one line too
         **{f"{cmd}-unknown-option": ([*cmd.split(), "--no-such-option"], 2, "No such option") for cmd in
-           ("profile", "tune", "apply", "push", "pull", "eval", "export", "export-onnx", "sweep")},
+           ("profile", "tune", "apply", "push", "pull", "eval", "generate", "export", "export-onnx", "sweep")},
+        "generate-missing-prompt": (["generate", "-p", patch], 2, "Missing argument 'PROMPT'"),
         "tune-missing-out": (["tune", "--model", base], 2, "Missing option '--out'"),
         "tune-steps-not-a-number": (tune_args(base, data, out, "--steps", "many"), 2, "Invalid value for '--steps'"),
         "apply-missing-patch": (["apply", base], 2, "Missing argument"),
@@ -266,7 +273,7 @@ def ctx(tiny_llama_dir, data_dir, files, tmp_path) -> dict:
     return {"base": tiny_llama_dir, "data": data_dir, "files": files, "out": tmp_path / "out"}
 
 
-BASE_COMMANDS = ("profile", "tune", "apply", "eval", "export", "export-onnx", "sweep")
+BASE_COMMANDS = ("profile", "tune", "apply", "eval", "generate", "export", "export-onnx", "sweep")
 # apply copies the tokenizer files it finds and reads none: a checkpoint without them is still one
 NOT_BAD_FOR = {("no-tokenizer", "apply")}
 

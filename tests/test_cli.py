@@ -33,7 +33,8 @@ def help_records(command: str) -> list[tuple[object, str]]:
 
 
 def test_every_command_is_tested_here():
-    assert COMMANDS == sorted(["profile", "tune", "apply", "push", "pull", "eval", "export", "export-onnx", "sweep"])
+    assert COMMANDS == sorted(["profile", "tune", "apply", "push", "pull", "eval", "generate", "export", "export-onnx",
+                               "sweep"])
 
 
 @pytest.mark.parametrize("command", COMMANDS)

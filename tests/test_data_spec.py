@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from layerzo.data.spec import Example, TaskSpec, TaskSplits, need_field
+from layerzo.data.spec import Example, TaskSpec, TaskSplits, generative_example, need_field
 from layerzo.errors import DataRowError, TaskError
 
 
@@ -60,3 +60,34 @@ def test_task_splits_hold_the_three_splits():
     splits = TaskSplits("toy", (ex,), (), (ex, ex))
     assert (splits.name, len(splits.train), len(splits.dev), len(splits.test)) == ("toy", 1, 0, 2)
     assert ex.source == ""
+
+
+def test_generative_spec_builds_target_examples():
+    def prompt(text: str):
+        return f"Q: {text}\nA:", ()
+
+    spec = TaskSpec("gen", None, (), (), ("text",), prompt, generative=True, stop=("\n",))
+    (ex,) = spec.examples({"text": "hi", "target": " yo\n", "answers": ["yo", "hey"]}, "f:1")
+    assert ex == Example("Q: hi\nA:", (" yo\n",), 0, "f:1", ("yo", "hey"))
+    assert ex.generative and not Example("c", ("a",), 0).generative
+    with pytest.raises(DataRowError, match=r"^f:1: the target \(completion\) is empty$"):
+        spec.examples({"text": "hi", "target": " \n", "answers": ["yo"]}, "f:1")
+    with pytest.raises(DataRowError, match="^f:1: field 'answers' should be a non-empty list of non-empty strings$"):
+        generative_example("p", {"target": "t", "answers": ["", "x"]}, "f:1")
+    with pytest.raises(DataRowError, match="^f:1: missing field 'target'$"):
+        generative_example("p", {"answers": ["x"]}, "f:1")
+
+
+def test_row_examples_bypass_fields_and_template():
+    def whole_row(row, where):
+        return [Example(row["p"], (row["c"],), 0, where, (row["c"].strip(),))]
+
+    spec = _spec(row_examples=whole_row)  # the template and its 'text' field are never used
+    assert spec.examples({"p": "P", "c": " C"}, "f:9") == [Example("P", (" C",), 0, "f:9", ("C",))]
+    with pytest.raises(DataRowError, match="^f:9: expected a JSON object, got list$"):
+        spec.examples(["p"], "f:9")
+
+
+def test_task_splits_default_to_choice_without_chat():
+    splits = TaskSplits("toy", (), (), ())
+    assert (splits.generative, splits.stop, splits.chat) == (False, (), False)

@@ -14,7 +14,8 @@ import pytest
 from layerzo.data import templates
 from layerzo.errors import DataRowError, OfflineError, TaskError
 from layerzo.data.spec import Example
-from layerzo.data.tasks import TASK_NAMES, calibration_texts, get_task, load_examples, load_task
+from layerzo.data.tasks import (GENERATIVE_TASK_NAMES, TASK_NAMES, calibration_texts, get_task, input_text,
+                                load_examples, load_task)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -155,6 +156,109 @@ def test_multirc_flattens_one_example_per_answer():
     assert len(load_examples("multirc", "validation", FIXTURES)) == 4
 
 
+# ------------------------------------------------------------------ generative: SQuAD and DROP
+
+
+def squad_questions(path: Path) -> list[tuple[dict, dict, dict]]:
+    """(article, paragraph, qa) per question of a SQuAD file, read independently of layerzo."""
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    return [(a, p, q) for a in doc["data"] for p in a["paragraphs"] for q in p["qas"]]
+
+
+def test_generative_task_names():
+    assert GENERATIVE_TASK_NAMES == ("squad", "drop")
+    assert all(get_task(name).generative and get_task(name).stop == ("\n",) for name in GENERATIVE_TASK_NAMES)
+    assert not any(get_task(name).generative for name in TASK_NAMES)
+
+
+@pytest.mark.parametrize("split, count", [("train", 5696), ("validation", 4874)])
+def test_squad_real_files_one_example_per_question(data_dir, split, count):
+    path = data_dir / "squad" / f"{split}.json"
+    questions = squad_questions(path)
+    examples = load_examples("squad", split, data_dir)
+    assert len(examples) == len(questions) == count
+    assert [e.answers for e in examples] == [tuple(a["text"] for a in q["answers"]) for _, _, q in questions]
+    assert all(e.generative and e.candidates == (f" {e.answers[0]}\n",) for e in examples)
+    assert examples[0].source == f"{path}: data[0].paragraphs[0].qas[0]"
+
+
+def test_squad_prompt_and_target(data_dir):
+    first = load_examples("squad", "train", data_dir)[0]
+    article, paragraph, _ = squad_questions(data_dir / "squad" / "train.json")[0]
+    assert article["title"] == "Super_Bowl_50"
+    assert first.context == (f"Title: Super_Bowl_50\nContext: {paragraph['context']}\n"
+                             "Question: Which NFL team represented the AFC at Super Bowl 50?\nAnswer:")
+    assert first.candidates == (" Denver Broncos\n",)
+    assert first.answers == ("Denver Broncos", "Denver Broncos", "Denver Broncos")
+
+
+def test_load_task_squad_splits_say_generative(data_dir):
+    splits = load_task("squad", data_dir, num_train=16, num_dev=8, num_test=10, seed=2)
+    assert (len(splits.train), len(splits.dev), len(splits.test)) == (16, 8, 10)
+    assert splits.generative and splits.stop == ("\n",) and not splits.chat
+    assert not {e.source for e in splits.train} & {e.source for e in splits.dev}
+    choice = load_task("rte", data_dir, num_train=4, num_dev=2, num_test=2)
+    assert not choice.generative and choice.stop == () and not choice.chat
+
+
+def test_drop_from_fixture():
+    train = load_examples("drop", "train", FIXTURES)
+    assert len(train) == 4  # 5 questions, one without any gold answer (skipped, as HF does)
+    doc = json.loads((FIXTURES / "drop" / "drop_dataset_train.json").read_text(encoding="utf-8"))
+    passage = doc["demo_harbor_1"]["passage"]
+    assert train[1].context == f"Passage: {passage}\nQuestion: When did the first lighthouse open?\nAnswer:"
+    assert train[1].candidates == (" 4 May 1871\n",) and train[1].answers == ("4 May 1871", "May 1871")
+    assert [e.answers for e in train] == [("175",), ("4 May 1871", "May 1871"), ("Ada Fenwick", "Tom"), ("9",)]
+    assert train[0].source == f"{FIXTURES / 'drop' / 'drop_dataset_train.json'}: demo_harbor_1.qa_pairs[0]"
+    validation = load_examples("drop", "validation", FIXTURES)
+    assert [e.candidates for e in validation] == [(" 132\n",), (" 1954\n",)]
+    splits = load_task("drop", FIXTURES)
+    assert (len(splits.train), len(splits.dev), len(splits.test)) == (2, 2, 2)
+    assert splits.generative and splits.stop == ("\n",)
+
+
+@pytest.mark.parametrize("content, error, message", [
+    (b'{"data": [', TaskError, r"train\.json: invalid JSON \(Expecting value at line 1 column 11\)$"),
+    (b'{"data": "\xff"}', TaskError, r"train\.json: not UTF-8 text"),
+    (b'[]', TaskError, r'train\.json: expected a SQuAD document {"data": \[article, ...\]}, got a JSON list$'),
+    (json.dumps({"data": [{"title": "T", "paragraphs": [{"context": "C", "qas": [{"id": "1", "answers": []}]}]}]})
+     .encode(), DataRowError, r"train\.json: data\[0\]\.paragraphs\[0\]\.qas\[0\]: missing field 'question'$"),
+    (json.dumps({"data": [{"title": "T", "paragraphs": [{"context": "C", "qas": [
+        {"id": "1", "question": "Q", "answers": []}]}]}]}).encode(),
+     DataRowError, r"qas\[0\]: field 'answers' is empty; every question needs a gold answer$"),
+    (json.dumps({"data": [{"title": "T", "paragraphs": {"context": "C"}}]}).encode(),
+     DataRowError, r"train\.json: data\[0\]: field 'paragraphs' should be a list, got dict"),
+])
+def test_bad_squad_files_are_one_line_naming_file_and_json_path(tmp_path, content, error, message):
+    (tmp_path / "squad").mkdir()
+    (tmp_path / "squad" / "train.json").write_bytes(content)
+    with pytest.raises(error, match=message) as info:
+        load_examples("squad", "train", tmp_path)
+    assert str(info.value).startswith(str(tmp_path / "squad" / "train.json")) and "\n" not in str(info.value)
+
+
+def test_missing_squad_file_names_the_json_file(tmp_path):
+    with pytest.raises(TaskError, match=f"no validation data for task 'squad': expected the file "
+                                        f"{tmp_path / 'squad' / 'validation.json'}$"):
+        load_examples("squad", "validation", tmp_path)
+    with pytest.raises(TaskError, match="expected the file .*drop_dataset_train.json$"):
+        load_task("drop", tmp_path)
+
+
+def test_an_edited_document_is_read_again(tmp_path):
+    (tmp_path / "squad").mkdir()
+    path = tmp_path / "squad" / "train.json"
+
+    def write(question: str) -> None:
+        path.write_text(json.dumps({"data": [{"title": "T", "paragraphs": [{"context": "C", "qas": [
+            {"id": "1", "question": question, "answers": [{"text": "a", "answer_start": 0}]}]}]}]}))
+
+    write("Q1")
+    assert load_examples("squad", "train", tmp_path)[0].context.endswith("Question: Q1\nAnswer:")
+    write("Q22")  # another size: the cache key changes
+    assert load_examples("squad", "train", tmp_path)[0].context.endswith("Question: Q22\nAnswer:")
+
+
 # ------------------------------------------------------------------ sampling
 
 
@@ -206,6 +310,18 @@ def test_calibration_texts_are_seeded_training_contexts(data_dir):
     assert len(calibration_texts("boolq", FIXTURES, n=50)) == 6  # capped at the pool size
 
 
+def test_calibration_texts_of_data_files(tmp_path):
+    path = tmp_path / "pc.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"P{i}", "completion": " c\n"}) + "\n" for i in range(3)))
+    assert sorted(calibration_texts(path, n=5)) == ["P0", "P1", "P2"]  # the prompts
+    path = tmp_path / "chat.jsonl"
+    row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+                        {"role": "assistant", "content": "Hello."}]}
+    path.write_text(json.dumps(row) + "\n")
+    assert calibration_texts(path) == ["Be brief.\nHi?"]  # the turns before the reply, one per line
+    assert input_text(Example("ctx", ("a",), 0)) == "ctx"
+
+
 # ------------------------------------------------------------------ bad input
 
 
@@ -248,6 +364,9 @@ def test_unknown_task_suggests_the_closest_name():
         load_task("boolqq", FIXTURES)
     with pytest.raises(TaskError, match="unknown task 'zzzzzz' \\(known: sst2"):
         get_task("zzzzzz")
+    with pytest.raises(TaskError, match=r"did you mean 'squad'\?.*multirc, squad, drop, or a task \.yaml file, "
+                                        r"or a \.jsonl data file\)$"):
+        get_task("squadd")
 
 
 def test_missing_task_dir_or_split_names_the_expected_path(tmp_path):
@@ -320,6 +439,39 @@ def test_hf_rows_are_mapped_to_the_original_layout(monkeypatch):
     (boolq,) = load_examples("boolq", "train")
     assert boolq.context == "It is. Is it?\n" and boolq.label == 1
     assert calls[0] == ("super_glue", "rte", "validation") and calls[1][1] == "wsc.fixed"
+
+
+def test_hf_squad_and_drop_rows_become_the_same_examples(monkeypatch):
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    rows = {
+        "rajpurkar/squad": {"id": "5", "title": "T", "context": "Ann ran.", "question": " Who ran? ",
+                            "answers": {"text": ["Ann", "Ann"], "answer_start": [0, 0]}},
+        "ucinlp/drop": {"section_id": "s", "query_id": "q", "passage": "P.", "question": "How many?",
+                        "answers_spans": {"spans": ["3", "three"], "types": ["number", "span"]}},
+    }
+    calls = []
+
+    def fake_load_dataset(path, name, split):
+        calls.append((path, name, split))
+        return [rows[path]]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fake_load_dataset))
+    (squad,) = load_examples("squad", "validation")
+    assert squad == Example("Title: T\nContext: Ann ran.\nQuestion: Who ran?\nAnswer:", (" Ann\n",), 0,
+                            "hf:rajpurkar/squad[validation]:0", ("Ann", "Ann"))
+    (drop,) = load_examples("drop", "train")
+    assert drop == Example("Passage: P.\nQuestion: How many?\nAnswer:", (" 3\n",), 0, "hf:ucinlp/drop[train]:0",
+                           ("3", "three"))
+    assert calls == [("rajpurkar/squad", None, "validation"), ("ucinlp/drop", None, "train")]
+
+
+def test_offline_squad_names_its_json_files(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(OfflineError, match="pass --data-dir DIR with squad/train.json and squad/validation.json$"):
+        load_task("squad")
+    with pytest.raises(OfflineError, match="with drop/drop_dataset_train.json and drop/drop_dataset_dev.json$"):
+        load_task("drop")
 
 
 def test_missing_datasets_package_is_a_task_error(monkeypatch):

@@ -38,3 +38,9 @@ def test_template_fields_refuses_non_field_slots(template, message):
 
 def test_render_user_template_fills_fields_and_keeps_candidates():
     assert templates.render_user_template("Q: {q}\nA:", (" x", " y"), q="2+2?") == ("Q: 2+2?\nA:", (" x", " y"))
+
+
+def test_squad_and_drop_prompts_and_the_qa_target():
+    assert templates.squad("T", "C.", " Who? ") == ("Title: T\nContext: C.\nQuestion: Who?\nAnswer:", ())
+    assert templates.drop("P.", "How many?\n") == ("Passage: P.\nQuestion: How many?\nAnswer:", ())
+    assert templates.qa_target("Denver Broncos") == " Denver Broncos\n"

@@ -117,3 +117,113 @@ def test_a_task_yaml_that_is_a_folder_or_not_utf8_is_one_line(tmp_path):
     (tmp_path / "latin1.yaml").write_bytes("name: café\n".encode("latin-1"))
     with pytest.raises(TaskError, match="latin1.yaml is not UTF-8 text"):
         get_task(tmp_path / "latin1.yaml")
+
+
+# ------------------------------------------------------------------ generative: a free-text target
+
+
+QA_ROWS = [{"q": "Capital of France?", "a": "Paris", "aliases": ["Paris", "paris, France"]},
+           {"q": "2+2?", "a": 4, "aliases": "four"}]
+
+
+def test_yaml_target_task_is_generative(tmp_path):
+    path = write_yaml(tmp_path, 'train: d.jsonl\nvalidation: d.jsonl\ntemplate: "Q: {q}\\nA:"\ntarget: " {a}\\n"\n',
+                      QA_ROWS)
+    spec = get_task(path)
+    assert spec.generative and spec.stop == ("\n",) and spec.label_names == ()
+    first, second = load_examples(path, "train")
+    assert first == Example("Q: Capital of France?\nA:", (" Paris\n",), 0, f"{tmp_path / 'd.jsonl'}:1", ("Paris",))
+    assert second.candidates == (" 4\n",) and second.answers == ("4",)  # numbers as text; default gold = target
+    splits = load_task(path)
+    assert splits.generative and splits.stop == ("\n",) and not splits.chat
+    assert (len(splits.train), len(splits.dev), len(splits.test)) == (1, 1, 2)
+
+
+def test_yaml_target_task_answers_field_and_stop(tmp_path):
+    text = ('train: d.jsonl\nvalidation: d.jsonl\ntemplate: "Q: {q}\\nA:"\ntarget: " {a}"\n'
+            'answers_field: aliases\n')
+    path = write_yaml(tmp_path, text, QA_ROWS)
+    first, second = load_examples(path, "train")
+    assert first.answers == ("Paris", "paris, France") and second.answers == ("four",)  # a list, or one string
+    assert get_task(path).stop == ()  # the target does not end with a newline: EOS only
+    path = write_yaml(tmp_path, text + 'stop: ["\\n\\n", "Q:"]\n', QA_ROWS)
+    assert load_task(path).stop == ("\n\n", "Q:")
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"q": "x"}], r"d\.jsonl:1: missing field 'a'$"),
+    ([{"q": "x", "a": " "}], r"d\.jsonl:1: the target \(completion\) is empty$"),
+    ([{"q": "x", "a": ["y"]}], r"d\.jsonl:1: field 'a' should be a string or number, got list$"),
+])
+def test_yaml_target_task_row_errors(tmp_path, rows, message):
+    path = write_yaml(tmp_path, "train: d.jsonl\nvalidation: d.jsonl\ntemplate: '{q}'\ntarget: ' {a}'\n", rows)
+    with pytest.raises(DataRowError, match=message):
+        load_examples(path, "train")
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"q": "x", "a": "y"}], r"d\.jsonl:1: missing field 'g'$"),
+    ([{"q": "x", "a": "y", "g": [1]}], r"d\.jsonl:1: field 'g' should be a string or a list of strings, got \[1\]$"),
+    ([{"q": "x", "a": "y", "g": []}], r"d\.jsonl:1: field 'answers' should be a non-empty list"),
+])
+def test_yaml_answers_field_row_errors(tmp_path, rows, message):
+    text = "train: d.jsonl\nvalidation: d.jsonl\ntemplate: '{q}'\ntarget: ' {a}'\nanswers_field: g\n"
+    with pytest.raises(DataRowError, match=message):
+        load_examples(write_yaml(tmp_path, text, rows), "train")
+
+
+HEAD = "train: d.jsonl\nvalidation: d.jsonl\n"
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    (HEAD + "template: '{q}'\ncandidates: [a]\ntarget: '{a}'\n", "give either 'candidates' or 'target', not both"),
+    (HEAD + "template: '{q}'\n", r"missing key 'candidates' \(or 'target' for a free-text answer\)"),
+    (HEAD + "template: '{q}'\ntarget: ' fixed'\n", "the target has no {field} slot"),
+    (HEAD + "template: '{q}'\ntarget: '{a.b}'\n", "bad target: slot"),
+    (HEAD + "template: '{q}'\ntarget: '{a}'\nlabel_map: {x: y}\n", "'label_map' does not go with 'target'"),
+    (HEAD + "template: '{q}'\ntarget: '{a}'\nstop: '\\n'\n", "'stop' should be a list of strings, got str"),
+    (HEAD + "template: '{q}'\ntarget: '{a}'\nstop: ['']\n", "'stop' should be a list of non-empty strings"),
+    (HEAD + "template: '{q}'\ntarget: 3\n", "'target' should be a string, got int"),
+    (HEAD + "template: '{q}'\ncandidates: [a]\nanswers_field: g\n", "'answers_field' belongs to a task with"),
+    (HEAD + "target: '{a}'\n", r"missing key 'template' \(or 'format'"),
+])
+def test_yaml_target_task_config_errors(tmp_path, yaml_text, message):
+    path = write_yaml(tmp_path, yaml_text)
+    with pytest.raises(TaskError, match=message) as info:
+        get_task(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------ TRL-style rows with a validation file
+
+
+def test_yaml_format_task_reads_prompt_completion_files(tmp_path):
+    rows = [{"prompt": f"Q{i}:", "completion": f" {i}\n"} for i in range(6)]
+    (tmp_path / "val.jsonl").write_text(json.dumps({"prompt": "V:", "completion": " v\n"}) + "\n")
+    path = write_yaml(tmp_path, "name: pc\ntrain: d.jsonl\nvalidation: val.jsonl\nformat: prompt_completion\n", rows)
+    splits = load_task(path)
+    assert splits.name == "pc" and splits.generative and splits.stop == ("\n",) and not splits.chat
+    assert (len(splits.train), len(splits.dev)) == (3, 3)  # dev carved from train, MeZO's rule
+    assert splits.test == (Example("V:", (" v\n",), 0, f"{tmp_path / 'val.jsonl'}:1", ("v",)),)
+
+
+def test_yaml_format_task_reads_messages_files(tmp_path):
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    path = write_yaml(tmp_path, "train: d.jsonl\nvalidation: d.jsonl\nformat: messages\n", [row, row])
+    splits = load_task(path)
+    assert splits.chat and splits.generative and splits.stop == ()
+    assert splits.test[0].messages == (("user", "hi"), ("assistant", "hello"))
+    path = write_yaml(tmp_path, "train: d.jsonl\nvalidation: d.jsonl\nformat: prompt_completion\n", [row])
+    with pytest.raises(DataRowError, match=r"d\.jsonl:1: a messages row in a file of prompt/completion rows"):
+        load_examples(path, "train")
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    (HEAD + "format: text\n", "'format' is 'text'; expected prompt_completion or messages"),
+    (HEAD + "format: messages\ntemplate: '{q}'\n", "'template' does not apply to 'format: messages'"),
+    (HEAD + "format: prompt_completion\nstop: ['x']\n", "'stop' does not apply to 'format: prompt_completion'"),
+    ("train: d.jsonl\nformat: messages\n", "missing key 'validation'"),
+])
+def test_yaml_format_task_config_errors(tmp_path, yaml_text, message):
+    with pytest.raises(TaskError, match=message):
+        get_task(write_yaml(tmp_path, yaml_text))

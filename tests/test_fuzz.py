@@ -87,7 +87,8 @@ def fuzz_settings(n: int = MAX_EXAMPLES, deadline: int | None = 5000):
 
 FUZZ = fuzz_settings()
 
-HUGE = st.sampled_from([2**31, 2**32 + 1, 2**53 + 1, 2**63, 2**64 + 7, 10**30, -1, -(2**63), 10**300])
+HUGE = st.sampled_from([2**31, 2**32 + 1, 2**53 + 1, 2**63, 2**64 + 7, 10**30, -1, -(2**63), 10**300, 10**400,
+                        -(10**400)])  # 10**400: past float range, where math.isfinite and float() overflow
 JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(), HUGE, st.floats(allow_nan=True, allow_infinity=True),
                       st.text(max_size=40))
 JSON = st.recursive(JSON_LEAF, lambda inner: st.one_of(st.lists(inner, max_size=6),
@@ -275,6 +276,23 @@ def paths_of(value, prefix=()):
         yield from paths_of(v, prefix + (k,))
 
 
+# numbers JSON can spell but Python cannot always take: past float range, past the int-digit limit
+BIG_NUMBER_TEXTS = st.sampled_from([
+    "9" * 400, "-" + "9" * 400, "9" * 4301, "9" * 5000, "1e400", "-1e400", "1e-400", "0." + "0" * 400 + "1",
+    "1" + "0" * 309, "18446744073709551616", "9223372036854775808", "-9223372036854775809", "1E+999999999"])
+NUMBER = re.compile(r"(?<![\w.\"])-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w.\"])")
+
+
+@st.composite
+def big_numbers(draw, text: str) -> str:
+    """``text`` with 1-3 of its numbers replaced by huge ones (spelled out: json.dumps cannot write them)."""
+    spans = [m.span() for m in NUMBER.finditer(text)]
+    chosen = draw(st.lists(st.sampled_from(spans), min_size=1, max_size=3, unique=True)) if spans else []
+    for start, end in sorted(chosen, reverse=True):
+        text = text[:start] + draw(BIG_NUMBER_TEXTS) + text[end:]
+    return text
+
+
 @st.composite
 def json_mutations(draw, doc) -> str:
     """``doc`` with 1-3 of: a value replaced by random JSON / a huge number, a key deleted or added."""
@@ -359,7 +377,7 @@ def mutated_json_lines(valid: bytes):
     @st.composite
     def one_line(draw) -> bytes:
         i = draw(st.integers(0, len(lines) - 1))
-        new = draw(st.one_of(json_mutations(json.loads(lines[i])), JSON.map(json.dumps), DEEP,
+        new = draw(st.one_of(json_mutations(json.loads(lines[i])), big_numbers(lines[i]), JSON.map(json.dumps), DEEP,
                              st.binary(max_size=24).map(lambda b: b.decode("latin-1")), st.just("")))
         edited = lines[:i] + [new] + lines[i + 1:]
         if draw(st.booleans()):
@@ -518,7 +536,8 @@ def test_fuzz_manifest_file(patch_template, record_property):
     valid_bytes = (patch_template / MANIFEST_NAME).read_bytes()
     valid = json.loads(valid_bytes)
     fuzz_folder(st.one_of(byte_mutations(valid_bytes), json_mutations(valid).map(str.encode), DEEP.map(str.encode),
-                          JSON.map(lambda d: json.dumps(d).encode())),
+                          JSON.map(lambda d: json.dumps(d).encode()),
+                          big_numbers(valid_bytes.decode()).map(str.encode)),
                 patch_template, lambda folder, data: (folder / MANIFEST_NAME).write_bytes(data),
                 LayerPatch.from_pretrained, PatchError, "manifest file", record_property)
 
@@ -533,7 +552,7 @@ def header_mutations(valid: bytes):
     def make(draw) -> bytes:
         text = draw(json_mutations(header))
         if draw(st.booleans()):
-            text = draw(DEEP)
+            text = draw(st.one_of(DEEP, big_numbers(json.dumps(header))))
         raw = text.encode()
         length = draw(st.one_of(st.just(len(raw)), st.integers(0, 2**64 - 1)))
         return struct.pack("<Q", length) + raw + body[: draw(st.integers(0, len(body)))]
@@ -592,7 +611,7 @@ def test_fuzz_checkpoint_state_json(checkpoint_template, record_property):
     valid_bytes = (checkpoint_template / STATE_JSON).read_bytes()
     valid = json.loads(valid_bytes)
     count = fuzz_folder(st.one_of(byte_mutations(valid_bytes), json_mutations(valid).map(str.encode),
-                                  DEEP.map(str.encode)),
+                                  DEEP.map(str.encode), big_numbers(valid_bytes.decode()).map(str.encode)),
                         checkpoint_template, lambda folder, data: (folder / STATE_JSON).write_bytes(data),
                         load_checkpoint, CheckpointError, "checkpoint json", record_property)
     assert count.refused > 0
@@ -625,7 +644,9 @@ def test_fuzz_recipe_yaml(tmp_path, fork_safe, record_property):
     path.write_bytes(valid)
     build_config(load_recipe(path))  # the template itself is valid
     count = Outcomes("recipe yaml", ConfigError)
-    texts = st.one_of(yaml_line_mutations(valid.decode()).map(str.encode), byte_mutations(valid),
+    plain = "".join(line for line in valid.decode().splitlines(keepends=True) if not line.startswith("#"))
+    texts = st.one_of(yaml_line_mutations(plain).map(str.encode), byte_mutations(valid),
+                      big_numbers(plain).map(str.encode),
                       json_mutations(load_recipe(path)).map(str.encode),  # JSON is YAML too
                       billion_laughs(RECIPE_KEYS).map(str.encode), DEEP.map(str.encode), st.binary(max_size=64))
 

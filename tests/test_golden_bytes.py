@@ -13,7 +13,8 @@ That happened once, by design, after the redesign had passed against the first r
 the reliability round made patches record the base's name instead of its local path, added
 the ``keep`` recipe key and the ``kept``/``no_op`` metrics, and made the card agree with the
 manifest; later the ``select`` recipe key and, for LoRA patches, the PEFT adapter files listed in
-the manifest. Each time the trajectories, the tensor data (``tensor data``) and, after the first
+the manifest; then the ``objective`` and ``max_new_tokens`` recipe keys (generative tasks: only the
+manifest and card changed). Each time the trajectories, the tensor data (``tensor data``) and, after the first
 time, the whole weight files came out identical (LoRA-ZO moved onto peft with the same bytes).
 """
 

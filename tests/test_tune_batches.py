@@ -55,12 +55,12 @@ def test_eval_set_with_stored_lower_layers_matches_plain_accuracy(tokenizer, dat
     layout = find_layer_layout(model)
     examples = load_task("sst2", data_dir, num_train=12, num_dev=0, num_test=0).train
     evalset = EvalSet(tokenizer, examples, batch_size=5, max_length=64)
-    assert evalset.accuracy(model, layout, 2) == accuracy(model, tokenizer, examples, batch_size=5, max_length=64)
+    assert evalset.evaluate(model, layout, 2)["acc"] == accuracy(model, tokenizer, examples, batch_size=5, max_length=64)
     assert all("out" in s for s in evalset.stores)
     with torch.no_grad():  # change the tuned layer: the stored lower outputs stay valid
         for p in get_layer(model, layout, 2).parameters():
             p.mul_(-3.0)
-    assert evalset.accuracy(model, layout, 2) == accuracy(model, tokenizer, examples, batch_size=5, max_length=64)
+    assert evalset.evaluate(model, layout, 2)["acc"] == accuracy(model, tokenizer, examples, batch_size=5, max_length=64)
 
 
 def test_an_empty_eval_set_has_no_accuracy(tokenizer):
@@ -68,7 +68,7 @@ def test_an_empty_eval_set_has_no_accuracy(tokenizer):
 
     evalset = EvalSet(tokenizer, [], batch_size=4, max_length=32)
     assert evalset.size == 0 and evalset.batches == []
-    assert evalset.accuracy(model=None, layout=None, first_cached=0) is None
+    assert evalset.evaluate(model=None, layout=None, first_cached=0) is None
 
 
 def test_zero_shot_cache_computes_once_per_example_set():
@@ -78,9 +78,9 @@ def test_zero_shot_cache_computes_once_per_example_set():
         return lambda: calls.append(value) or value
 
     dev, test = SimpleNamespace(key=("dev", 8, 64)), SimpleNamespace(key=("test", 8, 64))
-    assert cache.accuracy(dev, compute(0.5)) == 0.5
-    assert cache.accuracy(SimpleNamespace(key=("dev", 8, 64)), compute(0.9)) == 0.5  # same key: remembered
-    assert cache.accuracy(test, compute(0.25)) == 0.25
-    assert cache.accuracy(SimpleNamespace(key=("dev", 4, 64)), compute(None)) is None  # other batching: computed
-    assert cache.accuracy(SimpleNamespace(key=("dev", 4, 64)), compute(0.75)) is None  # a None result is cached too
+    assert cache.scores(dev, compute(0.5)) == 0.5
+    assert cache.scores(SimpleNamespace(key=("dev", 8, 64)), compute(0.9)) == 0.5  # same key: remembered
+    assert cache.scores(test, compute(0.25)) == 0.25
+    assert cache.scores(SimpleNamespace(key=("dev", 4, 64)), compute(None)) is None  # other batching: computed
+    assert cache.scores(SimpleNamespace(key=("dev", 4, 64)), compute(0.75)) is None  # a None result is cached too
     assert calls == [0.5, 0.25, None]

@@ -180,6 +180,20 @@ def test_load_refuses_an_inconsistent_checkpoint_in_one_line(tmp_path):
         load_checkpoint(folder)
 
 
+@pytest.mark.parametrize("value", ["9" * 400, "-" + "9" * 400, str(2**53 + 1), '"1.5"', "true"])
+def test_load_refuses_timing_that_is_no_float_in_one_line(tmp_path, value):
+    """A 400-digit int made math.isfinite raise OverflowError (found by the fuzzer): now one CheckpointError."""
+    checkpoint = make_checkpoint()
+    checkpoint.seconds = {"step_seconds": 1.25}
+    folder = save_checkpoint(tmp_path / "patch.ckpt", checkpoint)
+    text = (folder / STATE_JSON).read_text()
+    (folder / STATE_JSON).write_text(text.replace('"step_seconds": 1.25', f'"step_seconds": {value}'))
+    with pytest.raises(CheckpointError, match="field seconds must map names to numbers"):
+        load_checkpoint(folder)
+    (folder / STATE_JSON).write_text(text.replace('"step_seconds": 1.25', '"step_seconds": 12'))
+    assert load_checkpoint(folder).seconds == {"step_seconds": 12}  # an int of seconds is fine
+
+
 def test_check_resumable_refuses_another_run():
     ckpt = make_checkpoint()
     same = run_identity({"lr": 1e-3, "seed": 0, "checkpoint_every": 10}, [1], NAMES, {n: "ab" * 32 for n in NAMES})

@@ -242,3 +242,96 @@ def test_layer_ranges_and_the_last_layer_are_accepted_like_sweep(tiny_llama_dir,
                 tmp_path / "r", progress=False).layers == (0, 1, 3)
     assert tune(_config(tiny_llama_dir, data_dir, layers="-1", steps=1, eval_every=1, num_dev=0),
                 tmp_path / "last", progress=False).layers == (3,)
+
+
+# ----------------------------------------------------------------------------- generative tasks
+def _squad(tiny_llama_dir, data_dir, **kw) -> TuneConfig:
+    return _config(tiny_llama_dir, data_dir, task="squad", max_length=256, max_new_tokens=6, eval_batch_size=8,
+                   **kw)
+
+
+def test_a_generative_task_tunes_with_ce_and_reports_f1_and_em(tiny_llama_dir, data_dir, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    result = tune(_squad(tiny_llama_dir, data_dir), a, progress=False)
+    metrics = json.loads((a / MANIFEST_NAME).read_text())["metrics"]
+    assert metrics["metric"] == "f1" and metrics["objective"] == "ce" and metrics["max_new_tokens"] == 6
+    for name in ("zero_shot_dev_f1", "zero_shot_test_f1", "best_dev_f1", "test_f1", "zero_shot_dev_em",
+                 "zero_shot_test_em", "test_em"):
+        assert 0.0 <= metrics[name] <= 1.0, name
+    assert not any(k.endswith("_acc") for k in metrics)
+    assert result.metrics["test_f1"] == metrics["test_f1"]
+    rows = [json.loads(line) for line in (a / METRICS_NAME).read_text().splitlines()]
+    assert {"dev_f1", "dev_em"} <= set(rows[1]) and rows[0]["loss_plus"] > 0  # ce: positive token cross-entropy
+    assert "f1" in (a / "README.md").read_text()
+    tune(_squad(tiny_llama_dir, data_dir), b, progress=False)  # deterministic: same bytes
+    for name in (WEIGHTS_NAME, TRAJECTORY_NAME, MANIFEST_NAME):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_the_f1_objective_runs_through_tune_and_resumes_byte_identically(tiny_llama_dir, data_dir, tmp_path,
+                                                                         monkeypatch):
+    import layerzo.tune.loop as loop
+
+    config = _squad(tiny_llama_dir, data_dir, objective="f1", num_dev=0, checkpoint_every=2, eps=0.5)
+    reference = tmp_path / "ref"
+    tune(config, reference, progress=False)
+    assert json.loads((reference / MANIFEST_NAME).read_text())["metrics"]["objective"] == "f1"
+    real = loop.save_checkpoint
+
+    def save_then_crash(folder, ckpt):
+        real(folder, ckpt)
+        raise OSError("simulated crash after the checkpoint")
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        tune(config, tmp_path / "p", progress=False)
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    tune(config, tmp_path / "p", progress=False, resume=True)
+    for name in (WEIGHTS_NAME, TRAJECTORY_NAME, MANIFEST_NAME):
+        assert (reference / name).read_bytes() == (tmp_path / "p" / name).read_bytes(), name
+
+
+def test_a_generative_task_refuses_the_choice_objective_before_loading_the_model(data_dir, tmp_path):
+    config = TuneConfig(task="squad", data_dir=str(data_dir), model=str(tmp_path / "no-such-model"), objective="choice")
+    with pytest.raises(ConfigError, match="--objective choice does not fit task 'squad', which is generative"):
+        tune(config, tmp_path / "p", progress=False)
+    assert not (tmp_path / "p").exists()
+
+
+def test_prompts_longer_than_max_length_are_counted_and_reported(tiny_llama_dir, data_dir, tmp_path):
+    notes = []
+    tune(_squad(tiny_llama_dir, data_dir, max_length=64, steps=1), tmp_path / "p", progress=False, note=notes.append)
+    warning = [n for n in notes if "longer than --max-length 64" in n]
+    assert len(warning) == 1 and "16 of 16 train" in warning[0] and "8 of 8 dev" in warning[0]
+    assert "6 kept for the answer" in warning[0] and "cut from the left" in warning[0]
+
+
+def test_chat_data_learns_the_assistant_turns_rendered_with_the_chat_template(tiny_llama_dir, data_dir, tmp_path):
+    rows = [json.loads(line) for line in (data_dir / "sst2" / "train.jsonl").read_text().splitlines()[:40]]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Is this review positive or negative? {r['sentence'].strip()}"},
+        {"role": "assistant", "content": "positive" if r["label"] else "negative"}]}) + "\n" for r in rows))
+    result = tune(_config(tiny_llama_dir, data_dir, task=str(path), max_length=128, max_new_tokens=4,
+                          num_dev=8, num_test=8), tmp_path / "p", progress=False)
+    manifest = json.loads((tmp_path / "p" / MANIFEST_NAME).read_text())
+    assert manifest["metrics"]["metric"] == "f1" and manifest["metrics"]["objective"] == "ce"
+    assert manifest["metrics"]["num_train"] + manifest["metrics"]["num_dev"] + manifest["metrics"]["num_test"] == 40
+    assert result.metrics["test_f1"] is not None
+
+
+def test_the_per_example_cache_matches_recomputing_the_lower_layers_over_several_epochs(tiny_llama_dir, data_dir,
+                                                                                        tmp_path):
+    """4 epochs of 8 examples: losses and projected gradients agree to 1e-5 relative with the cache (every
+    step a hit, after the up-front fill) and without it (--prefix-cache-gb 0: lower layers every step)."""
+    common = dict(steps=8, num_train=8, num_dev=0, num_test=4, eval_every=8, momentum=0.5)
+    cached = tune(_config(tiny_llama_dir, data_dir, **common), tmp_path / "c", progress=False)
+    plain = tune(_config(tiny_llama_dir, data_dir, prefix_cache_gb=0, **common), tmp_path / "p", progress=False)
+    rows = {name: [json.loads(x) for x in (tmp_path / name / METRICS_NAME).read_text().splitlines()]
+            for name in ("c", "p")}
+    for c, p in zip(rows["c"], rows["p"]):
+        for key in ("loss_plus", "loss_minus", "grad"):
+            assert c[key] == pytest.approx(p[key], rel=1e-5, abs=1e-7), (c["step"], key)
+        assert c["prefix_cache_hit_rate"] == 1.0 and c["prefix_cache_bytes"] > 0
+        assert "prefix_cache_hit_rate" not in p
+    assert cached.metrics["prefix_cache"]["rows"] == 8 and plain.metrics["prefix_cache"] is None

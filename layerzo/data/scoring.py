@@ -153,7 +153,7 @@ def encode_batch(tokenizer, examples: Sequence, *, max_length: int = 512) -> Sco
     )
 
 
-def _accepts(model, name: str) -> bool:
+def accepts_argument(model, name: str) -> bool:
     try:
         return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -210,32 +210,38 @@ def kept_logits(model, batch: ScoringBatch) -> torch.Tensor:
         "attention_mask": batch.attention_mask.to(device),
         "use_cache": False,
     }
-    if _accepts(model, "position_ids"):
+    if accepts_argument(model, "position_ids"):
         kwargs["position_ids"] = batch.position_ids.to(device)
-    if _accepts(model, "logits_to_keep"):
+    if accepts_argument(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = batch.keep
     with _flat_output_head(model):
         logits = model(**kwargs).logits
     return logits[:, -batch.keep :]
 
 
-def scores_from_logits(logits: torch.Tensor, batch: ScoringBatch) -> torch.Tensor:
-    """Mean candidate log-likelihoods ``[E, C]`` (−inf where an example has fewer candidates)."""
+def token_logprobs(logits: torch.Tensor, batch: ScoringBatch) -> torch.Tensor:
+    """Log-probability of every target token ``[M]`` (float32; float64 for a float64 model)."""
     if logits.dtype != torch.float64:  # float64 models (gradient checks) keep their precision
         logits = logits.float()
     rows, pos = batch.tok_row.to(logits.device), batch.tok_pos.to(logits.device)
     picked = logits[rows, pos]  # [M, V]
-    token_logp = picked.gather(-1, batch.tok_id.to(logits.device)[:, None])[:, 0] - picked.logsumexp(-1)
+    return picked.gather(-1, batch.tok_id.to(logits.device)[:, None])[:, 0] - picked.logsumexp(-1)
+
+
+def scores_from_logits(logits: torch.Tensor, batch: ScoringBatch) -> torch.Tensor:
+    """Mean candidate log-likelihoods ``[E, C]`` (−inf where an example has fewer candidates)."""
+    token_logp = token_logprobs(logits, batch)
+    logits_device, dtype = token_logp.device, token_logp.dtype
     num_pairs = int(batch.pair_example.shape[0])
-    pair = batch.tok_pair.to(logits.device)
-    sums = torch.zeros(num_pairs, dtype=logits.dtype, device=logits.device).index_add_(0, pair, token_logp)
-    counts = torch.zeros(num_pairs, dtype=logits.dtype, device=logits.device).index_add_(
+    pair = batch.tok_pair.to(logits_device)
+    sums = torch.zeros(num_pairs, dtype=dtype, device=logits_device).index_add_(0, pair, token_logp)
+    counts = torch.zeros(num_pairs, dtype=dtype, device=logits_device).index_add_(
         0, pair, torch.ones_like(token_logp)
     )
     scores = torch.full(
-        (batch.num_examples, batch.num_candidates), float("-inf"), dtype=logits.dtype, device=logits.device
+        (batch.num_examples, batch.num_candidates), float("-inf"), dtype=dtype, device=logits_device
     )
-    scores[batch.pair_example.to(logits.device), batch.pair_candidate.to(logits.device)] = sums / counts
+    scores[batch.pair_example.to(logits_device), batch.pair_candidate.to(logits_device)] = sums / counts
     return scores
 
 
@@ -254,6 +260,23 @@ def loss_from_scores(scores: torch.Tensor, labels: torch.Tensor) -> float:
 def batch_loss(model, batch: ScoringBatch) -> float:
     """Training loss of one batch; no autograd graph is built."""
     return loss_from_scores(candidate_scores(model, batch), batch.labels)
+
+
+@torch.no_grad()
+def target_cross_entropy(model, batch: ScoringBatch) -> float:
+    """Teacher-forced mean cross-entropy over ALL target tokens of the batch (the ``ce`` objective).
+
+    Each example's target is its single candidate; logits are computed only at
+    the target positions (the kept window), as for candidate scoring.
+    """
+    return float(-token_logprobs(kept_logits(model, batch), batch).mean())
+
+
+@torch.no_grad()
+def batch_accuracy(model, batch: ScoringBatch) -> float:
+    """Fraction of the batch's examples whose best-scoring candidate is the label (the ``accuracy`` objective)."""
+    scores = candidate_scores(model, batch)
+    return float((scores.argmax(-1).cpu() == batch.labels).float().mean())
 
 
 @torch.no_grad()

@@ -6,6 +6,13 @@ imports the other's module for these types.
 
 ``Example.context + Example.candidates[i]`` is exactly MeZO's verbalized text
 for candidate ``i``; ``candidates[label]`` is the correct one.
+
+A generative example (SQuAD, DROP, prompt/completion data) is the same type with
+ONE candidate, the teacher-forced target (MeZO: ``" {first answer}\n"``), and
+``answers``, the gold answers generations are scored against (F1 / exact match,
+max over the answers). A chat example (``messages`` rows) carries its turns in
+``messages`` and an empty context until :func:`layerzo.data.chat.render_chat`
+renders it with the tokenizer's chat template.
 """
 
 from __future__ import annotations
@@ -28,6 +35,12 @@ class Example:
     candidates: tuple[str, ...]  # continuations appended verbatim: full text = context + candidates[i]
     label: int  # index of the correct candidate
     source: str = ""  # "path:line" for messages
+    answers: tuple[str, ...] = ()  # generative examples: the gold answers (non-empty); choice examples: ()
+    messages: tuple[tuple[str, str], ...] = ()  # chat examples before rendering: (role, content), last = assistant
+
+    @property
+    def generative(self) -> bool:
+        return bool(self.answers)
 
 
 @dataclass(frozen=True)
@@ -36,6 +49,9 @@ class TaskSplits:
     train: tuple[Example, ...]
     dev: tuple[Example, ...]
     test: tuple[Example, ...]
+    generative: bool = False  # examples are (prompt, target, answers): scored by F1 / EM of greedy generations
+    stop: tuple[str, ...] = ()  # generation stops at the first of these strings (and at the tokenizer's EOS)
+    chat: bool = False  # examples still hold messages: render them with the tokenizer's chat template first
 
 
 def _one_row(row: Row, where: str) -> list[Row]:
@@ -57,7 +73,7 @@ class TaskSpec:
     """
 
     name: str
-    hf_dataset: tuple[str, str] | None  # (path, config) for datasets.load_dataset; None: files only
+    hf_dataset: tuple[str, str | None] | None  # (path, config or None) for datasets.load_dataset; None: files only
     label_names: tuple[str, ...]  # readable names, candidate order
     label_values: tuple[Any, ...]  # raw "label" values as stored in the files, candidate order
     fields: tuple[str, ...]  # string fields passed to `template` as keywords
@@ -65,6 +81,11 @@ class TaskSpec:
     prepare: Callable[[Row, str], list[Row]] = _one_row  # (raw row, "path:line") -> flat rows
     from_hf: Callable[[Row], Row] = _same  # HF row (label already decoded) -> original layout
     files: tuple[tuple[str, Path], ...] = ()  # (split, file) pairs: user tasks only; built-ins use data_dir
+    generative: bool = False  # flat rows hold "target" (str, teacher-forced) and "answers" (non-empty str list)
+    stop: tuple[str, ...] = ()  # generations stop at the first of these strings (generative tasks)
+    # TRL-style rows (prompt/completion, messages) carry their own target: such a row becomes its
+    # examples directly, without fields, template or labels (layerzo.data.datafile)
+    row_examples: Callable[[Row, str], list[Example]] | None = None
 
     def __post_init__(self) -> None:
         if len(self.label_names) != len(self.label_values):
@@ -75,6 +96,8 @@ class TaskSpec:
         """All examples of one raw row; bad rows raise DataRowError naming ``where``."""
         if not isinstance(row, dict):
             raise DataRowError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        if self.row_examples is not None:
+            return self.row_examples(row, where)
         out = []
         for flat in self.prepare(row, where):
             values = {name: need_field(flat, name, str, where) for name in self.fields}
@@ -84,7 +107,8 @@ class TaskSpec:
                 raise DataRowError(f"{where}: {e}") from None
             except KeyError as e:  # a template slot the task's fields do not provide
                 raise DataRowError(f"{where}: the prompt template uses {{{e.args[0]}}}, which the row does not give") from None
-            out.append(Example(context, candidates, self.label_index(flat, where), where))
+            out.append(generative_example(context, flat, where) if self.generative
+                       else Example(context, candidates, self.label_index(flat, where), where))
         return out
 
     def label_index(self, row: Row, where: str) -> int:
@@ -96,6 +120,17 @@ class TaskSpec:
                 return i
         allowed = ", ".join(json.dumps(v) for v in self.label_values)
         raise DataRowError(f"{where}: label {json.dumps(value)} is not one of {allowed}")
+
+
+def generative_example(prompt: str, flat: Row, where: str) -> Example:
+    """A generative example from a flat row's ``target`` and ``answers`` (both checked: no empty target)."""
+    target = need_field(flat, "target", str, where)
+    if not target.strip():
+        raise DataRowError(f"{where}: the target (completion) is empty")
+    answers = need_field(flat, "answers", list, where)
+    if not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+        raise DataRowError(f"{where}: field 'answers' should be a non-empty list of non-empty strings")
+    return Example(prompt, (target,), 0, where, tuple(answers))
 
 
 def need_field(obj: Row, key: str, kind: type, where: str, prefix: str = "") -> Any:

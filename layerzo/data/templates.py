@@ -95,6 +95,25 @@ def multirc(paragraph: str, question: str, answer: str) -> Prompt:
     return context, NO_YES
 
 
+# ---------------------------------------------------------------- generative (QA) templates
+
+
+def squad(title: str, context: str, question: str) -> Prompt:
+    """SQuADv2Template (MeZO uses it for SQuAD v1.1): the prompt only; the target is :func:`qa_target`."""
+    return f"Title: {title}\nContext: {context}\nQuestion: {question.strip()}\nAnswer:", ()
+
+
+def drop(passage: str, question: str) -> Prompt:
+    """DROPTemplate: the prompt only; the target is :func:`qa_target`."""
+    return f"Passage: {passage}\nQuestion: {question.strip()}\nAnswer:", ()
+
+
+def qa_target(answer: str) -> str:
+    """MeZO's teacher-forced continuation of a QA prompt: the FIRST gold answer, then a newline
+    (``verbalize`` minus ``encode``); generation stops at that newline."""
+    return f" {answer}\n"
+
+
 # ---------------------------------------------------------------- user templates
 
 

@@ -6,7 +6,8 @@ base fingerprint) and runs the harness again; no merged copy is ever written.
 
 layerzo's own tasks run offline from ``recipes/lm_eval`` (see
 :mod:`layerzo.eval.tasks`): same prompts, same rows and row order as
-``layerzo tune``'s test accuracy. Three accuracies are reported for them:
+``layerzo tune``'s test scores. Three accuracies are reported for the
+multiple-choice ones:
 
 * ``acc``: argmax of the SUMMED log-likelihood of each candidate (lm-eval);
 * ``acc_norm``: argmax of log-likelihood / candidate length in characters (lm-eval);
@@ -16,6 +17,33 @@ layerzo's own tasks run offline from ``recipes/lm_eval`` (see
 
 When every candidate is one token (SST-2's " great"/" terrible" for
 SmolLM2) ``acc`` and ``acc_per_token`` coincide by construction.
+
+The generative ones (SQuAD, DROP) run lm-eval's ``generate_until`` (greedy,
+until the task's stop string, at most ``max_new_tokens``) and report ``f1``
+and ``em``: layerzo's SQuAD F1 / exact match, max over the gold answers
+(:mod:`layerzo.data.metrics`), i.e. tune's test f1 / em. The harness then
+generates the answers :class:`layerzo.data.generation.Generator` generates
+(both greedy from the same prompt tokens; tests/test_eval_harness.py compares
+every text), because :func:`make_lm` configures HFLM to read those tokens:
+
+* ``max_length`` (default 512, tune's) is HFLM's ``max_length``, so lm-eval
+  left-truncates a prompt to ``max_length - max_gen_toks`` tokens exactly as
+  ``encode_prompts`` cuts it to ``max_length - max_new_tokens`` (and truncates
+  multiple-choice rows at ``max_length`` as :func:`layerzo.data.scoring.encode_batch`).
+  The harness' own tasks run in a second ``simple_evaluate`` at the model's
+  context length, lm-eval's default (:func:`harness_parts`);
+* ``add_bos_token`` is left unset: HFLM's ``tok_batch_encode`` then calls
+  ``tokenizer(prompts)`` with the tokenizer's default special tokens, the ids
+  ``tokenizer.encode(prompt)`` gives - no BOS for SmolLM2, one BOS for
+  tokenizers that add it (Llama-2 style), in both. The one exception is a
+  prompt whose text already starts with the BOS string (a chat-rendered
+  prompt): lm-eval then adds no special tokens for the whole batch, while a
+  BOS-adding tokenizer's ``encode`` adds a second BOS;
+* stop: lm-eval stops at ``until`` and at the tokenizer's EOS text, and
+  ``model.generate`` also at ``generation_config.eos_token_id``; the
+  Generator stops at the tokenizer's EOS id and at tokens containing a stop
+  string. The texts agree whenever the two EOS sets agree (they do for
+  SmolLM2 and the test models: both are id 2).
 
 lm_eval is imported lazily: importing it costs seconds, and building the
 harness' full task index (needed only for non-layerzo task names) ~25 s.
@@ -34,11 +62,13 @@ from typing import Any, Callable
 
 from layerzo.version import __version__
 from layerzo.errors import EvalError
+from layerzo.data.generation import DEFAULT_MAX_NEW_TOKENS
 from layerzo.eval.report import PER_TOKEN_METRIC, EvalReport, Metric, TaskResult
 from layerzo.eval.tasks import TaskSelection, check_data_dir, check_harness_tasks, parse_tasks, write_task_dir
 
 DEFAULT_NUM_TEST = 1000  # layerzo.data.tasks.load_task's default test size
 BOOTSTRAP_ITERS = 1000  # only for non-mean metrics (e.g. f1 of harness tasks); acc stderr is analytic
+DEFAULT_MAX_LENGTH = 512  # layerzo.tune.config.TuneConfig.max_length's default (a test keeps them equal)
 
 Progress = Callable[[str], None]
 
@@ -50,6 +80,9 @@ class EvalConfig:
     ``limit``: evaluate the first ``limit`` documents of each task. For
     layerzo tasks this is ``load_task(num_test=limit, seed=seed).test``, i.e.
     exactly the rows ``layerzo tune --num-test limit --seed seed`` tests on.
+    ``max_length``: the harness' context length in tokens (tune's
+    ``--max-length``); ``max_new_tokens``: the longest generation of the
+    generative tasks (tune's ``--max-new-tokens``).
     """
 
     tasks: tuple[str, ...]
@@ -58,6 +91,8 @@ class EvalConfig:
     num_fewshot: int | None = None
     batch_size: int = 16
     seed: int = 0
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    max_length: int = DEFAULT_MAX_LENGTH
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, str):
@@ -71,6 +106,10 @@ class EvalConfig:
             raise EvalError(f"--batch-size must be a positive integer, got {self.batch_size!r}")
         if type(self.seed) is not int or not 0 <= self.seed < 2**32:  # the harness seeds numpy: 32 bits
             raise EvalError(f"--seed must be an integer from 0 to 2**32 - 1 (the harness seeds numpy), got {self.seed!r}")
+        for name, low in (("max_new_tokens", 1), ("max_length", 2)):
+            value = getattr(self, name)
+            if type(value) is not int or value < low:
+                raise EvalError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
 
     @property
     def num_test(self) -> int:
@@ -99,6 +138,9 @@ def validate_tasks(config: EvalConfig) -> TaskSelection:
     from layerzo.data.tasks import load_task
 
     selection = config.selection
+    if selection.generative and config.max_length <= config.max_new_tokens:
+        raise EvalError(f"--max-length ({config.max_length}) must exceed --max-new-tokens ({config.max_new_tokens}) "
+                        f"to leave room for the prompts of {', '.join(selection.generative)}")
     if selection.offline and config.data_dir is not None:
         check_data_dir(selection.offline, config.data_dir)
     for task in selection.offline:  # reads and renders every row once (cached for the harness' hooks)
@@ -119,17 +161,45 @@ def task_manager(selection: TaskSelection, config: EvalConfig) -> Iterator[Any]:
         include = None
         if selection.offline:
             include = str(write_task_dir(selection.offline, Path(tmp) / "tasks", data_dir=config.data_dir,
-                                         seed=config.seed, num_test=config.num_test))
+                                         seed=config.seed, num_test=config.num_test,
+                                         max_new_tokens=config.max_new_tokens))
         manager = TaskManager(include_path=include, include_defaults=bool(selection.harness))
         check_harness_tasks(selection.harness, manager.all_tasks)
         yield manager
 
 
-def make_lm(model, tokenizer, *, batch_size: int):
-    """Wrap an in-memory model for the harness (it keeps a reference: later in-place edits are seen)."""
+def make_lm(model, tokenizer, *, batch_size: int, max_length: int | None = None):
+    """Wrap an in-memory model for the harness (it keeps a reference: later in-place edits are seen).
+
+    ``max_length``: where lm-eval truncates (None: the model's context length,
+    lm-eval's default); layerzo's tasks pass tune's ``max_length``.
+    ``add_bos_token`` stays unset so prompts are tokenized as
+    ``tokenizer.encode`` tokenizes them (module docstring).
+    """
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+
+
+def harness_parts(selection: TaskSelection, config: EvalConfig) -> list[tuple[TaskSelection, int | None]]:
+    """The selection as one harness run per context length: layerzo's tasks at tune's ``max_length``,
+    the harness' own at the model's context length (their usual setting; 512 would cut e.g. few-shot
+    gsm8k prompts)."""
+    parts: list[tuple[TaskSelection, int | None]] = []
+    if selection.offline:
+        parts.append((TaskSelection(selection.offline, ()), config.max_length))
+    if selection.harness:
+        parts.append((TaskSelection((), selection.harness), None))
+    return parts
+
+
+def run_parts(lms: Sequence[tuple[TaskSelection, Any]], tokenizer, manager,
+              config: EvalConfig) -> dict[str, TaskResult]:
+    """:func:`run_harness` for every (part, lm) of :func:`harness_parts`; the results of all tasks."""
+    results: dict[str, TaskResult] = {}
+    for part, lm in lms:
+        results.update(run_harness(lm, tokenizer, part, manager, config).results)
+    return results
 
 
 def per_token_accuracy(samples: Sequence[dict], tokenizer) -> Metric:
@@ -189,7 +259,7 @@ def run_harness(lm, tokenizer, selection: TaskSelection, manager, config: EvalCo
             num_fewshot=config.num_fewshot,
             limit=config.limit,
             batch_size=config.batch_size,
-            log_samples=True,  # needed for acc_per_token
+            log_samples=True,  # needed for acc_per_token (and the generations, for a look at them)
             bootstrap_iters=BOOTSTRAP_ITERS,
             random_seed=config.seed,
             numpy_random_seed=config.seed,
@@ -207,7 +277,7 @@ def run_harness(lm, tokenizer, selection: TaskSelection, manager, config: EvalCo
             raise EvalError(f"lm-eval returned no results for {harness_name} (a group? name its tasks instead)")
         metrics = _metrics(out["results"][harness_name])
         name = selection.display_name(harness_name)
-        if name in selection.offline:
+        if name in selection.offline and name not in selection.generative:
             metrics[PER_TOKEN_METRIC] = per_token_accuracy(samples.get(harness_name, []), tokenizer)
         n = out.get("n-samples", {}).get(harness_name, {}).get("effective", len(samples.get(harness_name, [])))
         results[name] = TaskResult(name, harness_name, int(n), metrics)
@@ -215,21 +285,6 @@ def run_harness(lm, tokenizer, selection: TaskSelection, manager, config: EvalCo
 
 
 # ------------------------------------------------------------------ patch in place
-
-
-def check_base(model, patch, *, force: bool = False) -> None:
-    """Refuse (BaseMismatchError) a patch whose base tensors (keys, shapes, fingerprints) differ from ``model``'s.
-
-    Runs ``layerzo.patch.apply``'s checks without touching the model, so a wrong
-    base is reported before the first slow harness run.
-    """
-    from layerzo.model.layers import find_layer_layout
-    from layerzo.patch.merge import check_model_identity, merge_tensors
-
-    config = getattr(model, "config", None)
-    check_model_identity(patch, [type(model).__name__, *(getattr(config, "architectures", None) or [])],
-                         find_layer_layout(model).num_layers)
-    merge_tensors(patch, dict(model.named_parameters()), force=force)
 
 
 def load_patch(patch: Any, *, token: str | None = None):
@@ -315,10 +370,13 @@ def evaluate(
                                 trust_remote_code=trust_remote_code)
         base_name = loaded.source.name
         if layer_patch is not None:
+            from layerzo.patch.merge import check_base
+
             check_base(loaded.model, layer_patch, force=force)
-        lm = make_lm(loaded.model, loaded.tokenizer, batch_size=config.batch_size)
+        lms = [(part, make_lm(loaded.model, loaded.tokenizer, batch_size=config.batch_size, max_length=length))
+               for part, length in harness_parts(selection, config)]
         say(f"lm-eval on the base model: {', '.join(selection.harness_names)}")
-        base = run_harness(lm, loaded.tokenizer, selection, manager, config).results
+        base = run_parts(lms, loaded.tokenizer, manager, config)
         patched, patch_notes = None, []
         if layer_patch is not None:
             from layerzo.patch.merge import apply_to_model
@@ -326,21 +384,27 @@ def evaluate(
             # copy_ into the very parameters the harness holds: no second load, no merged copy on disk
             patch_notes = apply_to_model(loaded.model, layer_patch, force=force)
             say(f"lm-eval on base + patch (layers {list(layer_patch.manifest.layers)})")
-            patched = run_harness(lm, loaded.tokenizer, selection, manager, config).results
+            patched = run_parts(lms, loaded.tokenizer, manager, config)
     tasks = tuple(selection.display_name(n) for n in selection.harness_names)
     return EvalReport(
         tasks=tasks,
         base_model=base_name,
         base=base,
         patched=patched,
-        settings={"limit": config.limit, "num_fewshot": config.num_fewshot or 0, "seed": config.seed,
-                  "batch_size": config.batch_size, "num_test": config.num_test if selection.offline else None,
-                  "data_dir": str(Path(config.data_dir).expanduser().resolve()) if config.data_dir else None},
+        settings=_settings(selection, config),
         lm_eval_version=lm_eval_version(),
         layerzo_version=__version__,
         patch=describe_patch(layer_patch) if layer_patch is not None else None,
         notes=_notes(selection, config, layer_patch) + tuple(patch_notes),
     )
+
+
+def _settings(selection: TaskSelection, config: EvalConfig) -> dict[str, Any]:
+    return {"limit": config.limit, "num_fewshot": config.num_fewshot or 0, "seed": config.seed,
+            "batch_size": config.batch_size, "num_test": config.num_test if selection.offline else None,
+            "max_length": config.max_length,
+            "max_new_tokens": config.max_new_tokens if selection.generative else None,
+            "data_dir": str(Path(config.data_dir).expanduser().resolve()) if config.data_dir else None}
 
 
 def _notes(selection: TaskSelection, config: EvalConfig, patch) -> tuple[str, ...]:
@@ -350,9 +414,15 @@ def _notes(selection: TaskSelection, config: EvalConfig, patch) -> tuple[str, ..
         notes.append(
             f"layerzo tasks ({', '.join(selection.offline)}) evaluate load_task(num_test={config.num_test}, "
             f"seed={config.seed}).test: the rows `layerzo tune --num-test {config.num_test} --seed {config.seed}` "
-            "reports its test accuracy on; acc_per_token is tune's scoring rule (mean per-token log-likelihood), "
-            "equal to tune's test accuracy for prompts within tune's --max-length (the harness truncates only "
-            "at the model's context length)"
+            "reports its test scores on, truncated at the same --max-length "
+            f"({config.max_length}); acc_per_token is tune's scoring rule (mean per-token log-likelihood)"
+        )
+    if selection.generative:
+        notes.append(
+            f"{', '.join(selection.generative)}: greedy answers of at most {config.max_new_tokens} tokens "
+            "(--max-new-tokens), cut at the first newline, prompts left-truncated to "
+            f"{config.max_length - config.max_new_tokens} tokens; f1 / em are layerzo tune's SQuAD F1 / exact "
+            "match (max over the gold answers)"
         )
     recipe = patch.manifest.recipe if patch is not None else {}
     tuned = {k: recipe.get(k) for k in ("task", "seed", "num_test") if k in recipe}

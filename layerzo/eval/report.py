@@ -24,6 +24,9 @@ METRIC_NOTES = {
     "acc": "argmax of the summed log-likelihood of each candidate (lm-eval)",
     "acc_norm": "argmax of the log-likelihood divided by the candidate's length in characters (lm-eval)",
     PER_TOKEN_METRIC: "argmax of the mean per-token log-likelihood (layerzo tune's test accuracy)",
+    # the generative layerzo tasks; a harness task's own f1 / em (e.g. lm-eval's drop) follow its own rules
+    "f1": "layerzo tasks: SQuAD token F1 of the greedy answer, max over the gold answers (layerzo tune's f1)",
+    "em": "layerzo tasks: SQuAD exact match of the greedy answer, max over the gold answers (layerzo tune's em)",
 }
 
 
@@ -63,7 +66,7 @@ class EvalReport:
 
     ``base`` / ``patched`` map the task name to its result; ``patched`` is
     None when no patch was given. ``settings`` holds limit, num_fewshot, seed,
-    batch_size, num_test and data_dir; ``patch`` describes the patch
+    batch_size, num_test, max_length, max_new_tokens (generative tasks) and data_dir; ``patch`` describes the patch
     (source, base model, kind, layers, base fingerprint, recorded metrics).
     """
 

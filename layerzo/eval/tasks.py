@@ -1,14 +1,19 @@
 """Which lm-eval tasks ``layerzo eval`` runs, and the offline task files for layerzo's own.
 
-``--tasks sst2,rte,hellaswag``: a layerzo task name (:data:`layerzo.data.tasks.TASK_NAMES`,
-or its harness name ``layerzo_sst2``) runs from the YAML templates in
-``recipes/lm_eval/`` on the rows and prompts of :mod:`layerzo.data.tasks`; any
-other name is looked up in lm-evaluation-harness' own registry (online use).
+``--tasks sst2,squad,hellaswag``: a layerzo task name (:data:`OFFLINE_TASK_NAMES`:
+the multiple-choice :data:`layerzo.data.tasks.TASK_NAMES` and the generative
+:data:`layerzo.data.tasks.GENERATIVE_TASK_NAMES`, or its harness name
+``layerzo_sst2``) runs from the YAML templates in ``recipes/lm_eval/`` on the
+rows and prompts of :mod:`layerzo.data.tasks`; any other name is looked up in
+lm-evaluation-harness' own registry (online use).
 
 :func:`write_task_dir` copies the templates into a folder for a
 ``lm_eval.tasks.TaskManager(include_path=...)``, appending to each task YAML
-where its data lives (absolute ``data_files`` paths, or the Hub dataset) and
-writing the sampling settings read by the hook file ``utils.py``.
+what differs per run: for a multiple-choice task where its data lives
+(absolute ``data_files`` paths, or the Hub dataset); for a generative task its
+``generation_kwargs`` (stop strings, ``max_gen_toks`` = max_new_tokens; its
+rows are read by layerzo itself, see ``utils.py``). It also writes the
+settings read by the hook file ``utils.py``.
 """
 
 from __future__ import annotations
@@ -22,13 +27,16 @@ from pathlib import Path
 
 from layerzo.errors import EvalError
 from layerzo.recipe_files import shipped
-from layerzo.data.tasks import SPLITS, TASK_NAMES, get_task
+from layerzo.data.generation import DEFAULT_MAX_NEW_TOKENS
+from layerzo.data.tasks import DOCUMENT_LAYOUTS, GENERATIVE_TASK_NAMES, SPLITS, TASK_NAMES, get_task
 
 HARNESS_PREFIX = "layerzo_"  # keeps layerzo's tasks clear of the harness' own "sst2", "rte", ...
 RECIPES_DIR = shipped("lm_eval")  # package data: found in source, editable and wheel installs alike
-COMMON_YAML = "_layerzo_common.yaml"
+COMMON_YAML = "_layerzo_common.yaml"  # included by the multiple-choice tasks
+GENERATE_YAML = "_layerzo_generate.yaml"  # included by the generative tasks
 HOOKS_FILE = "utils.py"
 SETTINGS_NAME = "layerzo_eval.json"  # read by utils.py; keep the two names in step
+OFFLINE_TASK_NAMES = TASK_NAMES + GENERATIVE_TASK_NAMES
 
 
 def harness_task_name(task: str) -> str:
@@ -50,9 +58,14 @@ class TaskSelection:
     def __post_init__(self) -> None:
         if not self.offline and not self.harness:
             raise EvalError("no tasks given", "pass e.g. --tasks sst2,rte")
-        unknown = [t for t in self.offline if t not in TASK_NAMES]
+        unknown = [t for t in self.offline if t not in OFFLINE_TASK_NAMES]
         if unknown:
-            raise EvalError(f"{unknown[0]!r} is not a layerzo task (known: {', '.join(TASK_NAMES)})")
+            raise EvalError(f"{unknown[0]!r} is not a layerzo task (known: {', '.join(OFFLINE_TASK_NAMES)})")
+
+    @property
+    def generative(self) -> tuple[str, ...]:
+        """The offline tasks scored by greedy generations (F1 / exact match), not by candidates."""
+        return tuple(t for t in self.offline if t in GENERATIVE_TASK_NAMES)
 
     @property
     def harness_names(self) -> tuple[str, ...]:
@@ -73,7 +86,7 @@ def parse_tasks(spec: str | Sequence[str]) -> TaskSelection:
     harness: list[str] = []
     for name in dict.fromkeys(names):  # ordered de-duplication
         bare = name.lower().removeprefix(HARNESS_PREFIX)
-        if bare in TASK_NAMES:
+        if bare in OFFLINE_TASK_NAMES:
             if bare not in offline:
                 offline.append(bare)
         else:
@@ -86,27 +99,35 @@ def check_harness_tasks(names: Sequence[str], known: Collection[str]) -> None:
     for name in names:
         if name in known:
             continue
-        candidates = list(TASK_NAMES) + [n for n in known if not n.startswith(HARNESS_PREFIX)]
+        candidates = list(OFFLINE_TASK_NAMES) + [n for n in known if not n.startswith(HARNESS_PREFIX)]
         close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise EvalError(
-            f"unknown task {name!r}{hint} (layerzo tasks: {', '.join(TASK_NAMES)}; "
+            f"unknown task {name!r}{hint} (layerzo tasks: {', '.join(OFFLINE_TASK_NAMES)}; "
             "any lm-eval task name also works, see `lm_eval ls tasks`)"
         )
 
 
+def data_file_name(task: str, split: str) -> str:
+    """The file of ``split`` inside ``<data_dir>/<task>/``: ``validation.jsonl``, SQuAD's
+    ``validation.json``, DROP's ``drop_dataset_dev.json``."""
+    layout = DOCUMENT_LAYOUTS.get(task)
+    return layout.file_name(split) if layout else f"{split}.jsonl"
+
+
 def check_data_dir(tasks: Sequence[str], data_dir: str | Path) -> None:
-    """Every offline task needs ``<data_dir>/<task>/{train,validation}.jsonl``; name the first missing file."""
+    """Every offline task needs its two split files in ``<data_dir>/<task>/``; name the first missing one."""
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         state = "is a file, not a folder" if root.exists() else "does not exist"
         raise EvalError(f"data dir {root} {state}", "pass --data-dir with <task>/{train,validation}.jsonl")
     for task in tasks:
         for split in SPLITS:
-            path = root / task / f"{split}.jsonl"
+            name = data_file_name(task, split)
+            path = root / task / name
             if not path.is_file():
                 raise EvalError(
-                    f"data dir {root} has no {task}/{split}.jsonl (needed by task {task})",
+                    f"data dir {root} has no {task}/{name} (needed by task {task})",
                     f"add {path} or drop {task} from --tasks",
                 )
 
@@ -126,6 +147,17 @@ def _dataset_yaml(task: str, data_dir: Path | None) -> str:
     return f"dataset_path: json\ndataset_kwargs:\n  data_files:\n{files}"
 
 
+def _generation_yaml(task: str, max_new_tokens: int) -> str:
+    """This run's ``generation_kwargs`` of a generative task (replacing the shared file's block whole)."""
+    stop = [s for s in get_task(task).stop if s]
+    # Greedy spelled out: a checkpoint's generation_config.json (num_beams, repetition_penalty, ...)
+    # would otherwise change what model.generate decodes; layerzo's Generator is plain argmax.
+    return ("generation_kwargs:\n"
+            f"  until: {json.dumps(stop)}\n"
+            "  do_sample: false\n  num_beams: 1\n  repetition_penalty: 1.0\n  no_repeat_ngram_size: 0\n"
+            f"  max_gen_toks: {int(max_new_tokens)}\n")
+
+
 def write_task_dir(
     tasks: Sequence[str],
     out_dir: str | Path,
@@ -133,15 +165,18 @@ def write_task_dir(
     data_dir: str | Path | None,
     seed: int,
     num_test: int,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     recipes_dir: Path = RECIPES_DIR,
 ) -> Path:
     """Write the harness task files of ``tasks`` into ``out_dir`` (created; must be empty).
 
     ``out_dir`` then holds ``layerzo_<task>.yaml`` per task, the shared
-    ``_layerzo_common.yaml``, the hooks ``utils.py`` and ``layerzo_eval.json``
-    (data dir, seed, num_test: which validation rows, in which order).
+    ``_layerzo_common.yaml`` and ``_layerzo_generate.yaml``, the hooks
+    ``utils.py`` and ``layerzo_eval.json`` (data dir, seed, num_test: which
+    validation rows, in which order; max_new_tokens: the generative tasks'
+    ``max_gen_toks``, also written into their YAML).
     """
-    if not (recipes_dir / COMMON_YAML).is_file():
+    if not all((recipes_dir / name).is_file() for name in (COMMON_YAML, GENERATE_YAML, HOOKS_FILE)):
         raise EvalError(f"layerzo's lm-eval task templates are missing from {recipes_dir}",
                         "reinstall layerzo from its source tree")
     out = Path(out_dir)
@@ -149,14 +184,16 @@ def write_task_dir(
     if any(out.iterdir()):
         raise EvalError(f"task folder {out} is not empty")
     root = Path(data_dir).expanduser().resolve() if data_dir is not None else None  # harness needs absolute paths
-    for name in (COMMON_YAML, HOOKS_FILE):
+    for name in (COMMON_YAML, GENERATE_YAML, HOOKS_FILE):
         shutil.copyfile(recipes_dir / name, out / name)
-    settings = {"data_dir": str(root) if root else None, "seed": int(seed), "num_test": int(num_test)}
+    settings = {"data_dir": str(root) if root else None, "seed": int(seed), "num_test": int(num_test),
+                "max_new_tokens": int(max_new_tokens)}
     (out / SETTINGS_NAME).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     for task in tasks:
         template = recipes_dir / f"{harness_task_name(task)}.yaml"
         if not template.is_file():
             raise EvalError(f"no lm-eval template for task {task} in {recipes_dir}")
-        text = template.read_text(encoding="utf-8").rstrip("\n") + "\n" + _dataset_yaml(task, root)
-        (out / template.name).write_text(text, encoding="utf-8")
+        extra = _generation_yaml(task, max_new_tokens) if task in GENERATIVE_TASK_NAMES else _dataset_yaml(task, root)
+        (out / template.name).write_text(template.read_text(encoding="utf-8").rstrip("\n") + "\n" + extra,
+                                         encoding="utf-8")
     return out

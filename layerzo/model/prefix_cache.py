@@ -22,9 +22,12 @@ sha-checks each layer before the next run).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
+import os
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -137,5 +140,191 @@ def cached_lower_layers(
     finally:
         if handle is not None:
             handle.remove()
+        for i, module in enumerate(originals):
+            layers[i] = module
+
+
+# ----------------------------------------------------------------------------- generation
+class _ReplayWithCache(nn.Module):
+    """A lower layer during a replayed prefill: puts its saved KV-cache entry back and returns the saved output."""
+
+    def __init__(self, index: int, store: dict) -> None:
+        super().__init__()
+        self._index, self._store = index, store
+
+    def forward(self, *args, **kwargs):
+        # found by type, not name: architectures pass it as cache=, layer_past= or positionally
+        cache = next(a for a in (*kwargs.values(), *args) if isinstance(getattr(a, "layers", None), list))
+        # a shallow copy: a decode step re-binds the layer's tensors (torch.cat), the saved ones stay intact
+        cache.layers[self._index] = copy.copy(self._store["kv"][self._index])
+        return self._store["out"]
+
+
+def shares_prefill(cache: Any, first: int) -> bool:
+    """Whether a generation cache can hold replayed lower-layer entries (a per-layer cache, like DynamicCache)."""
+    layers = getattr(cache, "layers", None)
+    return first > 0 and isinstance(layers, list) and len(layers) >= first
+
+
+@contextmanager
+def replayed_prefill(model: nn.Module, layout: LayerLayout, first: int, store: dict) -> Iterator[None]:
+    """Around ONE prefill forward of a generation: layers < ``first`` run once per ``store``.
+
+    The + and − generations of a ZO step read the same prompts, and layers
+    below the tuned one are frozen, so their output AND their KV-cache entries
+    for the prompt are the same in both. The first prefill captures them (the
+    caller saves the cache entries with :func:`save_prefill`); later prefills
+    with the same ``store`` skip those layers: each replayed layer writes its
+    saved cache entry and returns the saved output. Decode steps run every
+    layer normally (the generated tokens differ). ``first == 0``: a no-op.
+    """
+    if first <= 0:
+        yield
+        return
+    layers = get_layers(model, layout)
+    originals = [layers[i] for i in range(first)]
+    handle = None
+    if "kv" in store:
+        for i in range(first):
+            layers[i] = _ReplayWithCache(i, store)
+    else:
+        handle = originals[-1].register_forward_hook(lambda module, args, output: store.__setitem__("out", output))
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+        for i, module in enumerate(originals):
+            layers[i] = module
+
+
+def save_prefill(store: dict, cache: Any, first: int) -> None:
+    """After a capturing prefill: keep the lower layers' cache entries for the replays."""
+    if "kv" not in store and "out" in store:
+        store["kv"] = [copy.copy(cache.layers[i]) for i in range(first)]
+
+
+# ----------------------------------------------------------------------------- across a run
+EXAMPLE_CACHE_RAM_FRACTION = 4  # default budget: 1/4 of the machine's RAM, at most EXAMPLE_CACHE_MAX_BYTES
+EXAMPLE_CACHE_MAX_BYTES = 8 * 1024**3
+
+
+class _StopForward(Exception):
+    """Raised by a hook once layer first-1 has run: a fill needs nothing above it."""
+
+
+def default_example_cache_bytes() -> int:
+    """The per-run cache budget when none is given: a quarter of the RAM, capped at 8 GiB."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: a conservative 1 GiB
+        return 1024**3
+    return min(ram // EXAMPLE_CACHE_RAM_FRACTION, EXAMPLE_CACHE_MAX_BYTES)
+
+
+class ExampleCache:
+    """Per training row, the input of the lowest tuned layer, computed ONCE for the whole run.
+
+    A ZO run revisits the same training examples every epoch (MeZO: 320
+    epochs), and layers below the tuned one are frozen, so a row's output of
+    layer ``first-1`` never changes. :meth:`fill` computes it for every
+    training row up front, in a fixed order of fixed batches (so a resumed run
+    rebuilds the same values bit for bit), running only layers ``< first``;
+    :meth:`assemble` re-pads the rows of any later batch into the tensor layer
+    ``first`` reads. Rows are keyed by their real token ids: a row's output
+    depends on nothing else (causal attention, positions from the mask, padded
+    keys masked out), so the result equals the batch's own forward up to fp32
+    rounding. Over ``max_bytes`` the cache gives up and stays empty: every
+    step then recomputes its lower layers, as without it.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.rows: dict[bytes, torch.Tensor] = {}
+        self.hits = self.misses = 0
+        self.gave_up = False
+
+    @staticmethod
+    def row_key(ids: torch.Tensor) -> bytes:
+        return ids.detach().cpu().contiguous().numpy().tobytes()
+
+    def fill(self, model: nn.Module, layout: LayerLayout, first: int, batches, forward: Callable[[Any], Any]) -> bool:
+        """Run layers < ``first`` on every batch (``forward(batch)`` runs the model on one) and keep each row.
+
+        Returns False (and keeps nothing) when the rows do not fit ``max_bytes``
+        or layer ``first-1`` returns something other than one hidden-state tensor.
+        """
+        if first <= 0:
+            return False
+        captured: dict = {}
+
+        def hook(module, args, output):
+            captured["out"] = output
+            raise _StopForward
+
+        handle = get_layers(model, layout)[first - 1].register_forward_hook(hook)
+        try:
+            for batch in batches:
+                with contextlib.suppress(_StopForward):
+                    forward(batch)
+                out = captured.pop("out", None)
+                if not isinstance(out, torch.Tensor) or not self.keep_rows(batch, out):
+                    return self.give_up()
+        finally:
+            handle.remove()
+        return True
+
+    def keep_rows(self, batch, out: torch.Tensor) -> bool:
+        for r in range(out.shape[0]):
+            n = int(batch.attention_mask[r].sum())
+            key = self.row_key(batch.input_ids[r, batch.input_ids.shape[1] - n:])
+            if key not in self.rows:
+                row = out[r, out.shape[1] - n:].clone()
+                self.bytes += row.numel() * row.element_size()
+                self.rows[key] = row
+        return self.bytes <= self.max_bytes
+
+    def give_up(self) -> bool:
+        self.rows.clear()
+        self.bytes, self.gave_up = 0, True
+        return False
+
+    def assemble(self, batch) -> torch.Tensor | None:
+        """The left-padded ``[R, T, H]`` input of layer ``first`` for ``batch``, or None if a row is missing."""
+        if not self.rows:
+            return None
+        width = batch.input_ids.shape[1]
+        rows = []
+        for r in range(batch.input_ids.shape[0]):
+            n = int(batch.attention_mask[r].sum())
+            rows.append((n, self.rows.get(self.row_key(batch.input_ids[r, width - n:]))))
+        if any(row is None for _, row in rows):
+            self.misses += 1
+            return None
+        self.hits += 1
+        first = rows[0][1]
+        out = first.new_zeros((len(rows), width, first.shape[-1]))  # padded positions: masked out, never read
+        for r, (n, row) in enumerate(rows):
+            out[r, width - n:] = row
+        return out
+
+    def stats(self) -> dict:
+        """Rows, bytes and the hit rate of the steps so far (for the progress line and metrics.jsonl)."""
+        looked = self.hits + self.misses
+        return {"rows": len(self.rows), "bytes": self.bytes, "hit_rate": self.hits / looked if looked else None,
+                "gave_up": self.gave_up}
+
+
+@contextmanager
+def replayed_lower_output(model: nn.Module, layout: LayerLayout, first: int, output: torch.Tensor) -> Iterator[None]:
+    """Within the block, layers < ``first`` are skipped: layer ``first`` reads ``output`` (an assembled batch)."""
+    layers = get_layers(model, layout)
+    originals = [layers[i] for i in range(first)]
+    captured = {"out": output}
+    for i in range(first):
+        layers[i] = _Replay(captured)
+    try:
+        yield
+    finally:
         for i, module in enumerate(originals):
             layers[i] = module

@@ -12,6 +12,7 @@ from typing import Mapping
 
 from layerzo.core.hashing import tensor_sha256
 from layerzo.errors import BaseMismatchError, PatchError
+from layerzo.model.layers import find_layer_layout
 from layerzo.patch.format import LayerPatch
 from layerzo.patch.manifest import PatchManifest, all_finite, lora_base_key
 
@@ -103,17 +104,22 @@ def apply_to_model(model, patch: LayerPatch, *, force: bool = False) -> list[str
     """Patch a loaded model in place (after all checks); returns notes (casts, overrides)."""
     import torch
 
-    from layerzo.model.layers import find_layer_layout
-
-    layout = find_layer_layout(model)
-    config = getattr(model, "config", None)
-    names = [type(model).__name__, *(getattr(config, "architectures", None) or [])]
-    check_model_identity(patch, names, layout.num_layers)
-    if patch.manifest.layer_path not in (None, layout.path):
-        raise BaseMismatchError(f"the patch's layers live under {patch.manifest.layer_path} but this model's under {layout.path}")
     params = dict(model.named_parameters())
-    merged, notes = merge_tensors(patch, params, force=force)
+    merged, notes = check_base(model, patch, force=force)
     with torch.no_grad():
         for key, value in merged.items():
             params[key].copy_(value)
     return notes
+
+
+def check_base(model, patch: LayerPatch, *, force: bool = False) -> tuple[dict, list[str]]:
+    """Refuse (BaseMismatchError) a patch whose base (architecture, layer count, layer path, keys, shapes,
+    fingerprints) differs from ``model``'s, without touching the model: a wrong base is reported before any
+    slow work. Returns :func:`merge_tensors`' merged tensors and notes."""
+    layout = find_layer_layout(model)
+    config = getattr(model, "config", None)
+    check_model_identity(patch, [type(model).__name__, *(getattr(config, "architectures", None) or [])],
+                         layout.num_layers)
+    if patch.manifest.layer_path not in (None, layout.path):
+        raise BaseMismatchError(f"the patch's layers live under {patch.manifest.layer_path} but this model's under {layout.path}")
+    return merge_tensors(patch, dict(model.named_parameters()), force=force)

@@ -78,7 +78,7 @@ class Checkpoint:
     batches: tuple[int, int]  # (epoch, position) of the training batch stream
     trajectory: list  # TrajectoryStep
     rows: list[dict]  # metrics.jsonl rows so far
-    zero_shot: tuple[float | None, float | None]  # (dev, test)
+    zero_shot: tuple[float | None, ...]  # (dev, test) primary scores; generative tasks add (dev EM, test EM)
     last_dev: float | None
     rejected: int
     seconds: dict[str, float] = field(default_factory=dict)  # timing so far (never compared)
@@ -191,6 +191,11 @@ def _acc(v: object) -> bool:
     return v is None or ((type(v) is float or type(v) is int) and 0.0 <= v <= 1.0)
 
 
+def _seconds(v: object) -> bool:
+    """A finite float, or an int a float holds exactly (``math.isfinite`` overflows on a 400-digit int)."""
+    return (type(v) is float and math.isfinite(v)) or (type(v) is int and abs(v) <= 2**53)
+
+
 def load_checkpoint(folder: Path) -> Checkpoint:
     """Read and validate ``folder``'s checkpoint; every problem is one :class:`CheckpointError` line."""
     path = folder / STATE_JSON
@@ -290,15 +295,14 @@ def _check_small(folder: Path, d: dict) -> dict:
     if not isinstance(rows, list) or len(rows) != step or not all(isinstance(r, dict) for r in rows):
         raise _bad(folder, "field rows must hold one metrics object per step done")
     zs = d["zero_shot"]
-    if not isinstance(zs, list) or len(zs) != 2 or not all(_acc(v) for v in zs) or not _acc(d["last_dev"]):
-        raise _bad(folder, "fields zero_shot and last_dev must be accuracies in [0, 1] or null")
+    if not isinstance(zs, list) or len(zs) not in (2, 4) or not all(_acc(v) for v in zs) or not _acc(d["last_dev"]):
+        raise _bad(folder, "fields zero_shot and last_dev must be scores in [0, 1] or null")
     seconds = d["seconds"]
-    if not isinstance(seconds, dict) or not all(isinstance(k, str) and type(v) in (int, float) and math.isfinite(v)
-                                                for k, v in seconds.items()):
+    if not isinstance(seconds, dict) or not all(isinstance(k, str) and _seconds(v) for k, v in seconds.items()):
         raise _bad(folder, "field seconds must map names to numbers")
     return {"identity": ident, "step": step, "bad_in_row": bad_in_row, "seed_rng": seed_rng,
             "batches": (b["epoch"], b["position"]), "best": best, "trajectory": trajectory, "rows": rows,
-            "zero_shot": (zs[0], zs[1]), "last_dev": d["last_dev"], "rejected": rejected, "seconds": seconds}
+            "zero_shot": tuple(zs), "last_dev": d["last_dev"], "rejected": rejected, "seconds": seconds}
 
 
 def _read_tensors(folder: Path, info: object) -> dict[str, torch.Tensor]:

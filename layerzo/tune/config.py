@@ -27,6 +27,8 @@ from typing import Any, Iterator, Mapping
 
 from layerzo.core.atomic import atomic_write_text
 from layerzo.core.yamlio import read_yaml
+from layerzo.data.generation import DEFAULT_MAX_NEW_TOKENS
+from layerzo.data.objectives import OBJECTIVES
 from layerzo.errors import ConfigError
 from layerzo.model.loading import DTYPES
 from layerzo.zo.distributed import parse_device_map
@@ -55,6 +57,8 @@ class TuneConfig:
     lora_alpha: float = 16.0
     steps: int = 1000
     batch_size: int = 16
+    objective: str = "auto"  # auto (choice for classification, ce for generative) | choice | ce | accuracy | f1 | em
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # generative tasks: the longest greedy answer (dev/test, f1/em)
     zo: ZOConfig = field(default_factory=lambda: ZOConfig(lr=1e-4))  # flat keys lr, eps, ..., max_bad_steps
     seed: int = 0
     eval_every: int = 100
@@ -70,10 +74,11 @@ class TuneConfig:
     shard_batch: bool = False  # under torchrun: rank r scores batch[r::W] instead of the full batch
     trust_remote_code: bool = False
     cache_lower_layers: bool = True
+    prefix_cache_gb: float | None = None  # per-example cache of the lower layers' output; None: 1/4 of RAM (≤ 8 GiB)
     checkpoint_every: int = 50  # save a resumable checkpoint in OUT.ckpt/ every N steps (0: only on Ctrl-C)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_every", "num_train", "eval_batch_size", "lora_rank"):
+        for name in ("steps", "batch_size", "eval_every", "num_train", "eval_batch_size", "lora_rank", "max_new_tokens"):
             _int_at_least(name, getattr(self, name), 1)
         for name in ("num_dev", "num_test", "seed", "checkpoint_every"):
             _int_at_least(name, getattr(self, name), 0)
@@ -82,6 +87,12 @@ class TuneConfig:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.select not in SELECT_CHOICES:
             raise ConfigError(f"select must be one of {', '.join(SELECT_CHOICES)}, got {self.select!r}")
+        if self.prefix_cache_gb is not None and not (isinstance(self.prefix_cache_gb, (int, float))
+                                                     and math.isfinite(self.prefix_cache_gb)
+                                                     and 0 <= self.prefix_cache_gb <= 2**40):
+            raise ConfigError(f"prefix_cache_gb must be a number of GiB ≥ 0 (0: off), got {self.prefix_cache_gb!r}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.keep not in KEEP_CHOICES:
             raise ConfigError(f"keep must be one of {', '.join(KEEP_CHOICES)}, got {self.keep!r}")
         if not isinstance(self.layers, str) or not self.layers.strip():

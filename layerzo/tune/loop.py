@@ -42,7 +42,9 @@ import torch
 from layerzo.core.atomic import check_can_write
 from layerzo.core.hashing import tensor_sha256
 from layerzo.core.progress import StderrBar
-from layerzo.data.scoring import batch_loss, encode_batch
+from layerzo.data.chat import render_chat
+from layerzo.data.generation import Generator
+from layerzo.data.objectives import Objective, resolve_objective
 from layerzo.data.spec import TaskSplits
 from layerzo.data.tasks import calibration_texts, load_task
 from layerzo.core.outputs import check_output, output_lock
@@ -55,13 +57,13 @@ from layerzo.patch.format import LayerPatch
 from layerzo.patch.manifest import FORMAT_VERSION, MANIFEST_NAME, PatchManifest, TrajectoryStep
 from layerzo.profile.rule import ProfileConfig
 from layerzo.profile.run import profile_model
-from layerzo.tune.batches import EvalSet, TrainBatches, ZeroShotCache, train_batches
+from layerzo.tune.batches import EvalSet, GenerativeEvalSet, TrainBatches, ZeroShotCache, train_batches
 from layerzo.tune.checkpoint import (STATE_JSON, Checkpoint, StopOnInterrupt, check_checkpoint_dir, check_resumable,
                                      check_writable, checkpoint_dir, load_checkpoint, remove_checkpoint, run_identity,
                                      save_checkpoint)
 from layerzo.tune.config import TuneConfig
 from layerzo.tune.select import task_sensitivity
-from layerzo.model.prefix_cache import SharedLowerOutputs, cached_lower_layers
+from layerzo.model.prefix_cache import ExampleCache, SharedLowerOutputs, default_example_cache_bytes
 from layerzo.version import __version__
 from layerzo.zo.distributed import (DataParallel, check_tuned_placement, config_digest, init_data_parallel, placement,
                                     shutdown, weights_digest)
@@ -106,6 +108,7 @@ class Run:
     prefix_cache: SharedLowerOutputs | None
     zero_shot_cache: ZeroShotCache | None
     t_start: float
+    objective: Objective
     note: Callable[[str], None] | None = None
     record_paths: bool = False  # write local paths (model, data) into the patch; off: names only
     save_weights: bool = True  # False: a trajectory-only patch
@@ -114,8 +117,14 @@ class Run:
     def ckpt_dir(self) -> Path:
         return checkpoint_dir(self.out)
 
-    def accuracy(self, eval_set) -> float | None:
-        return eval_set.accuracy(self.loaded.model, self.loaded.layout, self.tuned.first_cached, self.prefix_cache)
+    def scores(self, eval_set) -> dict | None:
+        """``{"acc": ...}`` or, for a generative task, ``{"f1": ..., "em": ...}`` (None: an empty set)."""
+        return eval_set.evaluate(self.loaded.model, self.loaded.layout, self.tuned.first_cached, self.prefix_cache)
+
+    def score(self, eval_set) -> float | None:
+        """The set's primary score: accuracy, or F1 for a generative task (best-dev selection uses it)."""
+        scores = self.scores(eval_set)
+        return None if scores is None else scores[eval_set.metric]
 
 
 @dataclass
@@ -125,14 +134,15 @@ class LoopState:
     zo: ZOState
     seed_rng: random.Random
     batches: TrainBatches
-    best: dict  # {"dev_acc", "step", "weights", "trajectory_len"}
-    zero_shot: tuple[float | None, float | None]  # (dev, test) accuracy of the base model
+    best: dict  # {"dev_acc" (the dev score: accuracy, or F1), "step", "weights", "trajectory_len"}
+    zero_shot: tuple[float | None, ...]  # (dev, test) score of the base model; generative: + (dev EM, test EM)
     last_dev: float | None
     trajectory: list = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)  # metrics.jsonl rows so far
     rejected: int = 0
     earlier: dict = field(default_factory=lambda: {"step_seconds": 0.0, "train_seconds": 0.0, "wall_seconds": 0.0})
     step_seconds: float = 0.0  # this process's ZO-step time (resumed runs add ``earlier``)
+    prefix_cache: dict | None = None  # the per-example cache's rows, bytes and hit rate (this process)
     t_train: float = 0.0
 
 
@@ -185,19 +195,26 @@ def run_tune(config: TuneConfig, out: Path, dp: DataParallel, has_checkpoint: bo
                        num_test=config.num_test, seed=config.seed)
     if not splits.train:
         raise TaskError(f"task {config.task!r} has no training examples")
+    objective_name = resolve_objective(config.objective, generative=splits.generative, task=splits.name)
     if loaded is None:
         device, device_map = placement(dp, config.device, config.device_map)
         loaded = load_model(config.model, dtype=config.dtype, device=device, revision=config.revision,
                             trust_remote_code=config.trust_remote_code, device_map=device_map)
+    if splits.chat:
+        splits = render_chat(splits, loaded.tokenizer)
+    generator = Generator(loaded.tokenizer, stop=splits.stop, max_new_tokens=config.max_new_tokens) \
+        if splits.generative else None
+    objective = Objective(objective_name, loaded.tokenizer, max_length=config.max_length, generator=generator)
     with tuned_model(config, loaded) as tuned:
         dp.check_same("recipe, tuned layers and base weights",
                       f"{config_digest(config)}|{tuned.layers}|{weights_digest(tuned.params)}")
-        eval_kw = {"batch_size": config.eval_batch_size, "max_length": config.max_length}
-        dev, test = (dp.eval_set(lambda ex: EvalSet(loaded.tokenizer, ex, **eval_kw), s)
+        dev, test = (dp.eval_set(lambda ex: eval_set(config, loaded.tokenizer, ex, generator), s)
                      for s in (splits.dev, splits.test))
         identity = run_identity(config.to_dict(), tuned.layers, tuned.names, tuned.fingerprint)
         run = Run(config, out, dp, loaded, splits, tuned, dev, test, identity, prefix_cache, zero_shot_cache, t_start,
-                  note, record_paths, save_weights)
+                  objective, note, record_paths, save_weights)
+        if dp.is_main and note:
+            note_truncation(run, note)
         state = resume_state(run, note) if has_checkpoint else start_state(run, note if resume else None)
         try:
             diverged = train(run, state, progress)
@@ -207,6 +224,27 @@ def run_tune(config: TuneConfig, out: Path, dp: DataParallel, has_checkpoint: bo
     if diverged is not None:
         raise DivergenceError(f"{diverged} — the best patch so far was written to {out}", diverged.hint)
     return result
+
+
+def eval_set(config: TuneConfig, tokenizer, examples: Sequence, generator: Generator | None):
+    """A dev/test set: scored by accuracy (classification) or by greedy answers' F1/EM (generative tasks)."""
+    kw = {"batch_size": config.eval_batch_size, "max_length": config.max_length}
+    return GenerativeEvalSet(tokenizer, examples, generator=generator, **kw) if generator else \
+        EvalSet(tokenizer, examples, **kw)
+
+
+def note_truncation(run: Run, note: Callable[[str], None]) -> None:
+    """Say how many examples exceed ``--max-length`` (their prompts are cut from the left), never silently."""
+    config, tokenizer = run.config, run.loaded.tokenizer
+    over = sum(len(tokenizer.encode(ex.context + ex.candidates[ex.label])) > config.max_length
+               for ex in run.splits.train)
+    cut = {"train": over, "dev": getattr(run.dev, "truncated", 0), "test": getattr(run.test, "truncated", 0)}
+    if any(cut.values()):
+        sizes = {"train": len(run.splits.train), "dev": run.dev.size, "test": run.test.size}
+        parts = ", ".join(f"{n} of {sizes[k]} {k}" for k, n in cut.items() if n)
+        room = f" ({config.max_new_tokens} kept for the answer)" if run.splits.generative else ""
+        note(f"warning: {parts} examples are longer than --max-length {config.max_length}{room}: "
+             "their prompts are cut from the left")
 
 
 def check_outputs(out_dir: str | os.PathLike, overwrite: bool, resume: bool, inputs: Sequence,
@@ -235,7 +273,8 @@ def resolve_layers(config: TuneConfig, loaded: LoadedModel) -> tuple[tuple[int, 
         return spec, None  # type: ignore[return-value]
     if config.select == "sensitivity":
         sens = task_sensitivity(loaded, config.task, config.data_dir, batch_size=config.batch_size,
-                                max_length=config.max_length, num_train=config.num_train, seed=config.seed)
+                                max_length=config.max_length, num_train=config.num_train, seed=config.seed,
+                                objective=config.objective)
         return (sens.pick,), {"dominant_layer": sens.pick, "selection": "sensitivity", "reason": sens.reason,
                               "sensitivity": sens.to_dict()}
     texts = calibration_texts(config.task, config.data_dir, n=ProfileConfig().num_sequences, seed=config.seed)
@@ -287,13 +326,20 @@ def start_state(run: Run, note: Callable[[str], None] | None) -> LoopState:
     config = run.config
     if note:
         note(f"no checkpoint in {run.ckpt_dir}: starting from step 0")
+    if run.note and run.dp.is_main and run.splits.generative:  # minutes of decoding on a CPU: say so
+        run.note(f"zero-shot: greedy answers for {run.dev.size} dev + {run.test.size} test examples "
+             f"(at most {config.max_new_tokens} new tokens each)")
     with torch.no_grad():
-        zs_dev, zs_test = (run.zero_shot_cache.accuracy(s, lambda s=s: run.accuracy(s)) if run.zero_shot_cache
-                           else run.accuracy(s) for s in (run.dev, run.test))
+        dev, test = (run.zero_shot_cache.scores(s, lambda s=s: run.scores(s)) if run.zero_shot_cache
+                     else run.scores(s) for s in (run.dev, run.test))
+    zero_shot = tuple(None if d is None else d[run.dev.metric] for d in (dev, test))
+    if run.splits.generative:
+        zero_shot += tuple(None if d is None else d["em"] for d in (dev, test))
+    zs_dev = zero_shot[0]
     best = {"dev_acc": zs_dev, "step": 0, "weights": run.tuned.params.state(), "trajectory_len": 0}
     return LoopState(zo=ZOState(), seed_rng=random.Random(config.seed),  # private: never the global RNG
                      batches=train_batches(len(run.splits.train), config.batch_size, config.seed),
-                     best=best, zero_shot=(zs_dev, zs_test), last_dev=zs_dev)
+                     best=best, zero_shot=zero_shot, last_dev=zs_dev)
 
 
 def resume_state(run: Run, note: Callable[[str], None] | None) -> LoopState:
@@ -332,16 +378,16 @@ def train(run: Run, state: LoopState, progress: bool) -> DivergenceError | None:
     run.out.parent.mkdir(parents=True, exist_ok=True)
     state.t_train = time.perf_counter()
     with open(metrics_path(run), "w", encoding="utf-8") as log, bar, torch.no_grad(), stop:
+        examples = example_cache(run)
         log.writelines(json_line(r) for r in state.rows)
         for step in range(state.zo.step, config.steps):
             t0 = time.perf_counter()
-            examples = dp.shard([run.splits.train[i] for i in next(state.batches)])
-            batch = encode_batch(run.loaded.tokenizer, examples, max_length=config.max_length)
+            batch = run.objective.encode(dp.shard([run.splits.train[i] for i in next(state.batches)]))
             step_seed = state.seed_rng.getrandbits(63)
             try:
-                with cached_lower_layers(model, layout, run.tuned.first_cached, batch=batch, shared=run.prefix_cache):
-                    result = dp.zo_step(run.tuned.params, lambda: batch_loss(model, batch), step_seed, config.zo,
-                                        state.zo, **zo_options)
+                with run.objective.step_loss(model, layout, run.tuned.first_cached, batch, run.prefix_cache,
+                                             examples) as loss:
+                    result = dp.zo_step(run.tuned.params, loss, step_seed, config.zo, state.zo, **zo_options)
             except DivergenceError as exc:
                 state.rejected += 1  # the step that tipped the streak was rejected too
                 return exc
@@ -349,7 +395,7 @@ def train(run: Run, state: LoopState, progress: bool) -> DivergenceError | None:
                 state.trajectory.append(TrajectoryStep(step=step, seeds=result.seeds, grads=result.grads, lr=result.lr))
             else:
                 state.rejected += 1
-            row = step_row(step, result, time.perf_counter() - t0)
+            row = step_row(step, result, time.perf_counter() - t0, examples)
             state.step_seconds += row["seconds"]
             if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
                 evaluate_dev(run, state, row, step + 1)
@@ -357,13 +403,36 @@ def train(run: Run, state: LoopState, progress: bool) -> DivergenceError | None:
             log.write(line)
             log.flush()
             state.rows.append(json.loads(line))
-            bar.advance(row["loss_plus"], state.last_dev, step + 1, state.step_seconds)
+            bar.advance(row["loss_plus"], state.last_dev, step + 1, state.step_seconds, row.get("prefix_cache_hit_rate"))
             checkpoint_if_due(run, state, step + 1, stop.requested)
+            state.prefix_cache = examples.stats() if examples is not None else None
     return None
 
 
-def step_row(step: int, result, seconds: float) -> dict:
-    """The metrics.jsonl row of one ZO step (means over the step's directions)."""
+def example_cache(run: Run) -> ExampleCache | None:
+    """The run's per-example cache of the frozen lower layers' output (None when it does not apply).
+
+    Filled before the first step of this process (fresh or resumed: the same
+    values, so a resumed run writes the same bytes). A sweep's cross-run
+    :class:`SharedLowerOutputs` takes its place: it makes each deeper run
+    cost one more layer per batch instead of a whole lower stack.
+    """
+    config = run.config
+    if run.prefix_cache is not None or not config.cache_lower_layers:
+        return None
+    budget = default_example_cache_bytes() if config.prefix_cache_gb is None else int(config.prefix_cache_gb * 1024**3)
+    cache = run.objective.example_cache(run.loaded.model, run.loaded.layout, run.tuned.first_cached,
+                                        run.splits.train, batch_size=config.eval_batch_size, max_bytes=budget)
+    if cache is not None and cache.gave_up and run.note and run.dp.is_main:
+        run.note(f"the lower layers' outputs of {len(run.splits.train)} training examples exceed --prefix-cache-gb "
+                 f"{budget / 1024**3:.2f}: every step recomputes them")
+    return cache
+
+
+def step_row(step: int, result, seconds: float, examples: ExampleCache | None = None) -> dict:
+    """The metrics.jsonl row of one ZO step (means over the step's directions, and the cache's state)."""
+    cache = {} if examples is None else {"prefix_cache_hit_rate": examples.stats()["hit_rate"],
+                                         "prefix_cache_bytes": examples.bytes}
     return {
         "step": step + 1,
         "loss_plus": sum(result.losses_plus) / len(result.losses_plus),
@@ -372,6 +441,7 @@ def step_row(step: int, result, seconds: float) -> dict:
         "lr": result.lr,
         "applied": result.applied,
         "seconds": seconds,  # the ZO step alone (evaluation excluded)
+        **cache,
     }
 
 
@@ -380,8 +450,9 @@ def evaluate_dev(run: Run, state: LoopState, row: dict, done: int) -> None:
     t_eval = time.perf_counter()
     params = run.tuned.params
     if run.dev.size:
-        state.last_dev = run.accuracy(run.dev)
-        row["dev_acc"] = state.last_dev
+        scores = run.scores(run.dev)
+        state.last_dev = scores[run.dev.metric]
+        row.update({f"dev_{k}": v for k, v in sorted(scores.items())})
         if state.best["dev_acc"] is None or state.last_dev > state.best["dev_acc"]:
             state.best = {"dev_acc": state.last_dev, "step": done, "weights": params.state(),
                           "trajectory_len": len(state.trajectory)}
@@ -437,15 +508,17 @@ def finish(run: Run, state: LoopState, diverged: DivergenceError | None, overwri
         state.best = {"dev_acc": state.last_dev if run.dev.size else None, "step": state.zo.step,
                       "weights": run.tuned.params.state(), "trajectory_len": len(state.trajectory)}
     run.tuned.params.load(state.best["weights"])
-    with torch.no_grad():  # step 0's best weights ARE the base: its test accuracy is the zero-shot one
-        test_acc = (None if diverged is not None else
-                    state.zero_shot[1] if state.best["step"] == 0 else run.accuracy(run.test))
+    with torch.no_grad():  # step 0's best weights ARE the base: its test scores are the zero-shot ones
+        test = (None if diverged is not None or not run.test.size else
+                {run.test.metric: state.zero_shot[1], **({"em": state.zero_shot[3]} if run.splits.generative else {})}
+                if state.best["step"] == 0 else run.scores(run.test))
     wall = state.earlier["wall_seconds"] + time.perf_counter() - run.t_start
-    metrics = run_metrics(run, state, test_acc, diverged)
+    metrics = run_metrics(run, state, test, diverged)
     timing = {
         "wall_seconds": round(wall, 3), "train_seconds": round(train_seconds, 3),
         "step_seconds": round(step_seconds, 3),  # ZO steps only; train_seconds adds the dev evaluations
         "steps_per_second": round(state.zo.step / step_seconds, 4) if step_seconds > 0 else None,
+        "prefix_cache": state.prefix_cache,  # timing-related, like the seconds: not in the patch
     }
     if run.dp.active:
         metrics["distributed"] = {**run.dp.summary(run.config.zo.q),
@@ -460,13 +533,23 @@ def finish(run: Run, state: LoopState, diverged: DivergenceError | None, overwri
     return TuneResult(run.out, run.tuned.layers, {**metrics, **timing})
 
 
-def run_metrics(run: Run, state: LoopState, test_acc: float | None, diverged: DivergenceError | None) -> dict:
-    """Only deterministic values: the patch files are byte-identical for the same seed, interrupted or not."""
-    params = run.tuned.params
+def run_metrics(run: Run, state: LoopState, test: dict | None, diverged: DivergenceError | None) -> dict:
+    """Only deterministic values: the patch files are byte-identical for the same seed, interrupted or not.
+
+    Scores are named by the task's metric: ``*_acc`` for classification;
+    ``*_f1`` (best-dev selection) plus ``*_em`` for generative tasks, which
+    also record ``metric``, ``objective`` and ``max_new_tokens``.
+    """
+    params, m = run.tuned.params, run.dev.metric
+    test = test or {}
+    generative = {"metric": m, "objective": run.objective.name, "max_new_tokens": run.config.max_new_tokens,
+                  "zero_shot_dev_em": state.zero_shot[2], "zero_shot_test_em": state.zero_shot[3],
+                  "test_em": test.get("em")} if run.splits.generative else {}
     return {
-        "zero_shot_dev_acc": state.zero_shot[0], "zero_shot_test_acc": state.zero_shot[1],
-        "best_dev_acc": state.best["dev_acc"], "best_step": state.best["step"], "last_dev_acc": state.last_dev,
-        "test_acc": test_acc,
+        **generative,
+        f"zero_shot_dev_{m}": state.zero_shot[0], f"zero_shot_test_{m}": state.zero_shot[1],
+        f"best_dev_{m}": state.best["dev_acc"], "best_step": state.best["step"], f"last_dev_{m}": state.last_dev,
+        f"test_{m}": test.get(m),
         "steps": state.zo.step, "applied_steps": state.zo.step - state.rejected, "rejected_steps": state.rejected,
         "num_train": len(run.splits.train), "num_dev": run.dev.size, "num_test": run.test.size,
         "diverged": diverged.one_line() if diverged else None,
@@ -481,9 +564,11 @@ def run_metrics(run: Run, state: LoopState, test_acc: float | None, diverged: Di
 
 def no_op_reason(metrics: dict) -> str:
     """Why a patch equals its base, in words."""
-    if metrics["kept"] == "best" and metrics["best_step"] == 0 and metrics["zero_shot_dev_acc"] is not None:
-        return (f"no step beat the zero-shot dev accuracy ({100 * metrics['zero_shot_dev_acc']:.1f}%) "
-                f"in {metrics['steps']} steps")
+    name = metrics.get("metric", "acc")
+    zero_shot = metrics[f"zero_shot_dev_{name}"]
+    if metrics["kept"] == "best" and metrics["best_step"] == 0 and zero_shot is not None:
+        what = "accuracy" if name == "acc" else name.upper()
+        return f"no step beat the zero-shot dev {what} ({100 * zero_shot:.1f}%) in {metrics['steps']} steps"
     return f"none of the {metrics['steps']} steps up to the kept one was applied"
 
 
@@ -525,7 +610,9 @@ class TuneProgress(StderrBar):
     def __init__(self, total: int, enabled: bool, start: int = 0) -> None:
         super().__init__("tune", total, enabled, unit="step", start=start)
 
-    def advance(self, loss: float, dev_acc: float | None, done: int, seconds: float) -> None:
+    def advance(self, loss: float, dev_acc: float | None, done: int, seconds: float,
+                cache_hit_rate: float | None = None) -> None:
         dev = f"{dev_acc:.3f}" if dev_acc is not None else "-"
         rate = f"{(done - self.start) / seconds:.2f}" if seconds > 0 else "-"
-        self.update(completed=done, info=f"loss {loss:.4f}  dev {dev}  {rate} steps/s")
+        cache = f"  cache {100 * cache_hit_rate:.0f}%" if cache_hit_rate is not None else ""
+        self.update(completed=done, info=f"loss {loss:.4f}  dev {dev}  {rate} steps/s{cache}")

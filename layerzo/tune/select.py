@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 
-from layerzo.data.scoring import batch_loss, encode_batch
+from layerzo.data.chat import render_chat
+from layerzo.data.objectives import GENERATED, Objective, resolve_objective
 from layerzo.data.tasks import load_task
 from layerzo.errors import TaskError
 from layerzo.model.loading import LoadedModel
@@ -20,10 +21,11 @@ from layerzo.zo.sensitivity import SensitivityConfig, SensitivityReport, layer_s
 def task_sensitivity(loaded: LoadedModel, task: str, data_dir: str | os.PathLike | None = None, *,
                      config: SensitivityConfig = SensitivityConfig(), num_batches: int = 2, batch_size: int = 8,
                      max_length: int = 128, num_train: int = 1000, seed: int = 0,
-                     layers=None) -> SensitivityReport:
+                     layers=None, objective: str = "auto") -> SensitivityReport:
     """The sensitivity profile of every layer on ``num_batches`` seeded training batches of ``task``.
 
-    The batches are the first ones ``tune`` would draw with the same seed and batch size.
+    The batches are the first ones ``tune`` would draw with the same seed and
+    batch size; the loss is ``tune``'s for the same ``objective``.
     """
     if type(num_batches) is not int or num_batches < 1 or type(batch_size) is not int or batch_size < 1:
         raise TaskError(f"the sensitivity profile needs ≥ 1 batch of ≥ 1 example, got {num_batches} × {batch_size}")
@@ -31,8 +33,15 @@ def task_sensitivity(loaded: LoadedModel, task: str, data_dir: str | os.PathLike
                        num_test=0, seed=seed)
     if not splits.train:
         raise TaskError(f"task {task!r} has no training examples")
+    name = resolve_objective(objective, generative=splits.generative, task=splits.name)
+    # f1/em are piecewise constant in the weights (a tiny eps rarely changes a greedy answer), so their
+    # layers are profiled with the teacher-forced ce of the same targets; the profile's replay also
+    # assumes one forward per evaluation, which decoding is not
+    name = "ce" if name in GENERATED else name
+    if splits.chat:
+        splits = render_chat(splits, loaded.tokenizer)
+    loss = Objective(name, loaded.tokenizer, max_length=max_length)
     stream = train_batches(len(splits.train), batch_size, seed)
-    batches = [encode_batch(loaded.tokenizer, [splits.train[i] for i in next(stream)], max_length=max_length)
-               for _ in range(num_batches)]
-    return layer_sensitivity(loaded.model, loaded.layout, batches, lambda b: batch_loss(loaded.model, b), config,
+    batches = [loss.encode([splits.train[i] for i in next(stream)]) for _ in range(num_batches)]
+    return layer_sensitivity(loaded.model, loaded.layout, batches, lambda b: loss.loss(loaded.model, b), config,
                              layers=layers, model_name=loaded.source.name)

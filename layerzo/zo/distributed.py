@@ -151,11 +151,12 @@ class DataParallel:
 
     # --------------------------------------------------------------- evaluation / checks
     def eval_set(self, make: Callable[[Sequence], Any], examples: Sequence) -> Any:
-        """An evaluation set over ``examples`` whose ``.accuracy(...)`` is the same on every rank.
+        """An evaluation set over ``examples`` whose ``.evaluate(...)`` is the same on every rank.
 
-        ``make(examples)`` builds a single-process set (``.size``, ``.accuracy(*args) -> float | None``,
-        e.g. :class:`layerzo.tune.loop.EvalSet`). Under torchrun each rank builds it
-        on ``examples[rank::W]`` only, and the correct counts are summed: W× faster evaluation.
+        ``make(examples)`` builds a single-process set (``.size``, ``.metric``,
+        ``.evaluate(*args) -> {metric: mean} | None``, e.g. :class:`layerzo.tune.batches.EvalSet`).
+        Under torchrun each rank builds it on ``examples[rank::W]`` only, and the
+        per-example sums are added up: W× faster evaluation.
         """
         return _ShardedEvalSet(self, make, examples) if self.active else make(examples)
 
@@ -206,20 +207,34 @@ class DataParallel:
 
 
 class _ShardedEvalSet:
-    """This rank's 1/W of an evaluation set; ``accuracy`` sums the correct counts of all ranks (collective)."""
+    """This rank's 1/W of an evaluation set; ``evaluate`` sums the per-example scores of all ranks (collective)."""
 
     def __init__(self, dp: DataParallel, make: Callable[[Sequence], Any], examples: Sequence) -> None:
         self.dp, self.size = dp, len(examples)
         self.local = make(list(examples[dp.rank :: dp.world_size]))
+        self.metric = self.local.metric
         self.key = ("rank", dp.rank, dp.world_size, getattr(self.local, "key", None))
+        self.truncated = getattr(self.local, "truncated", 0)
 
-    def accuracy(self, *args, **kwargs) -> float | None:
+    def evaluate(self, *args, **kwargs) -> dict | None:
         if not self.size:  # the same on every rank: no collective is skipped by one rank only
             return None
-        local = self.local.accuracy(*args, **kwargs) if self.local.size else None
-        # accuracy·size recovers the integer count exactly after rounding (far below 2**52 examples).
-        correct = round(local * self.local.size) if local is not None else 0
-        return sum(self.dp.all_gather_floats([correct])) / self.size
+        local = self.local.evaluate(*args, **kwargs) if self.local.size else None
+        names = sorted(local) if local is not None else None
+        names = names or (["acc"] if self.metric == "acc" else ["em", "f1"])
+        # mean·size: accuracy counts come back exactly after rounding (far below 2**52 examples)
+        sums = [local[n] * self.local.size if local is not None else 0.0 for n in names]
+        totals = [0.0] * len(names)
+        for rank_values in chunked(self.dp.all_gather_floats(sums), len(names)):
+            totals = [t + v for t, v in zip(totals, rank_values)]
+        if self.metric == "acc":
+            totals = [float(round(t)) for t in totals]
+        return {n: t / self.size for n, t in zip(names, totals)}
+
+
+def chunked(values: Sequence[float], size: int) -> list[list[float]]:
+    """``values`` in consecutive groups of ``size`` (one group per rank)."""
+    return [list(values[i:i + size]) for i in range(0, len(values), size)]
 
 
 # ----------------------------------------------------------------------------- pure pieces

@@ -1,0 +1,127 @@
+"""Training objectives: what the ZO engine minimises on a batch.
+
+* ``choice`` — cross-entropy over the candidates' mean log-likelihoods (MeZO's
+  multiple-choice loss; the default for classification tasks);
+* ``ce`` — teacher-forced mean cross-entropy over the target tokens (the
+  default for generative tasks; on a classification task, the correct
+  candidate is the target); logits only at the target positions;
+* ``accuracy``, ``f1``, ``em`` — non-differentiable: minus the metric of the
+  batch's argmax predictions (``accuracy``) or greedy generations (``f1``,
+  ``em``: SQuAD token F1 / exact match, max over the gold answers). Only a
+  zeroth-order optimiser can follow these directly (MeZO's ``--non_diff``).
+
+:meth:`Objective.step_loss` gives the engine a loss closure for one batch in
+which the layers below the tuned one run once: a forward-cache replay for the
+teacher-forced losses, a shared prefill (output and KV-cache entries) for the
+generation-based ones.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+from layerzo.data.generation import Generator, batch_scores, encode_prompts
+from layerzo.data.scoring import batch_accuracy, batch_loss, encode_batch, kept_logits, target_cross_entropy
+from layerzo.data.spec import Example
+from layerzo.errors import ConfigError
+from layerzo.model.layers import LayerLayout
+from layerzo.model.prefix_cache import ExampleCache, SharedLowerOutputs, cached_lower_layers, replayed_lower_output
+
+OBJECTIVES = ("auto", "choice", "ce", "accuracy", "f1", "em")
+CHOICE_OBJECTIVES = ("choice", "ce", "accuracy")
+GENERATIVE_OBJECTIVES = ("ce", "f1", "em")
+GENERATED = ("f1", "em")  # objectives that decode
+
+
+def resolve_objective(name: str, *, generative: bool, task: str) -> str:
+    """``auto`` → the task kind's default; an objective the task kind cannot use is refused in one line."""
+    if name not in OBJECTIVES:
+        raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {name!r}")
+    if name == "auto":
+        return "ce" if generative else "choice"
+    allowed = GENERATIVE_OBJECTIVES if generative else CHOICE_OBJECTIVES
+    if name not in allowed:
+        kind = "generative (a free-text answer)" if generative else "multiple-choice"
+        raise ConfigError(f"--objective {name} does not fit task {task!r}, which is {kind}; "
+                          f"use one of {', '.join(allowed)}")
+    return name
+
+
+def target_example(ex: Example) -> Example:
+    """The example with only its correct candidate: the teacher-forced target of ``ce``."""
+    return ex if len(ex.candidates) == 1 else Example(ex.context, (ex.candidates[ex.label],), 0, ex.source, ex.answers)
+
+
+class Objective:
+    """One resolved objective with the tokenizer, the length bound and (for f1/em) the generator."""
+
+    def __init__(self, name: str, tokenizer, *, max_length: int, generator: Generator | None = None) -> None:
+        if name not in OBJECTIVES[1:]:
+            raise ConfigError(f"objective must be resolved to one of {', '.join(OBJECTIVES[1:])}, got {name!r}")
+        if name in GENERATED and generator is None:
+            raise ConfigError(f"objective {name} generates text and needs a Generator")
+        self.name, self.tokenizer, self.max_length, self.generator = name, tokenizer, max_length, generator
+
+    @property
+    def generates(self) -> bool:
+        return self.name in GENERATED
+
+    def encode(self, examples: Sequence[Example]):
+        """The batch this objective's loss reads: prompts (f1/em) or scored targets/candidates."""
+        if self.generates:
+            return encode_prompts(self.tokenizer, examples, max_length=self.max_length,
+                                  max_new_tokens=self.generator.max_new_tokens)
+        if self.name == "ce":
+            examples = [target_example(ex) for ex in examples]
+        return encode_batch(self.tokenizer, examples, max_length=self.max_length)
+
+    def loss(self, model, batch, *, layout: LayerLayout | None = None, first: int = 0,
+             store: dict | None = None) -> float:
+        """The loss of ``batch`` under the model's current weights (no graph is built)."""
+        if self.name == "choice":
+            return batch_loss(model, batch)
+        if self.name == "ce":
+            return target_cross_entropy(model, batch)
+        if self.name == "accuracy":
+            return -batch_accuracy(model, batch)
+        texts = self.generator.generate(model, batch, layout=layout, first=first, store=store)
+        return -batch_scores(texts, batch)[self.name]
+
+    @contextmanager
+    def step_loss(self, model, layout: LayerLayout, first: int, batch, shared: SharedLowerOutputs | None = None,
+                  examples: ExampleCache | None = None) -> Iterator[Callable[[], float]]:
+        """A loss closure for the 2·q evaluations of one ZO step; layers < ``first`` run once for all of them.
+
+        With ``examples`` (a filled :class:`ExampleCache`) they do not run at all: layer ``first``
+        reads the batch's rows from the cache.
+        """
+        if self.generates:
+            store: dict = {}
+            yield lambda: self.loss(model, batch, layout=layout, first=first, store=store)
+            return
+        assembled = examples.assemble(batch) if examples is not None and first > 0 else None
+        if assembled is not None:
+            with replayed_lower_output(model, layout, first, assembled):
+                yield lambda: self.loss(model, batch)
+            return
+        with cached_lower_layers(model, layout, first, batch=batch, shared=shared):
+            yield lambda: self.loss(model, batch)
+
+    def example_cache(self, model, layout: LayerLayout, first: int, examples: Sequence[Example], *,
+                      batch_size: int, max_bytes: int) -> ExampleCache | None:
+        """The lower layers' output for every training example, computed once (teacher-forced objectives only).
+
+        Examples go in length order, in chunks of ``batch_size`` (little padding; a
+        fixed order, so a resumed run fills the same values). None when there is
+        nothing to cache: f1/em decode (new tokens need the lower layers), nothing
+        below ``first``, or a zero budget.
+        """
+        if self.generates or first <= 0 or max_bytes <= 0 or not examples:
+            return None
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i].context))
+        batches = (self.encode([examples[i] for i in order[s:s + batch_size]])
+                   for s in range(0, len(order), batch_size))
+        cache = ExampleCache(max_bytes)
+        cache.fill(model, layout, first, batches, lambda b: kept_logits(model, b))
+        return cache
