@@ -135,6 +135,15 @@ def files(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
     (root / "not-utf8.yaml").write_bytes(b"lr: 1e-3\n\xff\xfe\n")
     (root / "folder.yaml").mkdir()
     (root / "a-folder").mkdir()
+    user = '{"role": "user", "content": "Is it good?"}'
+    (root / "chat-bad-role.jsonl").write_text(
+        f'{{"messages": [{user}, {{"role": "assistant", "content": "yes"}}]}}\n' * 3
+        + f'{{"messages": [{user}, {{"role": "robot", "content": "no"}}]}}\n')
+    (root / "chat-no-assistant.jsonl").write_text(f'{{"messages": [{user}]}}\n')
+    (root / "pc-empty-completion.jsonl").write_text('{"prompt": "Q: 1+1?\\nA:", "completion": " 2"}\n'
+                                                    '{"prompt": "Q: 2+2?\\nA:", "completion": "  "}\n')
+    (root / "pc-mixed.jsonl").write_text('{"prompt": "Q", "completion": " A"}\n'
+                                         f'{{"messages": [{user}, {{"role": "assistant", "content": "yes"}}]}}\n')
     return {"patch": good, "patch-truncated": truncated, "patch-not-json": not_json, "root": root,
             "a-folder": root / "a-folder",
             **{p.name: p for p in root.iterdir() if p.is_file() or p.suffix == ".yaml"}}
@@ -188,6 +197,26 @@ def other_cases(ctx) -> dict[str, tuple[list, int, str]]:
         "eval-seed-2**40": (["eval", "--model", base, "--tasks", "sst2", "--data-dir", data, "--seed", str(2**40)], 1,
                             "--seed must be an integer from 0 to 2**32 - 1"),
         "tune-layers-99": (tune_args(base, data, out, "--layers", "99"), 1, "--layers 99 is out of range"),
+        # generative tasks and user data
+        "tune-squad-objective-choice": (tune_args(base, data, out, "--task", "squad", "--objective", "choice"), 1,
+                                        "--objective choice does not fit task 'squad', which is generative"),
+        "tune-sst2-objective-f1": (tune_args(base, data, out, "--objective", "f1"), 1,
+                                   "--objective f1 does not fit task 'sst2', which is multiple-choice"),
+        "tune-objective-unknown": (tune_args(base, data, out, "--objective", "bleu"), 1, "objective must be one of"),
+        "tune-max-new-tokens-0": (tune_args(base, data, out, "--max-new-tokens", "0"), 1,
+                                  "max_new_tokens must be an integer"),
+        "tune-squad-no-room-for-the-prompt": (tune_args(base, data, out, "--task", "squad", "--max-length", "50",
+                                                        "--max-new-tokens", "50"), 1, "must exceed max_new_tokens"),
+        "tune-chat-unknown-role": (tune_args(base, data, out, "--task", f["chat-bad-role.jsonl"]), 1,
+                                   "chat-bad-role.jsonl:4:"),
+        "tune-chat-no-assistant-turn": (tune_args(base, data, out, "--task", f["chat-no-assistant.jsonl"]), 1,
+                                        "chat-no-assistant.jsonl:1:"),
+        "tune-empty-completion": (tune_args(base, data, out, "--task", f["pc-empty-completion.jsonl"]), 1,
+                                  "pc-empty-completion.jsonl:2: field 'completion' is empty"),
+        "tune-mixed-row-formats": (tune_args(base, data, out, "--task", f["pc-mixed.jsonl"]), 1, "pc-mixed.jsonl:2:"),
+        "tune-prefix-cache-gb-negative": (tune_args(base, data, out, "--prefix-cache-gb", "-1"), 1,
+                                          "prefix_cache_gb must be a number of GiB"),
+        "tune-layers-auto-in-a-sweep": (sweep_args(base, data, out, "--layers", "auto"), 1, "--layers must be 'all'"),
         # bad patches
         "apply-patch-truncated": (["apply", base, f["patch-truncated"], "-o", out], 1, "does not match its sha256"),
         "eval-patch-not-json": (["eval", "--model", base, "-p", f["patch-not-json"], "--tasks", "sst2",
@@ -288,7 +317,8 @@ def test_a_bad_base_is_one_line_naming_the_file(defect, command, bases, ctx, tmp
 
 
 FILE_KEYS = ("patch", "patch-truncated", "patch-not-json", "root", "a-folder", "a-file", "calib.txt", "not-utf8.txt",
-             "not-utf8.yaml", "folder.yaml")
+             "not-utf8.yaml", "folder.yaml", "chat-bad-role.jsonl", "chat-no-assistant.jsonl", "pc-empty-completion.jsonl",
+             "pc-mixed.jsonl")
 OTHER_CASES = list(other_cases({"base": "", "data": "", "out": Path(), "files": dict.fromkeys(FILE_KEYS, Path())}))
 
 

@@ -57,3 +57,16 @@ def test_card_pins_the_base_revision_and_formats_nested_metrics(model):
     card = build_model_card(manifest, 3)
     assert front_matter(card)["base_model_revision"] == "abc123"
     assert "| dev.acc | 0.5000 |" in card and "| dev.n | 8 |" in card and "| steps | 3 |" in card
+
+
+def test_card_says_how_the_layer_was_chosen(model):
+    """The outlier rule's pick, the sensitivity rule's and auto's race each get their sentence, with the reason."""
+    base = make_patch(model, 1).manifest
+    outlier = {"pick": {"layer": 1, "confidence": "high", "reason": "layer 1 is the first outlier layer"}}
+    auto = {"selection": "auto", "dominant_layer": 3, "reason": "layer 3 (last layer) won a race of 4 candidates"}
+    sens = {"selection": "sensitivity", "dominant_layer": 2, "reason": "its perturbation changes the final state most"}
+    for profile, text in ((outlier, "found by `layerzo profile`: **1**. layer 1 is the first outlier layer."),
+                          (auto, "Layer chosen by `--layers auto` (a race of candidate layers on the task): **3**. "
+                                 "layer 3 (last layer) won a race of 4 candidates."),
+                          (sens, "`--layers dominant --select sensitivity` (the ZO sensitivity profile): **2**.")):
+        assert text in build_model_card(dataclasses.replace(base, profile=profile), 1)

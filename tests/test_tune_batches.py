@@ -84,3 +84,41 @@ def test_zero_shot_cache_computes_once_per_example_set():
     assert cache.scores(SimpleNamespace(key=("dev", 4, 64)), compute(None)) is None  # other batching: computed
     assert cache.scores(SimpleNamespace(key=("dev", 4, 64)), compute(0.75)) is None  # a None result is cached too
     assert calls == [0.5, 0.25, None]
+
+
+def test_visited_examples_are_the_draws_of_the_run_and_all_after_an_epoch():
+    from layerzo.tune.batches import visited_examples
+
+    stream = TrainBatches(20, 4, 3)
+    draws = sorted({i for _ in range(3) for i in next(stream)})
+    assert visited_examples(20, 4, 3, steps=3) == draws and len(draws) == 12  # less than an epoch
+    assert visited_examples(20, 4, 3, steps=6) == list(range(20))  # an epoch and more: everything
+
+
+def test_a_generative_set_keeps_its_prefill_and_scores_the_same_without_running_the_lower_layers(tokenizer, data_dir):
+    from conftest import make_tiny_model
+    from layerzo.data.generation import Generator
+    from layerzo.model.layers import find_layer_layout, get_layer
+    from layerzo.data.tasks import load_task
+    from layerzo.tune.batches import GenerativeEvalSet
+
+    model = make_tiny_model("gpt_neox", seed=2)  # NeoX: prompt-dependent answers from a random model
+    layout = find_layer_layout(model)
+    examples = load_task("squad", data_dir, num_train=4, num_dev=0, num_test=6).test
+    generator = Generator(tokenizer, stop=("\n",), max_new_tokens=4)
+    kept = GenerativeEvalSet(tokenizer, examples, batch_size=4, max_length=256, generator=generator, max_bytes=10**9)
+    plain = GenerativeEvalSet(tokenizer, examples, batch_size=4, max_length=256, generator=generator)
+    calls = []
+    get_layer(model, layout, 0).register_forward_hook(lambda m, a, o: calls.append(a[0].shape[1]))
+    first = kept.evaluate(model, layout, 2)
+    assert first == plain.evaluate(model, layout, 2)
+    assert kept.bytes > 0 and all("kv" in s for s in kept.stores)
+    prompt_widths = {b.input_ids.shape[1] for b in kept.batches}
+    calls.clear()
+    again = kept.evaluate(model, layout, 2)
+    assert again == first
+    assert not prompt_widths & set(calls)  # layer 0 ran on new tokens only: the prompts' prefill was replayed
+    for batch, store in zip(kept.batches, kept.stores):  # the texts themselves, not only their scores
+        assert generator.generate(model, batch, layout=layout, first=2, store=store) == generator.generate(model, batch)
+    small = GenerativeEvalSet(tokenizer, examples, batch_size=4, max_length=256, generator=generator, max_bytes=1)
+    assert small.evaluate(model, layout, 2) == first and small.bytes == 0 and small.stores == [None, None]

@@ -118,15 +118,15 @@ def layer_parameter_names(model: nn.Module, layout: LayerLayout, index: int) -> 
 
 
 def parse_layer_spec(spec: str | int | Sequence[int], num_layers: int) -> tuple[int, ...] | str:
-    """Parse ``--layers``: ``dominant``, ``all``, an index, a list ``3,7``, ranges ``0-3,11``.
+    """Parse ``--layers``: ``dominant``, ``auto``, ``all``, an index, a list ``3,7``, ranges ``0-3,11``.
 
-    Returns ``"dominant"`` / ``"all"`` unchanged (the caller resolves them) or a
+    Returns ``"dominant"`` / ``"auto"`` / ``"all"`` unchanged (the caller resolves them) or a
     sorted tuple of distinct valid indices. Negative indices count from the end
     (``-1`` is the last layer); a range ``a-b`` takes non-negative bounds, a ≤ b.
     """
     if isinstance(spec, str):
         text = spec.strip().lower()
-        if text in ("dominant", "all"):
+        if text in ("dominant", "auto", "all"):
             return text
         indices = [i for part in text.split(",") if part.strip() for i in _spec_part(part.strip(), spec, num_layers)]
     elif isinstance(spec, int):

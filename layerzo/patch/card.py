@@ -25,7 +25,6 @@ def build_model_card(m: PatchManifest, recorded_steps: int) -> str:
     if m.base_revision:
         front["base_model_revision"] = m.base_revision
     layers = ", ".join(map(str, m.layers))
-    dominant = (m.profile or {}).get("dominant_layer")
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# layerzo layer patch for {m.base_model}", "",
              f"A {m.kind} patch of decoder layer(s) {layers} of {m.base_model} ({m.architecture}, "
@@ -35,8 +34,7 @@ def build_model_card(m: PatchManifest, recorded_steps: int) -> str:
         lines += ["> **Warning: this patch equals its base model.** No kept step changed the weights "
                   f"(kept: {m.metrics.get('kept', 'best')} weights, step {m.metrics.get('best_step')}); "
                   "`layerzo apply --replay` rebuilds the base itself.", ""]
-    if dominant is not None:
-        lines += [f"Dominant layer (first massive-activation layer) found by `layerzo profile`: **{dominant}**.", ""]
+    lines += selection_lines(m.profile or {})
     lines += ["## Results", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(_flatten(m.metrics).items())] or ["| (none recorded) | |"]
     lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(m.recipe, sort_keys=True).strip() or "{}", "```", "",
@@ -48,6 +46,23 @@ def build_model_card(m: PatchManifest, recorded_steps: int) -> str:
               f"`{TRAJECTORY_NAME}` (ZO seeds and projected gradients; `layerzo apply --replay` rebuilds the "
               f"tensors from them).", ""]
     return "\n".join(lines)
+
+
+def selection_lines(profile: Mapping[str, Any]) -> list[str]:
+    """How the tuned layer was chosen, from the manifest's ``profile`` (nothing for an explicit ``--layers``)."""
+    how = {"auto": "`--layers auto` (a race of candidate layers on the task)",
+           "sensitivity": "`--layers dominant --select sensitivity` (the ZO sensitivity profile)"}
+    if profile.get("selection") in how:
+        return [f"Layer chosen by {how[profile['selection']]}: **{profile.get('dominant_layer')}**. "
+                f"{str(profile.get('reason', '')).rstrip('.')}.", ""]
+    pick = profile.get("pick")
+    if isinstance(pick, Mapping) and "layer" in pick:
+        return [f"Dominant layer (first massive-activation layer) found by `layerzo profile`: **{pick['layer']}**. "
+                f"{str(pick.get('reason', '')).rstrip('.')}.", ""]
+    if profile.get("dominant_layer") is not None:  # a profile recorded as the pick alone
+        return [f"Dominant layer (first massive-activation layer) found by `layerzo profile`: "
+                f"**{profile['dominant_layer']}**.", ""]
+    return []
 
 
 def training_summary(metrics: Mapping[str, Any], recorded_steps: int) -> str:

@@ -50,7 +50,7 @@ class TuneConfig:
     model: str | None = None  # checkpoint dir, .gguf, Hub id; None = the SmolLM2-135M demo
     revision: str | None = None
     data_dir: str | None = None
-    layers: str = "dominant"  # "dominant" | "all" | "5" | "3,7" | "0-3,11" | "-1"
+    layers: str = "dominant"  # "dominant" | "auto" (race the candidates) | "all" | "5" | "3,7" | "0-3,11" | "-1"
     select: str = "outlier"  # how "dominant" picks: the first outlier layer, or the ZO sensitivity profile
     lora: bool = False  # LoRA-ZO on the q/v projections of the selected layers
     lora_rank: int = 8

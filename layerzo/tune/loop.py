@@ -57,11 +57,13 @@ from layerzo.patch.format import LayerPatch
 from layerzo.patch.manifest import FORMAT_VERSION, MANIFEST_NAME, PatchManifest, TrajectoryStep
 from layerzo.profile.rule import ProfileConfig
 from layerzo.profile.run import profile_model
-from layerzo.tune.batches import EvalSet, GenerativeEvalSet, TrainBatches, ZeroShotCache, train_batches
+from layerzo.tune.batches import (EvalSet, GenerativeEvalSet, TrainBatches, ZeroShotCache, train_batches,
+                                  visited_examples)
 from layerzo.tune.checkpoint import (STATE_JSON, Checkpoint, StopOnInterrupt, check_checkpoint_dir, check_resumable,
                                      check_writable, checkpoint_dir, load_checkpoint, remove_checkpoint, run_identity,
                                      save_checkpoint)
 from layerzo.tune.config import TuneConfig
+from layerzo.tune.race import RaceConfig, candidate_layers, race, sensitivity_ranking
 from layerzo.tune.select import task_sensitivity
 from layerzo.model.prefix_cache import ExampleCache, SharedLowerOutputs, default_example_cache_bytes
 from layerzo.version import __version__
@@ -205,11 +207,11 @@ def run_tune(config: TuneConfig, out: Path, dp: DataParallel, has_checkpoint: bo
     generator = Generator(loaded.tokenizer, stop=splits.stop, max_new_tokens=config.max_new_tokens) \
         if splits.generative else None
     objective = Objective(objective_name, loaded.tokenizer, max_length=config.max_length, generator=generator)
-    with tuned_model(config, loaded) as tuned:
+    with tuned_model(config, loaded, splits, objective, note if dp.is_main else None) as tuned:
         dp.check_same("recipe, tuned layers and base weights",
                       f"{config_digest(config)}|{tuned.layers}|{weights_digest(tuned.params)}")
-        dev, test = (dp.eval_set(lambda ex: eval_set(config, loaded.tokenizer, ex, generator), s)
-                     for s in (splits.dev, splits.test))
+        dev, test = (dp.eval_set(lambda ex, share=share: eval_set(config, loaded.tokenizer, ex, generator, share), s)
+                     for s, share in ((splits.dev, 0.5), (splits.test, 0.25)))
         identity = run_identity(config.to_dict(), tuned.layers, tuned.names, tuned.fingerprint)
         run = Run(config, out, dp, loaded, splits, tuned, dev, test, identity, prefix_cache, zero_shot_cache, t_start,
                   objective, note, record_paths, save_weights)
@@ -226,11 +228,25 @@ def run_tune(config: TuneConfig, out: Path, dp: DataParallel, has_checkpoint: bo
     return result
 
 
-def eval_set(config: TuneConfig, tokenizer, examples: Sequence, generator: Generator | None):
-    """A dev/test set: scored by accuracy (classification) or by greedy answers' F1/EM (generative tasks)."""
+def eval_set(config: TuneConfig, tokenizer, examples: Sequence, generator: Generator | None, share: float):
+    """A dev/test set: scored by accuracy (classification) or by greedy answers' F1/EM (generative tasks).
+
+    A generative set may keep its prompts' lower-layer prefill across evaluations
+    within ``share`` of the prefix-cache budget (dev: 1/2, evaluated every
+    ``eval_every`` steps; test: 1/4, evaluated twice).
+    """
     kw = {"batch_size": config.eval_batch_size, "max_length": config.max_length}
-    return GenerativeEvalSet(tokenizer, examples, generator=generator, **kw) if generator else \
-        EvalSet(tokenizer, examples, **kw)
+    if generator is None:
+        return EvalSet(tokenizer, examples, **kw)
+    return GenerativeEvalSet(tokenizer, examples, generator=generator, max_bytes=int(share * prefix_budget(config)),
+                             **kw)
+
+
+def prefix_budget(config: TuneConfig) -> int:
+    """Bytes for kept lower-layer outputs: ``--prefix-cache-gb``, or a quarter of the RAM (at most 8 GiB)."""
+    if not config.cache_lower_layers:
+        return 0
+    return default_example_cache_bytes() if config.prefix_cache_gb is None else int(config.prefix_cache_gb * 1024**3)
 
 
 def note_truncation(run: Run, note: Callable[[str], None]) -> None:
@@ -264,14 +280,19 @@ def check_outputs(out_dir: str | os.PathLike, overwrite: bool, resume: bool, inp
     return out, has_checkpoint
 
 
-def resolve_layers(config: TuneConfig, loaded: LoadedModel) -> tuple[tuple[int, ...], dict | None]:
-    """``--layers`` → sorted layer indices (+ the profile report for ``dominant``)."""
+def resolve_layers(config: TuneConfig, loaded: LoadedModel, splits: TaskSplits | None = None,
+                   objective: Objective | None = None,
+                   note: Callable[[str], None] | None = None) -> tuple[tuple[int, ...], dict | None]:
+    """``--layers`` → sorted layer indices (+ the selection report for ``dominant`` and ``auto``).
+
+    ``auto`` needs the run's ``splits`` and ``objective`` (the race trains on them).
+    """
     spec = parse_layer_spec(config.layers, loaded.layout.num_layers)
     if spec == "all":
         return tuple(range(loaded.layout.num_layers)), None
-    if spec != "dominant":
+    if spec not in ("dominant", "auto"):
         return spec, None  # type: ignore[return-value]
-    if config.select == "sensitivity":
+    if spec == "dominant" and config.select == "sensitivity":
         sens = task_sensitivity(loaded, config.task, config.data_dir, batch_size=config.batch_size,
                                 max_length=config.max_length, num_train=config.num_train, seed=config.seed,
                                 objective=config.objective)
@@ -281,12 +302,43 @@ def resolve_layers(config: TuneConfig, loaded: LoadedModel) -> tuple[tuple[int, 
     report = profile_model(
         loaded.model, loaded.tokenizer, texts, ProfileConfig(), loaded.layout,
         model_name=loaded.source.name, calibration=f"task {config.task} (training inputs, seed {config.seed})",
-    )
-    return (int(report.pick.layer),), report.to_dict()
+    ).to_dict()
+    if spec == "dominant":
+        return (int(report["pick"]["layer"]),), report
+    if splits is None or objective is None:
+        raise ConfigError("--layers auto races candidate layers on the task: it needs the run's data and objective")
+    return auto_layer(config, loaded, splits, objective, report, note)
+
+
+def auto_layer(config: TuneConfig, loaded: LoadedModel, splits: TaskSplits, objective: Objective, outlier: dict,
+               note: Callable[[str], None] | None) -> tuple[tuple[int, ...], dict]:
+    """``--layers auto``: rank candidates (outlier and sensitivity picks, runner-ups, the last layer) and race them."""
+    ranking = sensitivity_ranking(loaded, objective, splits.train, batch_size=config.batch_size, seed=config.seed)
+    candidates = candidate_layers(outlier, ranking, loaded.layout.num_layers)
+    if note:
+        note("--layers auto: racing layers " + ", ".join(f"{c.layer} ({', '.join(c.sources)})" for c in candidates))
+    result = race(loaded, objective, splits.train, splits.dev, candidates, config.zo,
+                  RaceConfig(first_steps=race_first_steps(config.steps, len(candidates)),
+                             batch_size=config.batch_size, seed=config.seed))
+    if note:
+        note(f"--layers auto: {result.reason}")
+    return (result.winner,), {"dominant_layer": result.winner, "selection": "auto", "reason": result.reason,
+                              "race": result.to_dict(), "sensitivity_ranking": ranking, "outlier_profile": outlier}
+
+
+def race_first_steps(steps: int, candidates: int) -> int:
+    """Round-1 steps per candidate so the whole race is about 5 % of the run's steps (at least 2).
+
+    Successive halving with doubling rounds runs about ``c + 2·c/2 + 4·c/4 ... ≈ c·(1 + log2 c)``
+    multiples of the first round's steps for ``c`` candidates.
+    """
+    rounds = 1 + math.ceil(math.log2(max(candidates, 1)))
+    return max(2, round(0.05 * steps / (candidates * rounds)))
 
 
 @contextmanager
-def tuned_model(config: TuneConfig, loaded: LoadedModel) -> Iterator[Tuned]:
+def tuned_model(config: TuneConfig, loaded: LoadedModel, splits: TaskSplits | None = None,
+                objective: Objective | None = None, note: Callable[[str], None] | None = None) -> Iterator[Tuned]:
     """Select and prepare the tuned tensors; on exit the model's structure is as it was.
 
     The BASE fingerprint is taken from the original-precision weights, before
@@ -295,7 +347,7 @@ def tuned_model(config: TuneConfig, loaded: LoadedModel) -> Iterator[Tuned]:
     the end; LoRA adapters are removed at the end (the patch holds them).
     """
     model, layout = loaded.model, loaded.layout
-    layers, profile = resolve_layers(config, loaded)
+    layers, profile = resolve_layers(config, loaded, splits, objective, note)
     check_tuned_placement(model, layout, layers)  # before anything reads the tuned weights
     model_dtype = next(model.parameters()).dtype
     state = dict(model.named_parameters())
@@ -412,17 +464,19 @@ def train(run: Run, state: LoopState, progress: bool) -> DivergenceError | None:
 def example_cache(run: Run) -> ExampleCache | None:
     """The run's per-example cache of the frozen lower layers' output (None when it does not apply).
 
-    Filled before the first step of this process (fresh or resumed: the same
-    values, so a resumed run writes the same bytes). A sweep's cross-run
+    Filled before the first step of this process, for the examples the run will
+    draw (fresh or resumed: the same values, so a resumed run writes the same bytes). A sweep's cross-run
     :class:`SharedLowerOutputs` takes its place: it makes each deeper run
     cost one more layer per batch instead of a whole lower stack.
     """
     config = run.config
     if run.prefix_cache is not None or not config.cache_lower_layers:
         return None
-    budget = default_example_cache_bytes() if config.prefix_cache_gb is None else int(config.prefix_cache_gb * 1024**3)
+    budget = prefix_budget(config)
+    visited = visited_examples(len(run.splits.train), config.batch_size, config.seed, config.steps)
     cache = run.objective.example_cache(run.loaded.model, run.loaded.layout, run.tuned.first_cached,
-                                        run.splits.train, batch_size=config.eval_batch_size, max_bytes=budget)
+                                        [run.splits.train[i] for i in visited], batch_size=config.eval_batch_size,
+                                        max_bytes=budget)
     if cache is not None and cache.gave_up and run.note and run.dp.is_main:
         run.note(f"the lower layers' outputs of {len(run.splits.train)} training examples exceed --prefix-cache-gb "
                  f"{budget / 1024**3:.2f}: every step recomputes them")

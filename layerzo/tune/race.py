@@ -1,0 +1,200 @@
+"""``--layers auto``: a layer pick that checks itself by racing a few candidates on the same batches.
+
+The outlier rule (``--layers dominant``) is one hypothesis; on other model
+families the first outlier may sit on the BOS token from layer 0 on and mean
+nothing. So :func:`auto_layer` ranks a few candidates —
+
+* the outlier pick and the outlier runner-up (the next layer flagged as an
+  outlier, else the one with the largest max/median ratio),
+* the sensitivity pick and its runner-up (a cheap screen: :data:`SCREEN_DIRECTIONS`
+  directions on one batch; see :mod:`layerzo.zo.sensitivity`),
+* the last layer —
+
+then races them with successive halving: every candidate takes the SAME
+``first_steps`` ZO steps on the same training batches (the run's lr and eps),
+is scored by the teacher-forced dev loss on a fixed dev subset (lower is
+better; zero-shot is the same number for all of them), the better half goes
+on for twice as many more steps, until one is left. A candidate whose
+perturbations never changed the training loss (every projected gradient
+exactly 0: its weights reach nothing the loss sees) is out at once, whatever its
+dev loss: on a short budget ZO noise can leave a live layer slightly worse than
+an inert one that simply keeps the zero-shot loss. The race is deterministic
+(seeded), leaves the base weights bit-identical, and is recorded in the
+manifest (``profile.race``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from layerzo.data.objectives import GENERATED, Objective
+from layerzo.errors import ConfigError
+from layerzo.model.layers import get_layer, layer_parameter_names
+from layerzo.model.precision import fp32_master_layers
+from layerzo.tune.batches import train_batches
+from layerzo.zo.engine import TunedParams, ZOConfig, ZOState, zo_step
+from layerzo.zo.sensitivity import SensitivityConfig, layer_sensitivity
+
+SCREEN_DIRECTIONS = 2  # the sensitivity screen of --layers auto: K=2 on one batch (~1/8 of profile --sensitivity)
+
+
+@dataclass(frozen=True)
+class RaceConfig:
+    """The race's budget: ``first_steps`` per candidate in round 1 (doubling each round), ``dev_examples`` scored."""
+
+    first_steps: int = 4
+    dev_examples: int = 32
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("first_steps", "dev_examples", "batch_size"):
+            if type(getattr(self, name)) is not int or getattr(self, name) < 1:
+                raise ConfigError(f"race {name} must be an integer ≥ 1, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    layer: int
+    sources: tuple[str, ...]  # why it runs: "outlier pick", "outlier runner-up", "sensitivity pick", ...
+
+
+@dataclass(frozen=True)
+class RaceRound:
+    steps: int  # steps each survivor took in this round
+    dev_loss: dict[int, float]  # layer -> dev loss after the round
+    kept: tuple[int, ...]
+    inert: tuple[int, ...] = ()  # layers whose projected gradients were all exactly 0 so far
+
+
+@dataclass(frozen=True)
+class RaceResult:
+    winner: int
+    zero_shot_dev_loss: float
+    candidates: tuple[Candidate, ...]
+    rounds: tuple[RaceRound, ...]
+    seconds: float
+    steps: int  # ZO steps run in the whole race
+
+    @property
+    def reason(self) -> str:
+        last = self.rounds[-1].dev_loss
+        runner = min((layer for layer in last if layer != self.winner), key=last.get, default=None)
+        vs = f" vs layer {runner}'s {last[runner]:.4f}" if runner is not None else ""
+        sources = next(c.sources for c in self.candidates if c.layer == self.winner)
+        inert = sorted({layer for r in self.rounds for layer in r.inert} - {self.winner})
+        out = f"; inert (no perturbation changed the loss): layer(s) {', '.join(map(str, inert))}" if inert else ""
+        worse = "" if last[self.winner] < self.zero_shot_dev_loss else "; no candidate lowered the dev loss"
+        return (f"layer {self.winner} ({', '.join(sources)}) won a race of {len(self.candidates)} candidates on the same "
+                f"training batches: dev loss {self.zero_shot_dev_loss:.4f} -> {last[self.winner]:.4f}{vs} "
+                f"after {len(self.rounds)} round(s), {self.steps} ZO steps in all{out}{worse}")
+
+    def to_dict(self) -> dict:
+        return {"winner": self.winner, "zero_shot_dev_loss": self.zero_shot_dev_loss,
+                "candidates": [asdict(c) for c in self.candidates],
+                "rounds": [{"steps": r.steps, "dev_loss": {str(k): v for k, v in r.dev_loss.items()},
+                            "kept": list(r.kept), "inert": list(r.inert)} for r in self.rounds],
+                "seconds": self.seconds, "steps": self.steps, "reason": self.reason}
+
+
+def candidate_layers(outlier: dict, sensitivity_ranking: Sequence[int], num_layers: int) -> tuple[Candidate, ...]:
+    """The candidates in a fixed order, each with every reason it was proposed (a pure function)."""
+    pick = int(outlier["pick"]["layer"])
+    flagged = [int(s["layer"]) for s in outlier["layers"] if s.get("outlier") and int(s["layer"]) != pick]
+    by_ratio = sorted((s for s in outlier["layers"] if int(s["layer"]) != pick and s.get("ratio") is not None),
+                      key=lambda s: (-s["ratio"], s["layer"]))
+    runner = flagged[0] if flagged else (int(by_ratio[0]["layer"]) if by_ratio else None)
+    proposals = [(pick, "outlier pick"), (runner, "outlier runner-up")]
+    proposals += [(layer, name) for layer, name in zip(sensitivity_ranking[:2], ("sensitivity pick",
+                                                                                 "sensitivity runner-up"))]
+    proposals.append((num_layers - 1, "last layer"))
+    sources: dict[int, list[str]] = {}
+    for layer, why in proposals:
+        if layer is not None:
+            sources.setdefault(int(layer), []).append(why)
+    return tuple(Candidate(layer, tuple(why)) for layer, why in sources.items())
+
+
+def race(loaded, objective: Objective, train: Sequence, dev: Sequence, candidates: Sequence[Candidate],
+         zo: ZOConfig, config: RaceConfig = RaceConfig()) -> RaceResult:
+    """Successive halving over ``candidates`` (module docstring); θ of the model is bit-identical afterwards."""
+    if not candidates:
+        raise ConfigError("the layer race needs at least one candidate")
+    start = time.perf_counter()
+    model, layout = loaded.model, loaded.layout
+    scorer = objective if objective.name not in GENERATED else Objective("ce", objective.tokenizer,
+                                                                          max_length=objective.max_length)
+    dev_batch = scorer.encode(list(dev[:config.dev_examples]) or list(train[:config.dev_examples]))
+    zero_shot = scorer.loss(model, dev_batch)
+    runners = {c.layer: Runner(loaded, c.layer, objective, train, zo, config) for c in candidates}
+    alive, rounds, steps, total = [c.layer for c in candidates], [], config.first_steps, 0
+    while True:
+        losses = {layer: runners[layer].advance(steps, lambda: scorer.loss(model, dev_batch)) for layer in alive}
+        total += steps * len(alive)
+        inert = tuple(layer for layer in alive if runners[layer].inert)
+        ranked = sorted(alive, key=lambda layer: (layer in inert and len(inert) < len(alive), _finite(losses[layer]),
+                                                  alive.index(layer)))
+        keep = ranked[:math.ceil(len(alive) / 2)]
+        rounds.append(RaceRound(steps, losses, tuple(keep), inert))
+        if len(alive) == 1:
+            break
+        alive, steps = [layer for layer in alive if layer in keep], steps * 2
+    return RaceResult(alive[0], zero_shot, tuple(candidates), tuple(rounds), round(time.perf_counter() - start, 3),
+                      total)
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else math.inf
+
+
+class Runner:
+    """One candidate's ZO run, advanced a round at a time; the layer holds base weights between rounds."""
+
+    def __init__(self, loaded, layer: int, objective: Objective, train: Sequence, zo: ZOConfig,
+                 config: RaceConfig) -> None:
+        self.loaded, self.layer, self.objective, self.train, self.zo = loaded, layer, objective, train, zo
+        self.batches = train_batches(len(train), config.batch_size, config.seed)  # the same stream for everyone
+        self.seeds, self.state, self.weights = random.Random(config.seed), ZOState(), None
+        self.inert = True  # until a perturbation changes the loss
+
+    def advance(self, steps: int, score: Callable[[], float]) -> float:
+        """``steps`` more ZO steps from where this candidate stopped; returns ``score()`` of its weights."""
+        model, layout = self.loaded.model, self.loaded.layout
+        module = get_layer(model, layout, self.layer)
+        dtype = next(model.parameters()).dtype
+        with fp32_master_layers([module], dtype):
+            params = TunedParams.from_model(model, layer_parameter_names(model, layout, self.layer))
+            base = params.state()
+            if self.weights is not None:
+                params.load(self.weights)
+            try:
+                for _ in range(steps):
+                    batch = self.objective.encode([self.train[i] for i in next(self.batches)])
+                    with self.objective.step_loss(model, layout, self.layer, batch) as loss:
+                        result = zo_step(params, loss, self.seeds.getrandbits(63), self.zo, self.state)
+                    self.inert = self.inert and all(g == 0.0 for g in result.grads)
+                with torch.no_grad():
+                    value = score()
+                self.weights = params.state()
+            finally:
+                params.load(base)
+        module.to(dtype)
+        return value
+
+
+def sensitivity_ranking(loaded, objective: Objective, train: Sequence, *, batch_size: int, seed: int) -> list[int]:
+    """Layers by the sensitivity rule from a cheap screen (K = :data:`SCREEN_DIRECTIONS`, one batch)."""
+    scorer = objective if objective.name not in GENERATED else Objective("ce", objective.tokenizer,
+                                                                          max_length=objective.max_length)
+    stream = train_batches(len(train), batch_size, seed)
+    batch = scorer.encode([train[i] for i in next(stream)])
+    report = layer_sensitivity(loaded.model, loaded.layout, [batch], lambda b: scorer.loss(loaded.model, b),
+                               SensitivityConfig(directions=SCREEN_DIRECTIONS, seed=seed),
+                               model_name=loaded.source.name)
+    return report.ranking()
