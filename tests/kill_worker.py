@@ -15,15 +15,15 @@ import time
 
 def main() -> None:
     delay = float(sys.argv[1])
-    import layerzo.tune.loop as train
+    import layerzo.data.objectives as objectives
 
-    encode = train.encode_batch
+    encode = objectives.encode_batch
 
     def slow_encode(*args, **kwargs):
         time.sleep(delay)
         return encode(*args, **kwargs)
 
-    train.encode_batch = slow_encode
+    objectives.encode_batch = slow_encode  # what tune's training steps encode their batches with
     from layerzo.cli.main import app
 
     app(sys.argv[2:], prog_name="layerzo")

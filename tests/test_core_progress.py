@@ -146,7 +146,7 @@ def test_tune_progress_line_shows_loss_dev_and_this_process_rate(monkeypatch, ca
 
 # ----------------------------------------------------------------------------- a real tune into a log
 LINE = re.compile(r"^tune: step (\d+)/6 \((\d+)%\)  loss \d+\.\d{4}  dev (-|\d\.\d{3})  (\d+\.\d\d|-) steps/s  "
-                  r"ETA (\?|\d+s|\d+m\d\ds|\d+h\d\dm)$")
+                  r"(?:cache \d+%  )?ETA (\?|\d+s|\d+m\d\ds|\d+h\d\dm)$")
 
 
 def test_tune_with_stderr_not_a_terminal_prints_plain_progress_lines(tiny_llama_dir, data_dir, tmp_path,

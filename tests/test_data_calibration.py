@@ -28,7 +28,7 @@ def test_read_calibration_file_refuses_missing_and_empty_files(tmp_path):
     with pytest.raises(ConfigError, match="has no texts"):
         read_calibration_file(tmp_path / "blank.txt")
     (tmp_path / "bad.jsonl").write_text('{"text": \n')
-    with pytest.raises(DataRowError, match="bad.jsonl:1: not valid JSON"):
+    with pytest.raises(DataRowError, match="bad.jsonl:1: invalid JSON"):
         read_calibration_file(tmp_path / "bad.jsonl")
 
 

@@ -13,9 +13,12 @@ That happened once, by design, after the redesign had passed against the first r
 the reliability round made patches record the base's name instead of its local path, added
 the ``keep`` recipe key and the ``kept``/``no_op`` metrics, and made the card agree with the
 manifest; later the ``select`` recipe key and, for LoRA patches, the PEFT adapter files listed in
-the manifest; then the ``objective`` and ``max_new_tokens`` recipe keys (generative tasks: only the
-manifest and card changed). Each time the trajectories, the tensor data (``tensor data``) and, after the first
-time, the whole weight files came out identical (LoRA-ZO moved onto peft with the same bytes).
+the manifest; then the ``objective``, ``max_new_tokens`` and ``prefix_cache_gb`` recipe keys (generative tasks; the
+per-example lower-layer cache, on by default). There five runs kept their tensor and trajectory
+bytes; llama_lora and qwen3_q2_momentum moved by fp32 rounding (a row's lower-layer output computed
+in another batch), and with ``prefix_cache_gb=0`` both reproduced their previous trajectory bytes
+exactly. Every earlier time the trajectories, the tensor data (``tensor data``) and, after the
+first time, the whole weight files came out identical (LoRA-ZO moved onto peft with the same bytes).
 """
 
 from __future__ import annotations

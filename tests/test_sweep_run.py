@@ -70,13 +70,13 @@ def test_base_accuracy_is_evaluated_once_per_example_set(tiny, data_dir, tmp_pat
     from layerzo.tune.batches import EvalSet
 
     calls = []
-    real = EvalSet.accuracy
+    real = EvalSet.evaluate
 
     def counting(self, model, *args, **kwargs):
         calls.append(self.size)
         return real(self, model, *args, **kwargs)
 
-    monkeypatch.setattr(EvalSet, "accuracy", counting)
+    monkeypatch.setattr(EvalSet, "evaluate", counting)
     run_sweep(_config(data_dir, layers="0-1", full=False, steps=2, eval_every=2), tmp_path / "s", loaded=tiny,
               progress=False)
     # zero-shot dev + test once for the sweep, then per run: one dev eval (+ test unless best is the base)

@@ -246,8 +246,8 @@ def test_layer_ranges_and_the_last_layer_are_accepted_like_sweep(tiny_llama_dir,
 
 # ----------------------------------------------------------------------------- generative tasks
 def _squad(tiny_llama_dir, data_dir, **kw) -> TuneConfig:
-    return _config(tiny_llama_dir, data_dir, task="squad", max_length=256, max_new_tokens=6, eval_batch_size=8,
-                   **kw)
+    return _config(tiny_llama_dir, data_dir, **{"task": "squad", "max_length": 256, "max_new_tokens": 6,
+                                                "eval_batch_size": 8, **kw})
 
 
 def test_a_generative_task_tunes_with_ce_and_reports_f1_and_em(tiny_llama_dir, data_dir, tmp_path):
@@ -316,7 +316,8 @@ def test_chat_data_learns_the_assistant_turns_rendered_with_the_chat_template(ti
                           num_dev=8, num_test=8), tmp_path / "p", progress=False)
     manifest = json.loads((tmp_path / "p" / MANIFEST_NAME).read_text())
     assert manifest["metrics"]["metric"] == "f1" and manifest["metrics"]["objective"] == "ce"
-    assert manifest["metrics"]["num_train"] + manifest["metrics"]["num_dev"] + manifest["metrics"]["num_test"] == 40
+    # 40 rows: test and dev get a fifth each (8), train the rest up to --num-train (16 here)
+    assert (manifest["metrics"]["num_train"], manifest["metrics"]["num_dev"], manifest["metrics"]["num_test"]) == (16, 8, 8)
     assert result.metrics["test_f1"] is not None
 
 

@@ -8,11 +8,11 @@ English sentences. :func:`calibration_for` makes that choice;
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from layerzo.data.spec import parse_json
 from layerzo.data.tasks import calibration_texts
 from layerzo.errors import ConfigError, DataRowError
 
@@ -88,10 +88,7 @@ def _calibration_text(path: Path, lineno: int, line: str) -> str:
     """One line of a calibration file: the line itself, or a ``.jsonl`` row's ``"text"``."""
     if path.suffix.lower() != ".jsonl":
         return line.rstrip("\n")
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataRowError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    row = parse_json(line, f"{path}:{lineno}")
     if not isinstance(row, dict) or not isinstance(row.get("text"), str):
         raise DataRowError(f'{path}:{lineno}: expected an object with a "text" string')
     return row["text"]

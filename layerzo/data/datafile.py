@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from layerzo.data import templates
-from layerzo.data.spec import Example, Row, TaskSpec, need_field
+from layerzo.data.spec import Example, Row, TaskSpec, need_field, parse_json
 from layerzo.errors import DataRowError, TaskError
 
 PROMPT_COMPLETION = "prompt_completion"
@@ -123,10 +123,7 @@ def first_row_format(path: Path) -> str:
             for lineno, line in enumerate(f, start=1):
                 if line.strip():
                     where = f"{path}:{lineno}"
-                    try:
-                        row = json.loads(line)
-                    except (json.JSONDecodeError, RecursionError):
-                        raise DataRowError(f"{where}: invalid JSON") from None
+                    row = parse_json(line, where)
                     if not isinstance(row, dict):
                         raise DataRowError(f"{where}: expected a JSON object, got {type(row).__name__}")
                     return row_format(row, where)

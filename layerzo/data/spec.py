@@ -133,6 +133,18 @@ def generative_example(prompt: str, flat: Row, where: str) -> Example:
     return Example(prompt, (target,), 0, where, tuple(answers))
 
 
+def parse_json(text: str, where: str, error: type = DataRowError) -> Any:
+    """``json.loads(text)``; a malformed, too deeply nested or too-many-digit document is one ``error`` line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{where}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:  # thousands of nested brackets
+        raise error(f"{where}: JSON nested too deeply to be a data row") from None
+    except ValueError as e:  # Python's int-digit limit: a number with over 4300 digits
+        raise error(f"{where}: invalid JSON ({str(e).split(':')[0]})") from None
+
+
 def need_field(obj: Row, key: str, kind: type, where: str, prefix: str = "") -> Any:
     """``obj[key]`` checked to be a ``kind``; errors name the dotted field path."""
     name = prefix + key

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import difflib
 import functools
-import json
 import os
 import random
 from pathlib import Path
 
 from layerzo.data import datafile, qa, templates
-from layerzo.data.spec import Example, Row, TaskSpec, TaskSplits, need_field
+from layerzo.data.spec import Example, Row, TaskSpec, TaskSplits, need_field, parse_json
 from layerzo.errors import DataRowError, OfflineError, TaskError
 
 SPLITS = ("train", "validation")
@@ -264,13 +263,7 @@ def _read_jsonl_cached(spec: TaskSpec, path: str, mtime_ns: int, size: int) -> t
                 if not line.strip():
                     continue
                 where = f"{path}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataRowError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-                except RecursionError:  # thousands of nested brackets
-                    raise DataRowError(f"{where}: JSON nested too deeply to be a data row") from None
-                out.extend(spec.examples(row, where))
+                out.extend(spec.examples(parse_json(line, where), where))
     except UnicodeDecodeError as e:
         raise TaskError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     return tuple(out)
@@ -289,12 +282,7 @@ def _read_document_cached(spec: TaskSpec, layout: qa.DocumentLayout, path: str, 
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise TaskError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise TaskError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    except RecursionError:
-        raise TaskError(f"{path}: JSON nested too deeply to be a data file") from None
+    document = parse_json(text, str(path), TaskError)
     return tuple(ex for row, where in layout.rows(document, path, split) for ex in spec.examples(row, where))
 
 

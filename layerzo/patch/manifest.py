@@ -43,7 +43,8 @@ def _is_int(v: object) -> bool:
 
 
 def _is_number(v: object) -> bool:
-    return (type(v) is int or type(v) is float) and math.isfinite(v)
+    """A finite float, or an int a float holds exactly (``math.isfinite`` overflows on a 400-digit int)."""
+    return (type(v) is float and math.isfinite(v)) or (type(v) is int and abs(v) <= 2**53)
 
 
 @dataclass(frozen=True)

@@ -189,8 +189,8 @@ def _coerce(name: str, value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {name} must be a number, got {value!r}")
         try:
             number = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: {name} must be a number, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float range (10**400)
+            raise ConfigError(f"{where}: {name} must be a number, got {str(value)[:40]!r}") from None
         if math.isnan(number):
             raise ConfigError(f"{where}: {name} must be a number, got {value!r}")
         return number
