@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from layerzo.data.metrics import best_exact_match, best_f1
-from layerzo.data.scoring import accepts_argument
+from layerzo.data.scoring import accepts_argument, left_padded
 from layerzo.errors import ConfigError, DataRowError
 from layerzo.model.layers import LayerLayout
 from layerzo.model.prefix_cache import replayed_prefill, save_prefill, shares_prefill
@@ -72,14 +72,7 @@ def encode_prompts(tokenizer, examples: Sequence, *, max_length: int, max_new_to
             raise DataRowError(f"example {ex.source or i}: the prompt encodes to no tokens")
         truncated += len(ids) > budget
         rows.append(ids[-budget:])
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        attention_mask[i, width - len(r):] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    input_ids, attention_mask, position_ids = left_padded(tokenizer, rows)
     return PromptBatch(input_ids, attention_mask, position_ids, tuple(ex.answers for ex in examples), truncated)
 
 

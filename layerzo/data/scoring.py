@@ -88,6 +88,19 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return context_enc, whole[len(context_enc) :]
 
 
+def left_padded(tokenizer, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rows`` of token ids as ``[R, T]`` ids, attention mask and position ids, LEFT padded (pad: the
+    tokenizer's pad, else EOS), positions counted from each row's first real token."""
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        attention_mask[i, width - len(r) :] = 1
+    return input_ids, attention_mask, (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def encode_batch(tokenizer, examples: Sequence, *, max_length: int = 512) -> ScoringBatch:
     """Tokenize ``examples`` (``layerzo.data.spec.Example``) into one :class:`ScoringBatch`."""
     if max_length < 2:
@@ -120,14 +133,7 @@ def encode_batch(tokenizer, examples: Sequence, *, max_length: int = 512) -> Sco
             pair_candidate.append(c)
 
     keep = max(len(t) for _, t in targets)
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        attention_mask[i, width - len(r) :] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    input_ids, attention_mask, position_ids = left_padded(tokenizer, rows)
 
     tok_row, tok_pos, tok_id, tok_pair = [], [], [], []
     for p, (row, ids) in enumerate(targets):

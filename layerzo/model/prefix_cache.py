@@ -48,6 +48,17 @@ class _Replay(nn.Module):
         return self._captured["out"]
 
 
+@contextmanager
+def restored_layers(layers: nn.ModuleList, first: int) -> Iterator[list[nn.Module]]:
+    """Yields layers ``0 .. first-1`` (the caller may replace them in ``layers``); puts them back on exit."""
+    originals = [layers[i] for i in range(first)]
+    try:
+        yield originals
+    finally:
+        for i, module in enumerate(originals):
+            layers[i] = module
+
+
 class SharedLowerOutputs:
     """Per batch (keyed by its token ids and mask), the deepest frozen layer output seen so far."""
 
@@ -106,7 +117,6 @@ def cached_lower_layers(
         yield
         return
     layers = get_layers(model, layout)
-    originals = [layers[i] for i in range(first)]
     captured: dict = {} if store is None else store
     shared = shared if batch is not None else None
     key = shared.key(batch) if shared is not None else b""
@@ -127,21 +137,20 @@ def cached_lower_layers(
         replay()
 
     handle = None
-    if "out" in captured:
-        replay()
-    else:
-        if start > 0:  # an earlier run's output of layer start-1: run only layers start..first-1
-            earlier = {"out": start_out}
-            for i in range(start):
-                layers[i] = _Replay(earlier)
-        handle = originals[-1].register_forward_hook(capture)
-    try:
-        yield
-    finally:
-        if handle is not None:
-            handle.remove()
-        for i, module in enumerate(originals):
-            layers[i] = module
+    with restored_layers(layers, first) as originals:
+        if "out" in captured:
+            replay()
+        else:
+            if start > 0:  # an earlier run's output of layer start-1: run only layers start..first-1
+                earlier = {"out": start_out}
+                for i in range(start):
+                    layers[i] = _Replay(earlier)
+            handle = originals[-1].register_forward_hook(capture)
+        try:
+            yield
+        finally:
+            if handle is not None:
+                handle.remove()
 
 
 # ----------------------------------------------------------------------------- generation
@@ -182,20 +191,18 @@ def replayed_prefill(model: nn.Module, layout: LayerLayout, first: int, store: d
         yield
         return
     layers = get_layers(model, layout)
-    originals = [layers[i] for i in range(first)]
-    handle = None
-    if "kv" in store:
-        for i in range(first):
-            layers[i] = _ReplayWithCache(i, store)
-    else:
-        handle = originals[-1].register_forward_hook(lambda module, args, output: store.__setitem__("out", output))
-    try:
-        yield
-    finally:
-        if handle is not None:
-            handle.remove()
-        for i, module in enumerate(originals):
-            layers[i] = module
+    with restored_layers(layers, first) as originals:
+        handle = None
+        if "kv" in store:
+            for i in range(first):
+                layers[i] = _ReplayWithCache(i, store)
+        else:
+            handle = originals[-1].register_forward_hook(lambda module, args, output: store.__setitem__("out", output))
+        try:
+            yield
+        finally:
+            if handle is not None:
+                handle.remove()
 
 
 def save_prefill(store: dict, cache: Any, first: int) -> None:
@@ -319,12 +326,8 @@ class ExampleCache:
 def replayed_lower_output(model: nn.Module, layout: LayerLayout, first: int, output: torch.Tensor) -> Iterator[None]:
     """Within the block, layers < ``first`` are skipped: layer ``first`` reads ``output`` (an assembled batch)."""
     layers = get_layers(model, layout)
-    originals = [layers[i] for i in range(first)]
     captured = {"out": output}
-    for i in range(first):
-        layers[i] = _Replay(captured)
-    try:
+    with restored_layers(layers, first):
+        for i in range(first):
+            layers[i] = _Replay(captured)
         yield
-    finally:
-        for i, module in enumerate(originals):
-            layers[i] = module
