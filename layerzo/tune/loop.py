@@ -329,10 +329,10 @@ def auto_layer(config: TuneConfig, loaded: LoadedModel, splits: TaskSplits, obje
 def race_first_steps(steps: int, candidates: int) -> int:
     """Round-1 steps per candidate so the whole race is about 5 % of the run's steps (at least 2).
 
-    Successive halving with doubling rounds runs about ``c + 2·c/2 + 4·c/4 ... ≈ c·(1 + log2 c)``
-    multiples of the first round's steps for ``c`` candidates.
+    Successive halving with doubling rounds, stopped once one candidate is kept, runs about
+    ``c + 2·c/2 + 4·c/4 ... ≈ c·log2 c`` multiples of the first round's steps for ``c`` candidates.
     """
-    rounds = 1 + math.ceil(math.log2(max(candidates, 1)))
+    rounds = max(1, math.ceil(math.log2(max(candidates, 1))))
     return max(2, round(0.05 * steps / (candidates * rounds)))
 
 

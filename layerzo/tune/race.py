@@ -14,7 +14,7 @@ then races them with successive halving: every candidate takes the SAME
 ``first_steps`` ZO steps on the same training batches (the run's lr and eps),
 is scored by the teacher-forced dev loss on a fixed dev subset (lower is
 better; zero-shot is the same number for all of them), the better half goes
-on for twice as many more steps, until one is left. A candidate whose
+on for twice as many more steps, until one is kept. A candidate whose
 perturbations never changed the training loss (every projected gradient
 exactly 0: its weights reach nothing the loss sees) is out at once, whatever its
 dev loss: on a short budget ZO noise can leave a live layer slightly worse than
@@ -142,10 +142,10 @@ def race(loaded, objective: Objective, train: Sequence, dev: Sequence, candidate
                                                   alive.index(layer)))
         keep = ranked[:math.ceil(len(alive) / 2)]
         rounds.append(RaceRound(steps, losses, tuple(keep), inert))
-        if len(alive) == 1:
+        if len(keep) == 1:  # decided: a round for the winner alone would only re-score it
             break
         alive, steps = [layer for layer in alive if layer in keep], steps * 2
-    return RaceResult(alive[0], zero_shot, tuple(candidates), tuple(rounds), round(time.perf_counter() - start, 3),
+    return RaceResult(keep[0], zero_shot, tuple(candidates), tuple(rounds), round(time.perf_counter() - start, 3),
                       total)
 
 
