@@ -124,3 +124,15 @@ def test_zo_on_f1_raises_the_training_f1_and_a_flipped_update_does_not(tokenizer
         assert late >= 0.3, history
     else:
         assert late <= 0.1, history
+
+
+def test_profiles_and_races_use_the_teacher_forced_ce_in_place_of_f1_and_em(tokenizer):
+    from layerzo.data.objectives import teacher_forced
+
+    assert [teacher_forced(n) for n in ("f1", "em", "ce", "choice", "accuracy")] == ["ce", "ce", "ce", "choice",
+                                                                                       "accuracy"]
+    f1 = Objective("f1", tokenizer, max_length=64, generator=Generator(tokenizer, max_new_tokens=2))
+    ce = f1.teacher_forced()
+    assert ce.name == "ce" and ce.max_length == 64 and not ce.generates
+    choice = Objective("choice", tokenizer, max_length=64)
+    assert choice.teacher_forced() is choice

@@ -48,6 +48,16 @@ def resolve_objective(name: str, *, generative: bool, task: str) -> str:
     return name
 
 
+def teacher_forced(name: str) -> str:
+    """The objective layers are profiled and raced with: ``ce`` in place of ``f1``/``em``.
+
+    Those are piecewise constant in the weights (a small eps rarely changes a greedy
+    answer), and the lower-layer replays of a profile assume one forward per
+    evaluation, which decoding is not; the teacher-forced ce of the same targets is neither.
+    """
+    return "ce" if name in GENERATED else name
+
+
 def target_example(ex: Example) -> Example:
     """The example with only its correct candidate: the teacher-forced target of ``ce``."""
     return ex if len(ex.candidates) == 1 else Example(ex.context, (ex.candidates[ex.label],), 0, ex.source, ex.answers)
@@ -66,6 +76,11 @@ class Objective:
     @property
     def generates(self) -> bool:
         return self.name in GENERATED
+
+    def teacher_forced(self) -> "Objective":
+        """This objective, or for f1/em the ``ce`` of the same targets (see :func:`teacher_forced`)."""
+        name = teacher_forced(self.name)
+        return self if name == self.name else Objective(name, self.tokenizer, max_length=self.max_length)
 
     def encode(self, examples: Sequence[Example]):
         """The batch this objective's loss reads: prompts (f1/em) or scored targets/candidates."""

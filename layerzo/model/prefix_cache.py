@@ -205,6 +205,11 @@ def replayed_prefill(model: nn.Module, layout: LayerLayout, first: int, store: d
                 handle.remove()
 
 
+def prefill_bytes(store: dict) -> int:
+    """Bytes a kept prefill holds: the lower layers' output and their KV-cache tensors."""
+    return _nbytes([store.get("out"), *(list(vars(layer).values()) for layer in store.get("kv", []))])
+
+
 def save_prefill(store: dict, cache: Any, first: int) -> None:
     """After a capturing prefill: keep the lower layers' cache entries for the replays."""
     if "kv" not in store and "out" in store:

@@ -7,7 +7,7 @@ from typing import Iterator
 import torch
 
 from layerzo.errors import ConfigError
-from layerzo.model.prefix_cache import SharedLowerOutputs, cached_lower_layers
+from layerzo.model.prefix_cache import SharedLowerOutputs, cached_lower_layers, prefill_bytes
 from layerzo.data.generation import Generator, batch_scores, encode_prompts
 from layerzo.data.scoring import candidate_scores, encode_batch
 
@@ -124,19 +124,14 @@ class GenerativeEvalSet:
             texts = self.generator.generate(model, batch, layout=layout, first=first_cached, store=store)
             if store is not None and "counted" not in store:
                 store["counted"] = True
-                self.bytes += prefill_bytes(store)
-                if self.bytes > self.max_bytes:  # over budget: forget this batch's prefill, keep the earlier ones
-                    self.bytes -= prefill_bytes(store)
+                size = prefill_bytes(store)
+                if self.bytes + size > self.max_bytes:  # over budget: forget this batch's prefill, keep the earlier
                     self.stores[i] = None
+                else:
+                    self.bytes += size
             for k in totals:
                 totals[k] += batch_scores(texts, batch)[k] * batch.num_rows
         return {k: v / self.size for k, v in totals.items()}
-
-
-def prefill_bytes(store: dict) -> int:
-    """Bytes a kept prefill holds: the lower layers' output and their KV-cache tensors."""
-    tensors = [store.get("out")] + [t for layer in store.get("kv", []) for t in vars(layer).values()]
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 class ZeroShotCache:

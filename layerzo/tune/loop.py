@@ -123,11 +123,6 @@ class Run:
         """``{"acc": ...}`` or, for a generative task, ``{"f1": ..., "em": ...}`` (None: an empty set)."""
         return eval_set.evaluate(self.loaded.model, self.loaded.layout, self.tuned.first_cached, self.prefix_cache)
 
-    def score(self, eval_set) -> float | None:
-        """The set's primary score: accuracy, or F1 for a generative task (best-dev selection uses it)."""
-        scores = self.scores(eval_set)
-        return None if scores is None else scores[eval_set.metric]
-
 
 @dataclass
 class LoopState:

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from layerzo.data.objectives import GENERATED, Objective
+from layerzo.data.objectives import Objective
 from layerzo.errors import ConfigError
 from layerzo.model.layers import get_layer, layer_parameter_names
 from layerzo.model.precision import fp32_master_layers
@@ -128,8 +128,7 @@ def race(loaded, objective: Objective, train: Sequence, dev: Sequence, candidate
         raise ConfigError("the layer race needs at least one candidate")
     start = time.perf_counter()
     model, layout = loaded.model, loaded.layout
-    scorer = objective if objective.name not in GENERATED else Objective("ce", objective.tokenizer,
-                                                                          max_length=objective.max_length)
+    scorer = objective.teacher_forced()
     dev_batch = scorer.encode(list(dev[:config.dev_examples]) or list(train[:config.dev_examples]))
     zero_shot = scorer.loss(model, dev_batch)
     runners = {c.layer: Runner(loaded, c.layer, objective, train, zo, config) for c in candidates}
@@ -190,8 +189,7 @@ class Runner:
 
 def sensitivity_ranking(loaded, objective: Objective, train: Sequence, *, batch_size: int, seed: int) -> list[int]:
     """Layers by the sensitivity rule from a cheap screen (K = :data:`SCREEN_DIRECTIONS`, one batch)."""
-    scorer = objective if objective.name not in GENERATED else Objective("ce", objective.tokenizer,
-                                                                          max_length=objective.max_length)
+    scorer = objective.teacher_forced()
     stream = train_batches(len(train), batch_size, seed)
     batch = scorer.encode([train[i] for i in next(stream)])
     report = layer_sensitivity(loaded.model, loaded.layout, [batch], lambda b: scorer.loss(loaded.model, b),

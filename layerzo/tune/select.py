@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from layerzo.data.chat import render_chat
-from layerzo.data.objectives import GENERATED, Objective, resolve_objective
+from layerzo.data.objectives import Objective, resolve_objective, teacher_forced
 from layerzo.data.tasks import load_task
 from layerzo.errors import TaskError
 from layerzo.model.loading import LoadedModel
@@ -33,11 +33,7 @@ def task_sensitivity(loaded: LoadedModel, task: str, data_dir: str | os.PathLike
                        num_test=0, seed=seed)
     if not splits.train:
         raise TaskError(f"task {task!r} has no training examples")
-    name = resolve_objective(objective, generative=splits.generative, task=splits.name)
-    # f1/em are piecewise constant in the weights (a tiny eps rarely changes a greedy answer), so their
-    # layers are profiled with the teacher-forced ce of the same targets; the profile's replay also
-    # assumes one forward per evaluation, which decoding is not
-    name = "ce" if name in GENERATED else name
+    name = teacher_forced(resolve_objective(objective, generative=splits.generative, task=splits.name))
     if splits.chat:
         splits = render_chat(splits, loaded.tokenizer)
     loss = Objective(name, loaded.tokenizer, max_length=max_length)
