@@ -10,6 +10,8 @@ row. Variants, interleaved ``--rounds`` times after a warm-up, medians:
 * ``two_forwards``  two plain forwards (the floor of a two-point ZO step);
 * ``layer2``, ``layer16``  the dominant-layer step on layer 2 / layer 16 as tune
   runs it after the first epoch: layers below read the per-example cache;
+* ``layer16_paired`` the same with + and − as one forward of 2×16 rows (``tune --paired-forward``:
+  the frozen layers above run once; on CPU it measured 1.00× the two forwards, so it is off there);
 * ``lora``          LoRA-ZO r=8 on q/v of every layer (MeZO's LoRA baseline);
 * ``full``          full-model MeZO (every decoder-layer tensor, z regenerated per use: MeZO's seed trick).
 
@@ -37,7 +39,7 @@ SHAPES = {  # LlamaConfig keyword arguments
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=18, num_attention_heads=4,
                  num_key_value_heads=4, vocab_size=512, max_position_embeddings=512),
 }
-VARIANTS = ("two_forwards", "layer2", "layer16", "lora", "full")
+VARIANTS = ("two_forwards", "layer2", "layer16", "layer16_paired", "lora", "full")
 
 
 def random_batch(vocab: int, rows: int, tokens: int, seed: int = 0):
@@ -90,9 +92,9 @@ def build(args):
         run = lambda: step(layer)  # noqa: E731
         return setup, run
 
-    def step(first: int):
-        with objective.step_loss(model, layout, first, batch, examples=state.get("cache")) as fn:
-            zo_step(state["params"], fn, next(seeds), config, ZOState(), z_cache_max_bytes=budget)
+    def step(first: int, paired: bool = False):
+        with objective.step_loss(model, layout, first, batch, examples=state.get("cache"), paired=paired) as fn:
+            zo_step(state["params"], fn, next(seeds), config, ZOState(), z_cache_max_bytes=budget, pair_loss=fn.pair)
 
     def lora_setup():
         names = add_lora(model, layout, range(n), r=8, alpha=16, seed=0)
@@ -108,6 +110,8 @@ def build(args):
     setups, runs = {}, {}
     for name, layer in (("layer2", min(2, n - 1)), ("layer16", min(16, n - 1))):
         setups[name], runs[name] = layer_step(layer)
+    setups["layer16_paired"] = layer_step(min(16, n - 1))[0]
+    runs["layer16_paired"] = lambda: step(min(16, n - 1), paired=True)
     setups.update(lora=lora_setup, full=full_setup)
     runs.update(two_forwards=lambda: (loss(), loss()), lora=lambda: step(0), full=lambda: step(0))
     return model, {k: runs[k] for k in VARIANTS}, setups
@@ -135,7 +139,8 @@ def main() -> None:
                     "device": args.device, "dtype": args.dtype, "batch": [args.batch_size, args.tokens],
                     "rounds": args.rounds, "median_s": med, "all_s": times,
                     "vs_two_forwards": {k: v / med["two_forwards"] for k, v in med.items()},
-                    "full_over": {k: med["full"] / med[k] for k in ("layer2", "layer16", "lora")},
+                    "full_over": {k: med["full"] / med[k] for k in ("layer2", "layer16", "layer16_paired", "lora")},
+                    "paired_over_two": med["layer16_paired"] / med["layer16"],
                     "peak_cuda_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None})
     rows = "\n".join(f"| {k} | {med[k]:.4f} | {result['vs_two_forwards'][k]:.2f}x |" for k in VARIANTS)
     text = (header(f"ZO step on a {args.shape}-shaped model ({args.device}, {args.dtype} frozen, fp32 master layer)",
@@ -143,7 +148,9 @@ def main() -> None:
             + f"\nBatch {args.batch_size} x {args.tokens} random tokens; median of {args.rounds} interleaved rounds.\n\n"
             "| variant | median s | vs two forwards |\n|---|---|---|\n" + rows + "\n\n"
             + "; ".join(f"full / {k} = **{v:.2f}x**" for k, v in result["full_over"].items())
-            + (f"; peak CUDA {result['peak_cuda_gb']:.1f} GiB" if cuda else "") + "\n")
+            + (f"; peak CUDA {result['peak_cuda_gb']:.1f} GiB" if cuda else "")
+            + f"\n\nOne forward for + and - / two forwards (layer 16): **{result['paired_over_two']:.2f}x** "
+            "(below 1: make --paired-forward the default for this device in layerzo.tune.loop.PAIRED_FORWARD_DEFAULT)\n")
     args.results_dir.mkdir(parents=True, exist_ok=True)
     write_report("gpu_step", result, text, results_dir=args.results_dir)
     print(text)

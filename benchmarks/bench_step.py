@@ -9,6 +9,9 @@ median of each is reported, with ratios:
 * ``dominant``  ``zo_step`` on the profiled layer's tensors as ``layerzo.tune.loop.tune`` runs it after
                 the first epoch: the layers below read every row from the per-example cache
                 (``ExampleCache``, filled once per run), functional perturbation;
+* ``dominant_paired``  the same with + and - as ONE forward of the batch twice (2B rows: layer 11
+                run once under +eps, once under -eps, the frozen layers above once on all rows;
+                ``tune --paired-forward``);
 * ``dominant_batchcache``  the same with the lower layers run once per step (the per-batch cache, what
                 tune did before the per-example cache, and still does for rows it has not cached);
 * ``dominant_nocache``  the same without any lower-layer cache;
@@ -41,7 +44,7 @@ import torch  # noqa: E402
 
 from common import header, interleaved, medians, peak_rss_bytes, stamp, write_report  # noqa: E402
 
-VARIANTS = ("floor", "dominant", "dominant_batchcache", "dominant_nocache", "full", "full_zkept", "lora")
+VARIANTS = ("floor", "dominant", "dominant_paired", "dominant_batchcache", "dominant_nocache", "full", "full_zkept", "lora")
 TARGET_FULL_OVER_DOMINANT = 3.0
 TARGET_DOMINANT_OVER_FLOOR = 0.70
 
@@ -52,6 +55,7 @@ def build(args):
     from layerzo.model.lora import add_lora, model_parameter_name, remove_lora
     from layerzo.model.prefix_cache import ExampleCache, cached_lower_layers, replayed_lower_output
     from layerzo.model.loading import load_model
+    from layerzo.data.objectives import Objective
     from layerzo.data.scoring import batch_loss, encode_batch, kept_logits
     from layerzo.data.tasks import load_task
     from layerzo.tune.loop import resolve_layers
@@ -91,6 +95,13 @@ def build(args):
         with replayed_lower_output(model, layout, layer, examples.assemble(batch)):
             zo_step(p_dom, loss, next(seeds), cfg_dom, ZOState(), z_cache_max_bytes=budget)
 
+    objective = Objective("choice", loaded.tokenizer, max_length=args.max_length)
+
+    def dominant_paired():
+        with objective.step_loss(model, layout, layer, batch, examples=examples, paired=True) as step_loss:
+            zo_step(p_dom, step_loss, next(seeds), cfg_dom, ZOState(), z_cache_max_bytes=budget,
+                    pair_loss=step_loss.pair)
+
     def dominant_batchcache():
         with cached_lower_layers(model, layout, layer):
             zo_step(p_dom, loss, next(seeds), cfg_dom, ZOState(), z_cache_max_bytes=budget)
@@ -98,6 +109,7 @@ def build(args):
     variants = {
         "floor": lambda: (loss(), loss()),
         "dominant": dominant,
+        "dominant_paired": dominant_paired,
         "dominant_batchcache": dominant_batchcache,
         "dominant_nocache": lambda: zo_step(p_dom, loss, next(seeds), cfg_dom, ZOState(), z_cache_max_bytes=budget),
         "full": lambda: zo_step(p_full, loss, next(seeds), cfg_full, ZOState(), z_cache_max_bytes=budget),
@@ -162,6 +174,8 @@ def main() -> None:
                    "full_zkept/dominant": med["full_zkept"] / med["dominant"],
                    "lora/dominant": med["lora"] / med["dominant"],
                    "dominant_nocache/dominant": med["dominant_nocache"] / med["dominant"],
+                   "dominant_paired/dominant": med["dominant_paired"] / med["dominant"],
+                   "full/dominant_paired": med["full"] / med["dominant_paired"],
                    "dominant_batchcache/floor": med["dominant_batchcache"] / med["floor"],
                    "full/dominant_batchcache": med["full"] / med["dominant_batchcache"]},
         "targets": {"full/dominant >=": TARGET_FULL_OVER_DOMINANT, "dominant/floor <=": TARGET_DOMINANT_OVER_FLOOR},
@@ -192,6 +206,8 @@ def markdown(r: dict) -> str:
         f"- full / dominant = **{ratios['full/dominant']:.2f}x** (target >= {TARGET_FULL_OVER_DOMINANT}: "
         f"{'met' if ok_full else 'MISSED'}); with z kept in memory instead of the seed trick: "
         f"{ratios['full_zkept/dominant']:.2f}x\n"
+        f"- one forward for + and - (2B rows, `--paired-forward`) / two forwards = "
+        f"**{ratios['dominant_paired/dominant']:.2f}x**; full / dominant_paired = {ratios['full/dominant_paired']:.2f}x\n"
         f"- lora / dominant = **{ratios['lora/dominant']:.2f}x**; dominant without the lower-layer cache / with it = "
         f"{ratios['dominant_nocache/dominant']:.2f}x\n"
         f"- with the per-batch cache instead (lower layers once per step): dominant / floor = "

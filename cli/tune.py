@@ -60,7 +60,8 @@ def tune(
     batch_size: Annotated[Optional[int], _opt("--batch-size", "Examples per step. [default: 16]")] = None,
     objective: Annotated[Optional[str], _opt("--objective", "auto (choice for classification, ce for generative tasks), choice, ce (teacher-forced cross-entropy), or the non-differentiable accuracy, f1, em. [default: auto]")] = None,
     max_new_tokens: Annotated[Optional[int], _opt("--max-new-tokens", "Generative tasks: greedy answer length at most (dev/test, f1/em). [default: 50]")] = None,
-    lr: Annotated[Optional[float], _opt("--lr", "Learning rate. [default: 1e-4]")] = None,
+    lr: Annotated[Optional[str], _opt("--lr", "Learning rate, or auto (= --lr-search auto). [default: 1e-4]")] = None,
+    lr_search: Annotated[Optional[str], _opt("--lr-search", "Race learning rates on the training batches first and run with the winner: auto (a grid sized by the number of tuned weights), a comma list (1e-4,3e-4,1e-3), or off. [default: off]")] = None,
     eps: Annotated[Optional[float], _opt("--eps", "Perturbation scale. [default: 1e-3]")] = None,
     weight_decay: Annotated[Optional[float], _opt("--weight-decay", "Weight decay (not on norms/biases). [default: 0]")] = None,
     q: Annotated[Optional[int], _opt("--q", "Directions averaged per step. [default: 1]")] = None,
@@ -89,6 +90,9 @@ def tune(
     ] = None,
     prefix_cache_gb: Annotated[
         Optional[float], _opt("--prefix-cache-gb", "GiB for the lower layers' per-example outputs, kept for the whole run (0: off; default: a quarter of the RAM, at most 8).")
+    ] = None,
+    paired_forward: Annotated[
+        Optional[bool], _opt("--paired-forward/--no-paired-forward", "One tuned layer: evaluate + and - as one forward of 2x the batch (the layers above run once). [default: the device's measured default]")
     ] = None,
     keep: Annotated[Optional[str], _opt("--keep", "Weights the patch keeps: best (best dev accuracy, base included) or last. [default: best]")] = None,
     checkpoint_every: Annotated[

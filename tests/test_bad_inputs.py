@@ -216,6 +216,11 @@ def other_cases(ctx) -> dict[str, tuple[list, int, str]]:
         "tune-mixed-row-formats": (tune_args(base, data, out, "--task", f["pc-mixed.jsonl"]), 1, "pc-mixed.jsonl:2:"),
         "tune-prefix-cache-gb-negative": (tune_args(base, data, out, "--prefix-cache-gb", "-1"), 1,
                                           "prefix_cache_gb must be a number of GiB"),
+        "tune-lr-not-a-number": (tune_args(base, data, out, "--lr", "fast"), 1, "lr must be a number"),
+        "tune-lr-search-one-rate": (tune_args(base, data, out, "--lr-search", "1e-4"), 1,
+                                    "lr_search needs at least 2 distinct positive learning rates"),
+        "tune-lr-search-word": (tune_args(base, data, out, "--lr-search", "sometimes"), 1,
+                                "lr_search must be off, auto or a comma list"),
         "tune-layers-auto-in-a-sweep": (sweep_args(base, data, out, "--layers", "auto"), 1, "--layers must be 'all'"),
         # bad patches
         "apply-patch-truncated": (["apply", base, f["patch-truncated"], "-o", out], 1, "does not match its sha256"),

@@ -192,7 +192,7 @@ def test_in_process_interrupt_then_resume_with_another_checkpoint_interval(refer
                                                                            tmp_path, monkeypatch):
     """SIGINT delivered mid-step to the library call (not the CLI): TuneInterrupted after that step.
     checkpoint_every may differ on resume (it changes when we save, not what is computed)."""
-    import layerzo.data.objectives as objectives
+    from layerzo.data.objectives import Objective
     from layerzo.errors import TuneInterrupted
 
     # stop just after the reference's best step: the checkpoint's best weights then differ from its
@@ -200,22 +200,22 @@ def test_in_process_interrupt_then_resume_with_another_checkpoint_interval(refer
     best_step = json.loads((reference / "layerzo_patch.json").read_text())["metrics"]["best_step"]
     stop = min(max(best_step + 1, 1), STEPS - 1)
     calls = {"n": 0}
-    real = objectives.batch_loss
+    real = Objective.loss_of_logits  # every training loss goes through it (dev/test scoring does not)
 
-    def loss_then_ctrl_c(model, batch):
+    def loss_then_ctrl_c(self, logits, batch):
         calls["n"] += 1
         if calls["n"] == 2 * (stop - 1) + 1:  # inside step `stop` (q=1: two loss calls per step)
             os.kill(os.getpid(), signal.SIGINT)
-        return real(model, batch)
+        return real(self, logits, batch)
 
     config = TuneConfig.from_dict(dict(model=str(tiny_llama_dir), data_dir=str(data_dir), task="sst2", layers="2", steps=STEPS,
                         batch_size=4, num_train=32, num_dev=8, num_test=8, eval_every=5, lr=1e-3, eps=1e-2,
                         momentum=0.5, checkpoint_every=3))  # = tune_args
-    monkeypatch.setattr(objectives, "batch_loss", loss_then_ctrl_c)
+    monkeypatch.setattr(Objective, "loss_of_logits", loss_then_ctrl_c)
     with pytest.raises(TuneInterrupted, match=f"after step {stop} of {STEPS}") as info:
         tune(config, tmp_path / "patch", progress=False)
     assert info.value.step == stop and load_checkpoint(info.value.checkpoint).step == stop
-    monkeypatch.setattr(objectives, "batch_loss", real)
+    monkeypatch.setattr(Objective, "loss_of_logits", real)
     with pytest.raises(OutputExistsError, match="interrupted run") as refused:  # never silently thrown away
         tune(config, tmp_path / "patch", progress=False)
     assert "--resume" in refused.value.one_line()
@@ -264,17 +264,17 @@ def test_runaway_gradients_stop_the_run_with_one_line_and_the_best_patch_intact(
 
 def test_non_finite_losses_are_rejected_and_leave_no_trace_in_the_layer(tiny_llama_dir, data_dir, tmp_path,
                                                                         monkeypatch):
-    import layerzo.data.objectives as objectives
+    from layerzo.data.objectives import Objective
 
     calls = {"n": 0}
-    real = objectives.batch_loss
+    real = Objective.loss_of_logits  # every training loss goes through it
 
-    def sometimes_nan(model, batch):  # steps 2 and 3 (0-based 1, 2) see a NaN / inf loss
+    def sometimes_nan(self, logits, batch):  # steps 2 and 3 (0-based 1, 2) see a NaN / inf loss
         calls["n"] += 1
-        value = real(model, batch)
+        value = real(self, logits, batch)
         return {3: float("nan"), 6: float("inf")}.get(calls["n"], value)
 
-    monkeypatch.setattr(objectives, "batch_loss", sometimes_nan)
+    monkeypatch.setattr(Objective, "loss_of_logits", sometimes_nan)
     config = TuneConfig.from_dict(dict(model=str(tiny_llama_dir), data_dir=str(data_dir), layers="2", steps=5, batch_size=4,
                         num_train=16, num_dev=0, num_test=4, lr=1e-3, eps=1e-2, max_bad_steps=3))
     result = tune(config, tmp_path / "p", progress=False)

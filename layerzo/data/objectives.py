@@ -18,15 +18,20 @@ generation-based ones.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Iterator, Sequence
+
+import torch
 
 from layerzo.data.generation import Generator, batch_scores, encode_prompts
-from layerzo.data.scoring import batch_accuracy, batch_loss, encode_batch, kept_logits, target_cross_entropy
+from layerzo.data.scoring import encode_batch, kept_logits, loss_from_scores, scores_from_logits, token_logprobs
 from layerzo.data.spec import Example
 from layerzo.errors import ConfigError
 from layerzo.model.layers import LayerLayout
-from layerzo.model.prefix_cache import ExampleCache, SharedLowerOutputs, cached_lower_layers, replayed_lower_output
+from layerzo.model.prefix_cache import (ExampleCache, SharedLowerOutputs, cached_lower_layers, paired_forward,
+                                        replayed_lower_output)
 
 OBJECTIVES = ("auto", "choice", "ce", "accuracy", "f1", "em")
 CHOICE_OBJECTIVES = ("choice", "ce", "accuracy")
@@ -63,6 +68,21 @@ def target_example(ex: Example) -> Example:
     return ex if len(ex.candidates) == 1 else Example(ex.context, (ex.candidates[ex.label],), 0, ex.source, ex.answers)
 
 
+Perturb = Callable[[], ContextManager]  # the engine's θ + eps·z (or θ − eps·z) for the length of a block
+
+
+@dataclass(frozen=True)
+class StepLoss:
+    """The loss of one ZO step's batch: ``loss()`` under whatever perturbation is active, and, where it
+    applies, ``pair(plus, minus)``: both losses from one forward of the batch twice (see :meth:`Objective.step_loss`)."""
+
+    single: Callable[[], float]
+    pair: Callable[[Perturb, Perturb], tuple[float, float]] | None = None
+
+    def __call__(self) -> float:
+        return self.single()
+
+
 class Objective:
     """One resolved objective with the tokenizer, the length bound and (for f1/em) the generator."""
 
@@ -94,34 +114,54 @@ class Objective:
     def loss(self, model, batch, *, layout: LayerLayout | None = None, first: int = 0,
              store: dict | None = None) -> float:
         """The loss of ``batch`` under the model's current weights (no graph is built)."""
-        if self.name == "choice":
-            return batch_loss(model, batch)
-        if self.name == "ce":
-            return target_cross_entropy(model, batch)
-        if self.name == "accuracy":
-            return -batch_accuracy(model, batch)
+        if not self.generates:
+            with torch.no_grad():
+                return self.loss_of_logits(kept_logits(model, batch), batch)
         texts = self.generator.generate(model, batch, layout=layout, first=first, store=store)
         return -batch_scores(texts, batch)[self.name]
 
+    def loss_of_logits(self, logits: torch.Tensor, batch) -> float:
+        """A teacher-forced objective's loss from the kept logits of ``batch``'s rows (a pure function)."""
+        if self.name == "ce":
+            return float(-token_logprobs(logits, batch).mean())
+        scores = scores_from_logits(logits, batch)
+        if self.name == "choice":
+            return loss_from_scores(scores, batch.labels)
+        return -float((scores.argmax(-1).cpu() == batch.labels).float().mean())  # accuracy
+
     @contextmanager
     def step_loss(self, model, layout: LayerLayout, first: int, batch, shared: SharedLowerOutputs | None = None,
-                  examples: ExampleCache | None = None) -> Iterator[Callable[[], float]]:
-        """A loss closure for the 2·q evaluations of one ZO step; layers < ``first`` run once for all of them.
+                  examples: ExampleCache | None = None, paired: bool = False) -> Iterator[StepLoss]:
+        """The loss of one ZO step's batch for its 2·q evaluations; layers < ``first`` run once for all of them.
 
         With ``examples`` (a filled :class:`ExampleCache`) they do not run at all: layer ``first``
-        reads the batch's rows from the cache.
+        reads the batch's rows from the cache. ``paired`` (only there, and only when every
+        tuned weight sits in layer ``first``) adds ``pair``: the + and − evaluations as ONE
+        forward of 2·R rows, layer ``first`` run once per sign, the frozen layers above once.
         """
         if self.generates:
             store: dict = {}
-            yield lambda: self.loss(model, batch, layout=layout, first=first, store=store)
+            yield StepLoss(lambda: self.loss(model, batch, layout=layout, first=first, store=store))
             return
         assembled = examples.assemble(batch) if examples is not None and first > 0 else None
         if assembled is not None:
+            pair = (lambda plus, minus: self.paired_losses(model, layout, first, batch, assembled, plus, minus)) \
+                if paired else None
             with replayed_lower_output(model, layout, first, assembled):
-                yield lambda: self.loss(model, batch)
+                yield StepLoss(lambda: self.loss(model, batch), pair)
             return
         with cached_lower_layers(model, layout, first, batch=batch, shared=shared):
-            yield lambda: self.loss(model, batch)
+            yield StepLoss(lambda: self.loss(model, batch))
+
+    def paired_losses(self, model, layout: LayerLayout, first: int, batch, assembled: torch.Tensor, plus: Perturb,
+                      minus: Perturb) -> tuple[float, float]:
+        """(L+, L−) from one forward of ``batch`` twice: rows [0, R) under ``plus``, [R, 2R) under ``minus``."""
+        twice = dataclasses.replace(batch, **{name: torch.cat([getattr(batch, name)] * 2)
+                                              for name in ("input_ids", "attention_mask", "position_ids")})
+        with torch.no_grad(), paired_forward(model, layout, first, assembled, plus, minus):
+            logits = kept_logits(model, twice)
+        rows = batch.num_rows
+        return self.loss_of_logits(logits[:rows], batch), self.loss_of_logits(logits[rows:], batch)
 
     def example_cache(self, model, layout: LayerLayout, first: int, examples: Sequence[Example], *,
                       batch_size: int, max_bytes: int) -> ExampleCache | None:

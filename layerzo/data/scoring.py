@@ -269,23 +269,6 @@ def batch_loss(model, batch: ScoringBatch) -> float:
 
 
 @torch.no_grad()
-def target_cross_entropy(model, batch: ScoringBatch) -> float:
-    """Teacher-forced mean cross-entropy over ALL target tokens of the batch (the ``ce`` objective).
-
-    Each example's target is its single candidate; logits are computed only at
-    the target positions (the kept window), as for candidate scoring.
-    """
-    return float(-token_logprobs(kept_logits(model, batch), batch).mean())
-
-
-@torch.no_grad()
-def batch_accuracy(model, batch: ScoringBatch) -> float:
-    """Fraction of the batch's examples whose best-scoring candidate is the label (the ``accuracy`` objective)."""
-    scores = candidate_scores(model, batch)
-    return float((scores.argmax(-1).cpu() == batch.labels).float().mean())
-
-
-@torch.no_grad()
 def predictions(model, tokenizer, examples: Sequence, *, batch_size: int = 16, max_length: int = 512) -> list[int]:
     """Argmax candidate of every example, in input order.
 

@@ -336,3 +336,62 @@ def replayed_lower_output(model: nn.Module, layout: LayerLayout, first: int, out
         for i in range(first):
             layers[i] = _Replay(captured)
         yield
+
+
+# ----------------------------------------------------------------------------- one forward for + and −
+class _PairedLayer(nn.Module):
+    """Layer ``first`` in a paired ± forward of 2·R rows: rows [0, R) under ``plus()``, rows [R, 2R) under ``minus()``.
+
+    ``plus``/``minus`` are the engine's perturbation contexts (``θ ± eps·z``); the
+    layers above are frozen, so they run once on all 2·R rows instead of twice on R.
+    """
+
+    def __init__(self, layer: nn.Module, rows: int, plus: Callable, minus: Callable) -> None:
+        super().__init__()
+        self.layer, self.rows, self.plus, self.minus = layer, rows, plus, minus
+
+    def forward(self, hidden, *args, **kwargs):
+        halves = []
+        for part, perturb in ((slice(0, self.rows), self.plus), (slice(self.rows, 2 * self.rows), self.minus)):
+            with perturb():
+                halves.append(self.layer(hidden[part], *(_rows(a, part, 2 * self.rows) for a in args),
+                                         **{k: _rows(v, part, 2 * self.rows) for k, v in kwargs.items()}))
+        return _joined(halves[0], halves[1], self.rows)
+
+
+def _rows(value: Any, part: slice, total: int) -> Any:
+    """``value``'s rows ``part`` when it is per-row (a tensor of ≥ 2 dims with ``total`` rows: masks, positions,
+    rotary tables); anything else (cache_position, flags, None) as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == total:
+        return value[part]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(v, part, total) for v in value)
+    return value
+
+
+def _joined(a: Any, b: Any, rows: int) -> Any:
+    """The two halves' outputs as one (a tensor, or a layer's output tuple: per-row tensors joined)."""
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b]) if a.dim() >= 1 and a.shape[0] == rows else a
+    if isinstance(a, tuple):
+        return tuple(_joined(x, y, rows) for x, y in zip(a, b))
+    return a
+
+
+@contextmanager
+def paired_forward(model: nn.Module, layout: LayerLayout, first: int, output: torch.Tensor, plus: Callable,
+                   minus: Callable) -> Iterator[None]:
+    """Within the block a forward of 2·R rows (the batch twice) skips layers < ``first`` (they return
+    ``output`` twice), runs layer ``first`` under + for the first R rows and − for the rest, and the
+    layers above once on all 2·R."""
+    layers = get_layers(model, layout)
+    doubled = {"out": torch.cat([output, output])}
+    tuned = layers[first]
+    with restored_layers(layers, first):
+        for i in range(first):
+            layers[i] = _Replay(doubled)
+        layers[first] = _PairedLayer(tuned, output.shape[0], plus, minus)
+        try:
+            yield
+        finally:
+            layers[first] = tuned

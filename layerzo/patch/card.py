@@ -35,6 +35,10 @@ def build_model_card(m: PatchManifest, recorded_steps: int) -> str:
                   f"(kept: {m.metrics.get('kept', 'best')} weights, step {m.metrics.get('best_step')}); "
                   "`layerzo apply --replay` rebuilds the base itself.", ""]
     lines += selection_lines(m.profile or {})
+    search = m.metrics.get("lr_search")
+    if isinstance(search, Mapping) and "lr" in search:
+        lines += [f"Learning rate chosen by `--lr auto`: **{search['lr']}**. {str(search.get('reason', '')).rstrip('.')}.",
+                  ""]
     lines += ["## Results", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(_flatten(m.metrics).items())] or ["| (none recorded) | |"]
     lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(m.recipe, sort_keys=True).strip() or "{}", "```", "",

@@ -39,6 +39,7 @@ from layerzo.zo.engine import ZOConfig
 RESUME_FREE_FIELDS = ("checkpoint_every",)
 KEEP_CHOICES = ("best", "last")
 SELECT_CHOICES = ("outlier", "sensitivity")
+LR_SEARCH_WORDS = ("off", "auto")
 INT64_MAX = 2**63 - 1
 
 
@@ -60,6 +61,7 @@ class TuneConfig:
     objective: str = "auto"  # auto (choice for classification, ce for generative) | choice | ce | accuracy | f1 | em
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # generative tasks: the longest greedy answer (dev/test, f1/em)
     zo: ZOConfig = field(default_factory=lambda: ZOConfig(lr=1e-4))  # flat keys lr, eps, ..., max_bad_steps
+    lr_search: str = "off"  # "auto" (``lr: auto``, ``--lr auto``): race a grid of rates first; or "1e-4,3e-4,..."
     seed: int = 0
     eval_every: int = 100
     keep: str = "best"  # the patch's weights: "best" (best dev accuracy, step 0 = the base included) or "last"
@@ -75,6 +77,7 @@ class TuneConfig:
     trust_remote_code: bool = False
     cache_lower_layers: bool = True
     prefix_cache_gb: float | None = None  # per-example cache of the lower layers' output; None: 1/4 of RAM (≤ 8 GiB)
+    paired_forward: bool | None = None  # one forward of 2B rows for + and − (one tuned layer); None: the device's default
     checkpoint_every: int = 50  # save a resumable checkpoint in OUT.ckpt/ every N steps (0: only on Ctrl-C)
 
     def __post_init__(self) -> None:
@@ -91,6 +94,9 @@ class TuneConfig:
                                                      and math.isfinite(self.prefix_cache_gb)
                                                      and 0 <= self.prefix_cache_gb <= 2**40):
             raise ConfigError(f"prefix_cache_gb must be a number of GiB ≥ 0 (0: off), got {self.prefix_cache_gb!r}")
+        if not isinstance(self.lr_search, str):
+            raise ConfigError(f"lr_search must be off, auto or a comma list of learning rates, got {self.lr_search!r}")
+        parse_lr_search(self.lr_search)
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.keep not in KEEP_CHOICES:
@@ -124,6 +130,20 @@ class TuneConfig:
     def recipe(self) -> dict[str, Any]:
         """What the patch manifest records: the flat fields minus :data:`RESUME_FREE_FIELDS`."""
         return {k: v for k, v in self.to_dict().items() if k not in RESUME_FREE_FIELDS}
+
+
+def parse_lr_search(value: str) -> tuple[float, ...] | str:
+    """``"off"``, ``"auto"`` (the :func:`lr_grid` rule), or a comma list of ≥ 2 distinct positive rates."""
+    text = str(value).strip().lower()
+    if text in LR_SEARCH_WORDS:
+        return text
+    try:
+        rates = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"lr_search must be off, auto or a comma list of learning rates, got {value!r}") from None
+    if len(rates) < 2 or len(set(rates)) != len(rates) or not all(math.isfinite(r) and r > 0 for r in rates):
+        raise ConfigError(f"lr_search needs at least 2 distinct positive learning rates, got {value!r}")
+    return rates
 
 
 def _flat_owners(config: TuneConfig) -> Iterator[tuple[str, Any]]:
@@ -212,6 +232,11 @@ def validate_recipe(data: Mapping[str, Any], where: str = "recipe") -> dict[str,
     for key, value in data.items():
         if key not in types:
             raise ConfigError(f"{where}: unknown key {key!r}", _did_you_mean(key))
+        if key == "lr" and isinstance(value, str) and value.strip().lower() == "auto":
+            if str(data.get("lr_search", "auto")).strip().lower() == "off":
+                raise ConfigError(f"{where}: lr auto contradicts lr_search off", "give one of them")
+            out.setdefault("lr_search", "auto")  # ``lr: auto`` is short for ``lr_search: auto``
+            continue
         out[key] = _coerce(key, value, types[key], where)
     return out
 
@@ -249,8 +274,10 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
 def build_config(recipe: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None) -> TuneConfig:
     """defaults ← recipe ← overrides (``None`` override values mean "not given")."""
     merged = dict(validate_recipe(recipe or {}))
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    merged.update(validate_recipe(given, where="option"))
+    given = validate_recipe({k: v for k, v in (overrides or {}).items() if v is not None}, where="option")
+    if "lr" in given and "lr_search" not in given:
+        merged.pop("lr_search", None)  # a fixed --lr wins over the recipe's ``lr: auto``
+    merged.update(given)
     return TuneConfig.from_dict(merged)
 
 

@@ -62,7 +62,8 @@ from layerzo.tune.batches import (EvalSet, GenerativeEvalSet, TrainBatches, Zero
 from layerzo.tune.checkpoint import (STATE_JSON, Checkpoint, StopOnInterrupt, check_checkpoint_dir, check_resumable,
                                      check_writable, checkpoint_dir, load_checkpoint, remove_checkpoint, run_identity,
                                      save_checkpoint)
-from layerzo.tune.config import TuneConfig
+from layerzo.tune.config import TuneConfig, parse_lr_search
+from layerzo.tune.lr_search import lr_grid, search_first_steps, search_lr
 from layerzo.tune.race import RaceConfig, candidate_layers, race, sensitivity_ranking
 from layerzo.tune.select import task_sensitivity
 from layerzo.model.prefix_cache import ExampleCache, SharedLowerOutputs, default_example_cache_bytes
@@ -72,6 +73,8 @@ from layerzo.zo.distributed import (DataParallel, check_tuned_placement, config_
 from layerzo.zo.engine import RNG_ALGORITHM, Z_DTYPE, TunedParams, ZOState, z_cache_budget
 
 METRICS_NAME = "metrics.jsonl"
+# --paired-forward's default per device type, as measured by benchmarks/bench_step.py (dominant_paired vs dominant).
+PAIRED_FORWARD_DEFAULT = {"cpu": False}
 SAVE_CHOICES = ("weights", "trajectory")
 
 
@@ -114,6 +117,7 @@ class Run:
     note: Callable[[str], None] | None = None
     record_paths: bool = False  # write local paths (model, data) into the patch; off: names only
     save_weights: bool = True  # False: a trajectory-only patch
+    lr_search: dict | None = None  # ``--lr auto``: the grid, its scores and the pick (the manifest's metrics)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -203,13 +207,14 @@ def run_tune(config: TuneConfig, out: Path, dp: DataParallel, has_checkpoint: bo
         if splits.generative else None
     objective = Objective(objective_name, loaded.tokenizer, max_length=config.max_length, generator=generator)
     with tuned_model(config, loaded, splits, objective, note if dp.is_main else None) as tuned:
+        config, lr_search = searched_lr(config, loaded, splits, objective, tuned, note if dp.is_main else None)
         dp.check_same("recipe, tuned layers and base weights",
                       f"{config_digest(config)}|{tuned.layers}|{weights_digest(tuned.params)}")
         dev, test = (dp.eval_set(lambda ex, share=share: eval_set(config, loaded.tokenizer, ex, generator, share), s)
                      for s, share in ((splits.dev, 0.5), (splits.test, 0.25)))
         identity = run_identity(config.to_dict(), tuned.layers, tuned.names, tuned.fingerprint)
         run = Run(config, out, dp, loaded, splits, tuned, dev, test, identity, prefix_cache, zero_shot_cache, t_start,
-                  objective, note, record_paths, save_weights)
+                  objective, note, record_paths, save_weights, lr_search)
         if dp.is_main and note:
             note_truncation(run, note)
         state = resume_state(run, note) if has_checkpoint else start_state(run, note if resume else None)
@@ -221,6 +226,25 @@ def run_tune(config: TuneConfig, out: Path, dp: DataParallel, has_checkpoint: bo
     if diverged is not None:
         raise DivergenceError(f"{diverged} — the best patch so far was written to {out}", diverged.hint)
     return result
+
+
+def searched_lr(config: TuneConfig, loaded: LoadedModel, splits: TaskSplits, objective: Objective, tuned: Tuned,
+                note: Callable[[str], None] | None) -> tuple[TuneConfig, dict | None]:
+    """``--lr auto`` / ``--lr-search``: race the grid's rates on the tuned tensors; the run takes the winner.
+
+    The search is deterministic (the run's seed and first training batches), so
+    a resumed run searches again and finds the same rate: its identity matches.
+    """
+    spec = parse_lr_search(config.lr_search)
+    if spec == "off":
+        return config, None
+    grid = lr_grid(sum(t.numel() for t in tuned.params.tensors)) if spec == "auto" else spec
+    result = search_lr(loaded, objective, splits.train, splits.dev, tuned.params, tuned.first_cached, config.zo, grid,
+                       RaceConfig(first_steps=search_first_steps(config.steps, len(grid)),
+                                  batch_size=config.batch_size, seed=config.seed))
+    if note:
+        note(f"--lr auto: {result.reason} ({result.seconds:.0f} s)")
+    return config.replace(lr=result.lr), result.to_dict()
 
 
 def eval_set(config: TuneConfig, tokenizer, examples: Sequence, generator: Generator | None, share: float):
@@ -316,7 +340,7 @@ def auto_layer(config: TuneConfig, loaded: LoadedModel, splits: TaskSplits, obje
                   RaceConfig(first_steps=race_first_steps(config.steps, len(candidates)),
                              batch_size=config.batch_size, seed=config.seed))
     if note:
-        note(f"--layers auto: {result.reason}")
+        note(f"--layers auto: {result.reason} ({result.seconds:.0f} s)")
     return (result.winner,), {"dominant_layer": result.winner, "selection": "auto", "reason": result.reason,
                               "race": result.to_dict(), "sensitivity_ranking": ranking, "outlier_profile": outlier}
 
@@ -424,6 +448,7 @@ def train(run: Run, state: LoopState, progress: bool) -> DivergenceError | None:
     stop = StopOnInterrupt(enabled=not dp.active)  # Ctrl-C: finish the step, checkpoint, stop
     run.out.parent.mkdir(parents=True, exist_ok=True)
     state.t_train = time.perf_counter()
+    paired = uses_paired_forward(config, run.tuned.layers)
     with open(metrics_path(run), "w", encoding="utf-8") as log, bar, torch.no_grad(), stop:
         examples = example_cache(run)
         log.writelines(json_line(r) for r in state.rows)
@@ -433,8 +458,9 @@ def train(run: Run, state: LoopState, progress: bool) -> DivergenceError | None:
             step_seed = state.seed_rng.getrandbits(63)
             try:
                 with run.objective.step_loss(model, layout, run.tuned.first_cached, batch, run.prefix_cache,
-                                             examples) as loss:
-                    result = dp.zo_step(run.tuned.params, loss, step_seed, config.zo, state.zo, **zo_options)
+                                             examples, paired=paired) as loss:
+                    result = dp.zo_step(run.tuned.params, loss, step_seed, config.zo, state.zo, pair_loss=loss.pair,
+                                        **zo_options)
             except DivergenceError as exc:
                 state.rejected += 1  # the step that tipped the streak was rejected too
                 return exc
@@ -454,6 +480,17 @@ def train(run: Run, state: LoopState, progress: bool) -> DivergenceError | None:
             checkpoint_if_due(run, state, step + 1, stop.requested)
             state.prefix_cache = examples.stats() if examples is not None else None
     return None
+
+
+def uses_paired_forward(config: TuneConfig, layers: Sequence[int]) -> bool:
+    """Whether the steps evaluate + and − as one forward of 2B rows (``--paired-forward``, else the device's default).
+
+    It applies to one tuned layer read from the per-example cache (the layers above
+    are frozen, so they can take both signs' rows at once); elsewhere it is ignored.
+    """
+    chosen = config.paired_forward if config.paired_forward is not None else \
+        PAIRED_FORWARD_DEFAULT.get(config.device.split(":")[0], False)
+    return chosen and len(layers) == 1
 
 
 def example_cache(run: Run) -> ExampleCache | None:
@@ -596,6 +633,7 @@ def run_metrics(run: Run, state: LoopState, test: dict | None, diverged: Diverge
                   "test_em": test.get("em")} if run.splits.generative else {}
     return {
         **generative,
+        **({"lr_search": run.lr_search} if run.lr_search else {}),
         f"zero_shot_dev_{m}": state.zero_shot[0], f"zero_shot_test_{m}": state.zero_shot[1],
         f"best_dev_{m}": state.best["dev_acc"], "best_step": state.best["step"], f"last_dev_{m}": state.last_dev,
         f"test_{m}": test.get(m),

@@ -28,13 +28,14 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Callable, ContextManager, Hashable, Iterator, Mapping, Sequence
 
 import torch
 
 from layerzo.data.objectives import Objective
-from layerzo.errors import ConfigError
+from layerzo.errors import ConfigError, DivergenceError
 from layerzo.model.layers import get_layer, layer_parameter_names
 from layerzo.model.precision import fp32_master_layers
 from layerzo.tune.batches import train_batches
@@ -68,9 +69,9 @@ class Candidate:
 @dataclass(frozen=True)
 class RaceRound:
     steps: int  # steps each survivor took in this round
-    dev_loss: dict[int, float]  # layer -> dev loss after the round
-    kept: tuple[int, ...]
-    inert: tuple[int, ...] = ()  # layers whose projected gradients were all exactly 0 so far
+    dev_loss: dict  # candidate (a layer, or a learning rate) -> dev loss after the round
+    kept: tuple
+    inert: tuple = ()  # candidates whose projected gradients were all exactly 0 so far
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class RaceResult:
                 "candidates": [asdict(c) for c in self.candidates],
                 "rounds": [{"steps": r.steps, "dev_loss": {str(k): v for k, v in r.dev_loss.items()},
                             "kept": list(r.kept), "inert": list(r.inert)} for r in self.rounds],
-                "seconds": self.seconds, "steps": self.steps, "reason": self.reason}
+                "steps": self.steps, "reason": self.reason}  # no seconds: the manifest stays byte-identical
 
 
 def candidate_layers(outlier: dict, sensitivity_ranking: Sequence[int], num_layers: int) -> tuple[Candidate, ...]:
@@ -127,63 +128,93 @@ def race(loaded, objective: Objective, train: Sequence, dev: Sequence, candidate
     if not candidates:
         raise ConfigError("the layer race needs at least one candidate")
     start = time.perf_counter()
-    model, layout = loaded.model, loaded.layout
     scorer = objective.teacher_forced()
     dev_batch = scorer.encode(list(dev[:config.dev_examples]) or list(train[:config.dev_examples]))
-    zero_shot = scorer.loss(model, dev_batch)
-    runners = {c.layer: Runner(loaded, c.layer, objective, train, zo, config) for c in candidates}
-    alive, rounds, steps, total = [c.layer for c in candidates], [], config.first_steps, 0
+    zero_shot = scorer.loss(loaded.model, dev_batch)
+    runners = {c.layer: Runner(lambda layer=c.layer: layer_params(loaded, layer), c.layer, loaded, objective, train, zo, config)
+               for c in candidates}
+    rounds, total = successive_halving(runners, lambda: scorer.loss(loaded.model, dev_batch), config.first_steps)
+    return RaceResult(rounds[-1].kept[0], zero_shot, tuple(candidates), tuple(rounds),
+                      round(time.perf_counter() - start, 3), total)
+
+
+def successive_halving(runners: Mapping[Hashable, "Runner"], score: Callable[[], float],
+                       first_steps: int) -> tuple[list[RaceRound], int]:
+    """Race ``runners`` (in their order) until one is kept; returns the rounds and the ZO steps run in all.
+
+    Each round every survivor advances ``steps`` more ZO steps (doubling each
+    round) and is scored by ``score()`` (lower is better; non-finite = last);
+    the better half, rounded up, goes on. A runner whose projected gradients were
+    all exactly 0 (inert) ranks last while any other is live.
+    """
+    alive, rounds, steps, total = list(runners), [], first_steps, 0
     while True:
-        losses = {layer: runners[layer].advance(steps, lambda: scorer.loss(model, dev_batch)) for layer in alive}
+        losses = {key: runners[key].advance(steps, score) for key in alive}
         total += steps * len(alive)
-        inert = tuple(layer for layer in alive if runners[layer].inert)
-        ranked = sorted(alive, key=lambda layer: (layer in inert and len(inert) < len(alive), _finite(losses[layer]),
-                                                  alive.index(layer)))
+        inert = tuple(key for key in alive if runners[key].inert)
+        ranked = sorted(alive, key=lambda key: (key in inert and len(inert) < len(alive), _finite(losses[key]),
+                                                alive.index(key)))
         keep = ranked[:math.ceil(len(alive) / 2)]
         rounds.append(RaceRound(steps, losses, tuple(keep), inert))
         if len(keep) == 1:  # decided: a round for the winner alone would only re-score it
-            break
-        alive, steps = [layer for layer in alive if layer in keep], steps * 2
-    return RaceResult(keep[0], zero_shot, tuple(candidates), tuple(rounds), round(time.perf_counter() - start, 3),
-                      total)
+            return rounds, total
+        alive, steps = [key for key in alive if key in keep], steps * 2
 
 
 def _finite(value: float) -> float:
     return value if math.isfinite(value) else math.inf
 
 
-class Runner:
-    """One candidate's ZO run, advanced a round at a time; the layer holds base weights between rounds."""
+@contextmanager
+def layer_params(loaded, layer: int) -> Iterator[TunedParams]:
+    """One decoder layer's tensors as tuned parameters (fp32 masters under a low-precision model), for a block."""
+    model, layout = loaded.model, loaded.layout
+    module = get_layer(model, layout, layer)
+    dtype = next(model.parameters()).dtype
+    with fp32_master_layers([module], dtype):
+        yield TunedParams.from_model(model, layer_parameter_names(model, layout, layer))
+    module.to(dtype)
 
-    def __init__(self, loaded, layer: int, objective: Objective, train: Sequence, zo: ZOConfig,
-                 config: RaceConfig) -> None:
-        self.loaded, self.layer, self.objective, self.train, self.zo = loaded, layer, objective, train, zo
+
+class Runner:
+    """One candidate's ZO run, advanced a round at a time; its tensors hold their starting values between rounds.
+
+    ``params()`` gives the candidate's tuned tensors for the length of a round (a
+    context manager, e.g. :func:`layer_params`, or ``nullcontext(tuned.params)``);
+    layers below ``first_cached`` are frozen for it. A run that diverges (the
+    engine's stop after ``max_bad_steps`` rejected steps) scores +inf from then on.
+    """
+
+    def __init__(self, params: Callable[[], ContextManager[TunedParams]], first_cached: int, loaded, objective: Objective,
+                 train: Sequence, zo: ZOConfig, config: RaceConfig) -> None:
+        self.params, self.first_cached, self.loaded = params, first_cached, loaded
+        self.objective, self.train, self.zo = objective, train, zo
         self.batches = train_batches(len(train), config.batch_size, config.seed)  # the same stream for everyone
         self.seeds, self.state, self.weights = random.Random(config.seed), ZOState(), None
-        self.inert = True  # until a perturbation changes the loss
+        self.inert, self.diverged = True, False  # inert: until a perturbation changes the loss
 
     def advance(self, steps: int, score: Callable[[], float]) -> float:
         """``steps`` more ZO steps from where this candidate stopped; returns ``score()`` of its weights."""
+        if self.diverged:
+            return math.inf
         model, layout = self.loaded.model, self.loaded.layout
-        module = get_layer(model, layout, self.layer)
-        dtype = next(model.parameters()).dtype
-        with fp32_master_layers([module], dtype):
-            params = TunedParams.from_model(model, layer_parameter_names(model, layout, self.layer))
+        with self.params() as params:
             base = params.state()
             if self.weights is not None:
                 params.load(self.weights)
             try:
                 for _ in range(steps):
                     batch = self.objective.encode([self.train[i] for i in next(self.batches)])
-                    with self.objective.step_loss(model, layout, self.layer, batch) as loss:
+                    with self.objective.step_loss(model, layout, self.first_cached, batch) as loss:
                         result = zo_step(params, loss, self.seeds.getrandbits(63), self.zo, self.state)
                     self.inert = self.inert and all(g == 0.0 for g in result.grads)
                 with torch.no_grad():
                     value = score()
                 self.weights = params.state()
+            except DivergenceError:
+                self.diverged, value = True, math.inf
             finally:
                 params.load(base)
-        module.to(dtype)
         return value
 
 

@@ -127,8 +127,9 @@ class DataParallel:
         trajectory entry built from it) holds all ``q·world_size`` seeds and grads.
         Single-process (``world_size == 1``) this is exactly :func:`layerzo.zo.engine.zo_step`.
         """
-        if not self.active:  # step_options: zo_step's total_steps and z_cache_max_bytes
+        if not self.active:  # step_options: zo_step's total_steps, z_cache_max_bytes and pair_loss
             return zo.zo_step(params, loss_fn, step_seed, config, state, **step_options)
+        step_options.pop("pair_loss", None)  # ranks evaluate their own directions one sign at a time
         total = config.q * self.world_size
         mine = zo.direction_seeds(step_seed, total)[self.rank * config.q : (self.rank + 1) * config.q]
         local = evaluate_directions(params, loss_fn, mine, config.eps)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, ContextManager, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -302,8 +302,13 @@ def zo_step(
     *,
     total_steps: int = 1,
     z_cache_max_bytes: int | None = None,
+    pair_loss: Callable[[Callable[[], ContextManager], Callable[[], ContextManager]], tuple[float, float]] | None = None,
 ) -> StepResult:
     """One SPSA step on the batch ``loss_fn`` evaluates (called 2·q times, each on the same batch).
+
+    ``pair_loss(plus, minus)``, when given, replaces the two calls of a direction
+    by one: it gets the ``θ + eps·z`` and ``θ − eps·z`` contexts and returns
+    (L+, L−), e.g. from one forward of the batch twice (``Objective.step_loss(paired=True)``).
 
     ``total_steps`` is the run's length (the linear schedule decays to 0 there);
     z is kept for the step while it fits in ``z_cache_max_bytes`` (None:
@@ -324,10 +329,16 @@ def zo_step(
     z_cache: dict | None = {} if numel * 4 * config.q <= budget else None  # same bits either way (apply_update)
     plus, minus, grads = [], [], []
     for s in seeds:
-        with perturbed(params, s, config.eps, z_cache):
-            plus.append(float(loss_fn()))
-        with perturbed(params, s, -config.eps, z_cache):
-            minus.append(float(loss_fn()))
+        if pair_loss is not None:
+            both = pair_loss(lambda s=s: perturbed(params, s, config.eps, z_cache),
+                             lambda s=s: perturbed(params, s, -config.eps, z_cache))
+            plus.append(float(both[0]))
+            minus.append(float(both[1]))
+        else:
+            with perturbed(params, s, config.eps, z_cache):
+                plus.append(float(loss_fn()))
+            with perturbed(params, s, -config.eps, z_cache):
+                minus.append(float(loss_fn()))
         grads.append((plus[-1] - minus[-1]) / (2 * config.eps))
     reason = ""
     if not all(math.isfinite(v) for v in plus + minus):
