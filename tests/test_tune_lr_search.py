@@ -140,3 +140,29 @@ def test_the_cli_takes_lr_auto_prints_the_search_and_records_the_grid_of_the_rul
     assert tuple(metrics["lr_search"]["grid"]) == lr_grid(d) and metrics["lr_search"]["lr"] in lr_grid(d)
     assert "--lr auto: lr " in result.stderr and "won a search over" in result.stderr
     assert json.loads((out / MANIFEST_NAME).read_text())["recipe"]["lr"] == metrics["lr_search"]["lr"]
+
+
+def test_a_resumed_lr_auto_run_searches_again_finds_the_same_rate_and_writes_the_same_bytes(
+        tiny_llama_dir, data_dir, tmp_path, monkeypatch):
+    import layerzo.tune.loop as loop
+    from layerzo.errors import CheckpointError
+
+    config = TuneConfig.from_dict(dict(model=str(tiny_llama_dir), data_dir=str(data_dir), task="sst2", steps=40,
+                                       batch_size=8, num_train=48, num_dev=8, num_test=8, eval_every=10, eps=1e-2,
+                                       layers="2", lr_search="1e-9,1e-2,3e-2", checkpoint_every=20, keep="last"))
+    tune(config, tmp_path / "whole", progress=False)
+    real = loop.save_checkpoint
+
+    def save_then_crash(folder, ckpt):  # a crash right after the step-20 checkpoint
+        real(folder, ckpt)
+        raise CheckpointError("simulated crash after the checkpoint")
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    with pytest.raises(CheckpointError, match="simulated crash"):
+        tune(config, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    notes: list[str] = []
+    tune(config, tmp_path / "resumed", progress=False, resume=True, note=notes.append)
+    assert any(n.startswith("--lr auto: lr ") for n in notes) and any("resuming" in n for n in notes)
+    for name in ("layer_patch.safetensors", MANIFEST_NAME, "trajectory.jsonl", "README.md"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name

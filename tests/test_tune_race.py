@@ -118,3 +118,19 @@ def test_an_inert_layer_is_out_even_when_noise_leaves_the_live_ones_worse(tiny_l
     assert result.winner != 1
     assert "inert (no perturbation changed the loss): layer(s) 1" in result.reason
     assert "no candidate lowered the dev loss" in result.reason
+
+
+def test_the_race_runs_each_batchs_lower_layers_once_for_all_candidates(tiny_llama_dir, data_dir):
+    loaded = load_model(str(tiny_llama_dir))
+    splits = load_task("sst2", data_dir, num_train=32, num_dev=16, num_test=0)
+    objective = Objective("choice", loaded.tokenizer, max_length=64)
+    calls = [0]
+    get_layer(loaded.model, model_layout(loaded.model), 0).register_forward_hook(
+        lambda *a: calls.__setitem__(0, calls[0] + 1))
+    result = race(loaded, objective, splits.train, splits.dev, [Candidate(3, ("a",)), Candidate(1, ("b",))],
+                  ZOConfig(lr=1e-2, eps=1e-2), RaceConfig(first_steps=2, dev_examples=16, batch_size=8))
+    assert len(result.rounds) == 1
+    # zero-shot dev loss 1 + the 2 training batches once + the dev batch once; candidate 3 reads layer 1's
+    # shared outputs (each candidate alone would run layer 0 for its 2 batches and its dev scoring: 7 in all)
+    assert calls[0] == 4
+    assert [c.layer for c in result.candidates] == [3, 1]  # the record keeps the proposal order

@@ -30,7 +30,8 @@ from typing import Sequence
 
 from layerzo.data.objectives import Objective
 from layerzo.errors import ConfigError, DivergenceError
-from layerzo.tune.race import RaceConfig, Runner, successive_halving
+from layerzo.model.prefix_cache import SharedLowerOutputs
+from layerzo.tune.race import DevScore, RaceConfig, Runner, successive_halving
 from layerzo.zo.engine import TunedParams, ZOConfig
 
 LR_SCALE = 1000.0  # lr · (number of tuned weights) at the grid's centre (module docstring)
@@ -108,9 +109,10 @@ def search_lr(loaded, objective: Objective, train: Sequence, dev: Sequence, para
     scorer = objective.teacher_forced()
     dev_batch = scorer.encode(list(dev[:config.dev_examples]) or list(train[:config.dev_examples]))
     zero_shot = scorer.loss(loaded.model, dev_batch)
+    shared, dev_score = SharedLowerOutputs(), DevScore(loaded, scorer, dev_batch)  # lower layers: once per batch
     runners = {lr: Runner(lambda: nullcontext(params), first_cached, loaded, objective, train,
-                          dataclasses.replace(zo, lr=lr), config) for lr in grid}
-    rounds, steps = successive_halving(runners, lambda: scorer.loss(loaded.model, dev_batch), config.first_steps)
+                          dataclasses.replace(zo, lr=lr), config, shared) for lr in grid}
+    rounds, steps = successive_halving(runners, lambda _: dev_score(first_cached), config.first_steps)
     if all(r.diverged for r in runners.values()):
         raise DivergenceError(f"every learning rate of the search diverged ({', '.join(f'{g:g}' for g in grid)})",
                               "pass smaller rates with --lr-search 1e-6,1e-5,... or a fixed --lr")

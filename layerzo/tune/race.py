@@ -18,7 +18,10 @@ on for twice as many more steps, until one is kept. A candidate whose
 perturbations never changed the training loss (every projected gradient
 exactly 0: its weights reach nothing the loss sees) is out at once, whatever its
 dev loss: on a short budget ZO noise can leave a live layer slightly worse than
-an inert one that simply keeps the zero-shot loss. The race is deterministic
+an inert one that simply keeps the zero-shot loss. The candidates run from the
+shallowest up and share the frozen layers' outputs (``SharedLowerOutputs``: every
+candidate sees the same batches on the same base), so each training batch's and the dev
+batch's lower stack runs once, up to the deepest candidate. The race is deterministic
 (seeded), leaves the base weights bit-identical, and is recorded in the
 manifest (``profile.race``).
 """
@@ -38,6 +41,7 @@ from layerzo.data.objectives import Objective
 from layerzo.errors import ConfigError, DivergenceError
 from layerzo.model.layers import get_layer, layer_parameter_names
 from layerzo.model.precision import fp32_master_layers
+from layerzo.model.prefix_cache import SharedLowerOutputs, cached_lower_layers
 from layerzo.tune.batches import train_batches
 from layerzo.zo.engine import TunedParams, ZOConfig, ZOState, zo_step
 from layerzo.zo.sensitivity import SensitivityConfig, layer_sensitivity
@@ -131,25 +135,29 @@ def race(loaded, objective: Objective, train: Sequence, dev: Sequence, candidate
     scorer = objective.teacher_forced()
     dev_batch = scorer.encode(list(dev[:config.dev_examples]) or list(train[:config.dev_examples]))
     zero_shot = scorer.loss(loaded.model, dev_batch)
-    runners = {c.layer: Runner(lambda layer=c.layer: layer_params(loaded, layer), c.layer, loaded, objective, train, zo, config)
-               for c in candidates}
-    rounds, total = successive_halving(runners, lambda: scorer.loss(loaded.model, dev_batch), config.first_steps)
+    # Every candidate sees the same batches and the base below it: the lower layers' outputs are shared,
+    # so, run from the shallowest candidate up, each batch's lower stack runs once to the deepest layer.
+    shared, dev_score = SharedLowerOutputs(), DevScore(loaded, scorer, dev_batch)
+    runners = {layer: Runner(lambda layer=layer: layer_params(loaded, layer), layer, loaded, objective, train, zo,
+                             config, shared) for layer in sorted(c.layer for c in candidates)}
+    rounds, total = successive_halving(runners, dev_score, config.first_steps)
     return RaceResult(rounds[-1].kept[0], zero_shot, tuple(candidates), tuple(rounds),
                       round(time.perf_counter() - start, 3), total)
 
 
-def successive_halving(runners: Mapping[Hashable, "Runner"], score: Callable[[], float],
+def successive_halving(runners: Mapping[Hashable, "Runner"], score: Callable[[Hashable], float],
                        first_steps: int) -> tuple[list[RaceRound], int]:
-    """Race ``runners`` (in their order) until one is kept; returns the rounds and the ZO steps run in all.
+    """Race ``runners`` (in their order; ties go to the earlier) until one is kept; returns the rounds and the
+    ZO steps run in all.
 
     Each round every survivor advances ``steps`` more ZO steps (doubling each
-    round) and is scored by ``score()`` (lower is better; non-finite = last);
+    round) and is scored by ``score(key)`` (lower is better; non-finite = last);
     the better half, rounded up, goes on. A runner whose projected gradients were
     all exactly 0 (inert) ranks last while any other is live.
     """
     alive, rounds, steps, total = list(runners), [], first_steps, 0
     while True:
-        losses = {key: runners[key].advance(steps, score) for key in alive}
+        losses = {key: runners[key].advance(steps, lambda key=key: score(key)) for key in alive}
         total += steps * len(alive)
         inert = tuple(key for key in alive if runners[key].inert)
         ranked = sorted(alive, key=lambda key: (key in inert and len(inert) < len(alive), _finite(losses[key]),
@@ -159,6 +167,25 @@ def successive_halving(runners: Mapping[Hashable, "Runner"], score: Callable[[],
         if len(keep) == 1:  # decided: a round for the winner alone would only re-score it
             return rounds, total
         alive, steps = [key for key in alive if key in keep], steps * 2
+
+
+class DevScore:
+    """The teacher-forced loss of the fixed dev batch under a candidate's weights, its lower layers run once.
+
+    Called with the layer that candidate tunes: the output of the frozen layers below it
+    is kept per layer (and shared across layers, deepest so far) for the whole race.
+    """
+
+    def __init__(self, loaded, scorer: Objective, dev_batch) -> None:
+        self.loaded, self.scorer, self.dev_batch = loaded, scorer, dev_batch
+        self.stores: dict[int, dict] = {}
+        self.shared = SharedLowerOutputs()
+
+    def __call__(self, first: int) -> float:
+        model, layout = self.loaded.model, self.loaded.layout
+        with cached_lower_layers(model, layout, first, store=self.stores.setdefault(first, {}), batch=self.dev_batch,
+                                 shared=self.shared):
+            return self.scorer.loss(model, self.dev_batch)
 
 
 def _finite(value: float) -> float:
@@ -181,13 +208,15 @@ class Runner:
 
     ``params()`` gives the candidate's tuned tensors for the length of a round (a
     context manager, e.g. :func:`layer_params`, or ``nullcontext(tuned.params)``);
-    layers below ``first_cached`` are frozen for it. A run that diverges (the
-    engine's stop after ``max_bad_steps`` rejected steps) scores +inf from then on.
+    layers below ``first_cached`` are frozen for it, and ``shared`` (the same for all
+    runners of a race: they see the same batches on the same base) keeps their outputs.
+    A run that diverges (the engine's stop after ``max_bad_steps`` rejected steps)
+    scores +inf from then on.
     """
 
     def __init__(self, params: Callable[[], ContextManager[TunedParams]], first_cached: int, loaded, objective: Objective,
-                 train: Sequence, zo: ZOConfig, config: RaceConfig) -> None:
-        self.params, self.first_cached, self.loaded = params, first_cached, loaded
+                 train: Sequence, zo: ZOConfig, config: RaceConfig, shared: SharedLowerOutputs | None = None) -> None:
+        self.params, self.first_cached, self.loaded, self.shared = params, first_cached, loaded, shared
         self.objective, self.train, self.zo = objective, train, zo
         self.batches = train_batches(len(train), config.batch_size, config.seed)  # the same stream for everyone
         self.seeds, self.state, self.weights = random.Random(config.seed), ZOState(), None
@@ -205,7 +234,7 @@ class Runner:
             try:
                 for _ in range(steps):
                     batch = self.objective.encode([self.train[i] for i in next(self.batches)])
-                    with self.objective.step_loss(model, layout, self.first_cached, batch) as loss:
+                    with self.objective.step_loss(model, layout, self.first_cached, batch, self.shared) as loss:
                         result = zo_step(params, loss, self.seeds.getrandbits(63), self.zo, self.state)
                     self.inert = self.inert and all(g == 0.0 for g in result.grads)
                 with torch.no_grad():
