@@ -28,6 +28,14 @@ import torch  # noqa: E402
 from common import header, stamp, write_report  # noqa: E402
 
 
+def race_seconds(notes: list[str]) -> float | None:
+    """The race's wall seconds, from tune's note (the manifest keeps no wall time: patches stay byte-identical)."""
+    import re
+
+    found = [re.search(r"\((\d+(?:\.\d+)?) s\)$", n) for n in notes if "won a race" in n]
+    return float(found[-1].group(1)) if found and found[-1] else None
+
+
 def main() -> None:
     from layerzo.data.objectives import Objective
     from layerzo.data.tasks import load_task
@@ -78,7 +86,7 @@ def main() -> None:
     result = stamp({"recipe": args.recipe, "config": config.recipe(), "winner": winner, "reason": race["reason"],
                     "race": race, "sensitivity_ranking": report["sensitivity_ranking"],
                     "outlier_pick": report["outlier_profile"]["pick"]["layer"], "auto_seconds": auto_seconds,
-                    "race_seconds": race["seconds"], "step_seconds": step_s, "eval_seconds": evals,
+                    "race_seconds": race_seconds(notes), "step_seconds": step_s, "eval_seconds": evals,
                     "estimated_run_seconds": run_s, "auto_over_run": auto_seconds / run_s, "notes": notes})
     rounds = "\n".join(
         f"| {i + 1} | {r['steps']} | " + ", ".join(f"{k}: {v:.4f}" for k, v in r["dev_loss"].items())
@@ -89,7 +97,7 @@ def main() -> None:
             "| round | steps each | dev loss after the round | kept |\n|---|---|---|---|\n" + rounds + "\n\n"
             f"**Winner: layer {winner}.** {race['reason']}.\n\n"
             f"Cost: the whole selection (profile + sensitivity screen + race) {auto_seconds:.0f} s, the race "
-            f"{race['seconds']:.0f} s. The {config.steps}-step run it precedes: {step_s:.2f} s/step (measured here, "
+            f"{result['race_seconds']:.0f} s. The {config.steps}-step run it precedes: {step_s:.2f} s/step (measured here, "
             f"{args.time_steps} steps), dev evaluation {evals['dev']:.0f} s, test {evals['test']:.0f} s → about "
             f"{run_s:.0f} s; auto / run = **{100 * auto_seconds / run_s:.1f} %** (target ≤ 10 %).\n")
     write_report("auto_sst2_smollm2", result, text)
