@@ -162,3 +162,21 @@ def demo_model():
     from layerzo.model.loading import load_model
 
     return load_model(None)
+
+
+def crash_after_a_checkpoint_then_resume(config, out, monkeypatch, **resume_kwargs):
+    """``tune(config, out)`` crashes right after saving its first checkpoint (an OSError raised from
+    ``save_checkpoint``); then ``tune(..., resume=True)`` finishes the run. Returns the resumed result."""
+    import layerzo.tune.loop as loop
+
+    real = loop.save_checkpoint
+
+    def save_then_crash(folder, ckpt):
+        real(folder, ckpt)
+        raise OSError("simulated crash after the checkpoint")
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        loop.tune(config, out, progress=False)
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    return loop.tune(config, out, progress=False, resume=True, **resume_kwargs)

@@ -39,8 +39,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_model
-from layerzo.errors import CheckpointError
+from conftest import crash_after_a_checkpoint_then_resume, make_tiny_model
 from layerzo.model.loading import load_model
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden_patch_sha256.json"
@@ -101,7 +100,6 @@ def patch_digests(out: Path, placeholders: dict[str, str]) -> dict[str, str]:
 
 
 def run_golden(name: str, model_dir: Path, data_dir: Path, out: Path, monkeypatch) -> None:
-    import layerzo.tune.loop as loop
     from layerzo.tune.loop import tune
     from layerzo.tune.config import TuneConfig
 
@@ -111,17 +109,7 @@ def run_golden(name: str, model_dir: Path, data_dir: Path, out: Path, monkeypatc
     if name != "llama_resumed":
         tune(config, out, progress=False, loaded=load_model(str(model_dir)))
         return
-    real = loop.save_checkpoint
-
-    def save_then_crash(folder, ckpt):  # a crash right after the step-3 checkpoint
-        real(folder, ckpt)
-        raise CheckpointError("simulated crash after the checkpoint")
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
-    with pytest.raises(CheckpointError, match="simulated crash"):
-        tune(config, out, progress=False)
-    monkeypatch.setattr(loop, "save_checkpoint", real)
-    tune(config, out, progress=False, resume=True)
+    crash_after_a_checkpoint_then_resume(config, out, monkeypatch)  # the crash comes after the step-3 checkpoint
 
 
 @pytest.mark.parametrize("name", list(RUNS))

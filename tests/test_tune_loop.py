@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+from conftest import crash_after_a_checkpoint_then_resume
 from layerzo.errors import ConfigError, DivergenceError, LayerIndexError, OutputExistsError
 from layerzo.core.hashing import tensor_sha256
 from layerzo.model.loading import load_model
@@ -270,23 +271,11 @@ def test_a_generative_task_tunes_with_ce_and_reports_f1_and_em(tiny_llama_dir, d
 
 def test_the_f1_objective_runs_through_tune_and_resumes_byte_identically(tiny_llama_dir, data_dir, tmp_path,
                                                                          monkeypatch):
-    import layerzo.tune.loop as loop
-
     config = _squad(tiny_llama_dir, data_dir, objective="f1", num_dev=0, checkpoint_every=2, eps=0.5)
     reference = tmp_path / "ref"
     tune(config, reference, progress=False)
     assert json.loads((reference / MANIFEST_NAME).read_text())["metrics"]["objective"] == "f1"
-    real = loop.save_checkpoint
-
-    def save_then_crash(folder, ckpt):
-        real(folder, ckpt)
-        raise OSError("simulated crash after the checkpoint")
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
-    with pytest.raises(OSError, match="simulated crash"):
-        tune(config, tmp_path / "p", progress=False)
-    monkeypatch.setattr(loop, "save_checkpoint", real)
-    tune(config, tmp_path / "p", progress=False, resume=True)
+    crash_after_a_checkpoint_then_resume(config, tmp_path / "p", monkeypatch)
     for name in (WEIGHTS_NAME, TRAJECTORY_NAME, MANIFEST_NAME):
         assert (reference / name).read_bytes() == (tmp_path / "p" / name).read_bytes(), name
 

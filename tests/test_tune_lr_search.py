@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from conftest import crash_after_a_checkpoint_then_resume
 from layerzo.data.objectives import Objective
 from layerzo.data.tasks import load_task
 from layerzo.errors import ConfigError, DivergenceError
@@ -16,8 +17,8 @@ from layerzo.model.loading import load_model
 from layerzo.patch.manifest import MANIFEST_NAME
 from layerzo.tune.config import TuneConfig, build_config, parse_lr_search
 from layerzo.tune.loop import tune
-from layerzo.tune.lr_search import half_decade_value, lr_grid, search_first_steps, search_lr, snap_half_decade
-from layerzo.tune.race import RaceConfig
+from layerzo.tune.lr_search import SEARCH_FRACTION, half_decade_value, lr_grid, search_lr, snap_half_decade
+from layerzo.tune.race import RaceConfig, first_round_steps
 from layerzo.zo.engine import TunedParams, ZOConfig
 
 
@@ -58,7 +59,7 @@ def test_lr_auto_in_a_recipe_or_option_means_lr_search_auto_and_a_fixed_lr_wins(
 
 def test_the_search_budget_is_about_a_tenth_of_the_run():
     for steps, c in ((300, 4), (1000, 4), (20000, 5), (30, 3)):
-        first = search_first_steps(steps, c)
+        first = first_round_steps(steps, c, SEARCH_FRACTION)
         total, alive, s = 0, c, first
         while True:
             total += alive * s
@@ -82,10 +83,10 @@ def test_the_search_drops_a_diverging_rate_and_leaves_the_weights_as_they_were(t
     result = search_lr(loaded, objective, splits.train, splits.dev, params, 2, ZOConfig(lr=1.0, eps=1e-2),
                        (1e-9, 3e-2, 1e30), RaceConfig(first_steps=3, dev_examples=16, batch_size=8))
     assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())
-    first = result.rounds[0]["dev_loss"]
+    first = result.rounds[0].dev_loss
     assert not math.isfinite(first[1e30])  # blown up: scored last
-    assert result.rounds[0]["kept"] == (1e-9, 3e-2)  # the better half of 3, rounded up
-    last = result.rounds[1]["dev_loss"]
+    assert result.rounds[0].kept == (1e-9, 3e-2)  # the better half of 3, rounded up
+    last = result.rounds[1].dev_loss
     assert last[3e-2] < result.zero_shot_dev_loss and last[3e-2] < last[1e-9] and result.lr == 3e-2
     assert result.steps == 3 * 3 + 2 * 6  # 3 rates x 3 steps, then 2 x 6
     record = result.to_dict()
@@ -144,25 +145,12 @@ def test_the_cli_takes_lr_auto_prints_the_search_and_records_the_grid_of_the_rul
 
 def test_a_resumed_lr_auto_run_searches_again_finds_the_same_rate_and_writes_the_same_bytes(
         tiny_llama_dir, data_dir, tmp_path, monkeypatch):
-    import layerzo.tune.loop as loop
-    from layerzo.errors import CheckpointError
-
     config = TuneConfig.from_dict(dict(model=str(tiny_llama_dir), data_dir=str(data_dir), task="sst2", steps=40,
                                        batch_size=8, num_train=48, num_dev=8, num_test=8, eval_every=10, eps=1e-2,
                                        layers="2", lr_search="1e-9,1e-2,3e-2", checkpoint_every=20, keep="last"))
     tune(config, tmp_path / "whole", progress=False)
-    real = loop.save_checkpoint
-
-    def save_then_crash(folder, ckpt):  # a crash right after the step-20 checkpoint
-        real(folder, ckpt)
-        raise CheckpointError("simulated crash after the checkpoint")
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
-    with pytest.raises(CheckpointError, match="simulated crash"):
-        tune(config, tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(loop, "save_checkpoint", real)
     notes: list[str] = []
-    tune(config, tmp_path / "resumed", progress=False, resume=True, note=notes.append)
+    crash_after_a_checkpoint_then_resume(config, tmp_path / "resumed", monkeypatch, note=notes.append)  # at step 20
     assert any(n.startswith("--lr auto: lr ") for n in notes) and any("resuming" in n for n in notes)
     for name in ("layer_patch.safetensors", MANIFEST_NAME, "trajectory.jsonl", "README.md"):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name

@@ -14,8 +14,8 @@ from layerzo.model.layers import get_layer
 from layerzo.model.loading import load_model
 from layerzo.patch.manifest import MANIFEST_NAME
 from layerzo.tune.config import TuneConfig
-from layerzo.tune.loop import race_first_steps, tune
-from layerzo.tune.race import Candidate, RaceConfig, candidate_layers, race
+from layerzo.tune.loop import tune
+from layerzo.tune.race import LAYER_RACE_FRACTION, Candidate, RaceConfig, candidate_layers, first_round_steps, race
 from layerzo.zo.engine import ZOConfig
 
 OUTLIER = {"pick": {"layer": 2}, "layers": [
@@ -34,7 +34,7 @@ def test_candidates_are_the_picks_runner_ups_and_last_layer_each_with_every_reas
 
 def test_the_race_budget_is_about_five_percent_of_the_run():
     for steps, c in ((300, 4), (1000, 5), (20, 4)):
-        first = race_first_steps(steps, c)
+        first = first_round_steps(steps, c, LAYER_RACE_FRACTION)
         assert first >= 2
         total, alive, s = 0, c, first
         while True:

@@ -385,11 +385,8 @@ def paired_forward(model: nn.Module, layout: LayerLayout, first: int, output: to
     ``output`` twice), runs layer ``first`` under + for the first R rows and − for the rest, and the
     layers above once on all 2·R."""
     layers = get_layers(model, layout)
-    doubled = {"out": torch.cat([output, output])}
     tuned = layers[first]
-    with restored_layers(layers, first):
-        for i in range(first):
-            layers[i] = _Replay(doubled)
+    with replayed_lower_output(model, layout, first, torch.cat([output, output])):
         layers[first] = _PairedLayer(tuned, output.shape[0], plus, minus)
         try:
             yield

@@ -63,8 +63,9 @@ from layerzo.tune.checkpoint import (STATE_JSON, Checkpoint, StopOnInterrupt, ch
                                      check_writable, checkpoint_dir, load_checkpoint, remove_checkpoint, run_identity,
                                      save_checkpoint)
 from layerzo.tune.config import TuneConfig, parse_lr_search
-from layerzo.tune.lr_search import lr_grid, search_first_steps, search_lr
-from layerzo.tune.race import RaceConfig, candidate_layers, race, sensitivity_ranking
+from layerzo.tune.lr_search import SEARCH_FRACTION, lr_grid, search_lr
+from layerzo.tune.race import (LAYER_RACE_FRACTION, RaceConfig, candidate_layers, first_round_steps, race,
+                               sensitivity_ranking)
 from layerzo.tune.select import task_sensitivity
 from layerzo.model.prefix_cache import ExampleCache, SharedLowerOutputs, default_example_cache_bytes
 from layerzo.version import __version__
@@ -240,7 +241,7 @@ def searched_lr(config: TuneConfig, loaded: LoadedModel, splits: TaskSplits, obj
         return config, None
     grid = lr_grid(sum(t.numel() for t in tuned.params.tensors)) if spec == "auto" else spec
     result = search_lr(loaded, objective, splits.train, splits.dev, tuned.params, tuned.first_cached, config.zo, grid,
-                       RaceConfig(first_steps=search_first_steps(config.steps, len(grid)),
+                       RaceConfig(first_steps=first_round_steps(config.steps, len(grid), SEARCH_FRACTION),
                                   batch_size=config.batch_size, seed=config.seed))
     if note:
         note(f"--lr auto: {result.reason} ({result.seconds:.0f} s)")
@@ -337,22 +338,12 @@ def auto_layer(config: TuneConfig, loaded: LoadedModel, splits: TaskSplits, obje
     if note:
         note("--layers auto: racing layers " + ", ".join(f"{c.layer} ({', '.join(c.sources)})" for c in candidates))
     result = race(loaded, objective, splits.train, splits.dev, candidates, config.zo,
-                  RaceConfig(first_steps=race_first_steps(config.steps, len(candidates)),
+                  RaceConfig(first_steps=first_round_steps(config.steps, len(candidates), LAYER_RACE_FRACTION),
                              batch_size=config.batch_size, seed=config.seed))
     if note:
         note(f"--layers auto: {result.reason} ({result.seconds:.0f} s)")
     return (result.winner,), {"dominant_layer": result.winner, "selection": "auto", "reason": result.reason,
                               "race": result.to_dict(), "sensitivity_ranking": ranking, "outlier_profile": outlier}
-
-
-def race_first_steps(steps: int, candidates: int) -> int:
-    """Round-1 steps per candidate so the whole race is about 5 % of the run's steps (at least 2).
-
-    Successive halving with doubling rounds, stopped once one candidate is kept, runs about
-    ``c + 2·c/2 + 4·c/4 ... ≈ c·log2 c`` multiples of the first round's steps for ``c`` candidates.
-    """
-    rounds = max(1, math.ceil(math.log2(max(candidates, 1))))
-    return max(2, round(0.05 * steps / (candidates * rounds)))
 
 
 @contextmanager

@@ -31,7 +31,7 @@ from typing import Sequence
 from layerzo.data.objectives import Objective
 from layerzo.errors import ConfigError, DivergenceError
 from layerzo.model.prefix_cache import SharedLowerOutputs
-from layerzo.tune.race import DevScore, RaceConfig, Runner, successive_halving
+from layerzo.tune.race import DevScore, RaceConfig, RaceRound, Runner, successive_halving
 from layerzo.zo.engine import TunedParams, ZOConfig
 
 LR_SCALE = 1000.0  # lr · (number of tuned weights) at the grid's centre (module docstring)
@@ -59,16 +59,6 @@ def lr_grid(num_weights: int, half_decades: Sequence[int] = GRID_HALF_DECADES) -
     return tuple(half_decade_value(centre + k) for k in half_decades)
 
 
-def search_first_steps(steps: int, candidates: int, fraction: float = SEARCH_FRACTION) -> int:
-    """Round-1 steps per rate so the whole search is about ``fraction`` of the run's steps (at least 2).
-
-    Successive halving with doubling rounds runs each round about ``c`` first-round
-    budgets (``c·s``, then ``c/2·2s``, …), ``ceil(log2 c)`` rounds for ``c`` candidates.
-    """
-    rounds = max(1, math.ceil(math.log2(max(candidates, 2))))
-    return max(2, round(fraction * steps / (candidates * rounds)))
-
-
 @dataclass(frozen=True)
 class LRSearchResult:
     """The pick and the whole grid: recorded in the manifest (``lr_search``) and printed."""
@@ -76,15 +66,15 @@ class LRSearchResult:
     lr: float
     grid: tuple[float, ...]
     zero_shot_dev_loss: float
-    rounds: tuple[dict, ...]  # {"steps", "dev_loss": {lr: loss}, "kept": [lr, ...]}
+    rounds: tuple[RaceRound, ...]  # dev_loss and kept by rate
     steps: int
     seconds: float
 
     @property
     def reason(self) -> str:
-        last = self.rounds[-1]["dev_loss"]
+        last = self.rounds[-1].dev_loss
         scores = ", ".join(f"{lr:g}: {last[lr]:.4f}" for lr in sorted(last))
-        out = sorted(lr for r in self.rounds for lr, loss in r["dev_loss"].items() if not math.isfinite(loss))
+        out = sorted(lr for r in self.rounds for lr, loss in r.dev_loss.items() if not math.isfinite(loss))
         diverged = f"; diverged: {', '.join(f'{lr:g}' for lr in out)}" if out else ""
         return (f"lr {self.lr:g} won a search over {', '.join(f'{g:g}' for g in self.grid)} on the same training "
                 f"batches ({self.steps} ZO steps): teacher-forced dev loss {self.zero_shot_dev_loss:.4f} zero-shot; "
@@ -93,8 +83,8 @@ class LRSearchResult:
     def to_dict(self) -> dict:
         """The manifest's record (no seconds: wall time would make patches of the same run differ)."""
         return {"lr": self.lr, "grid": list(self.grid), "zero_shot_dev_loss": self.zero_shot_dev_loss,
-                "rounds": [{"steps": r["steps"], "dev_loss": {f"{k:g}": _json_loss(v) for k, v in r["dev_loss"].items()},
-                            "kept": list(r["kept"])} for r in self.rounds],
+                "rounds": [{"steps": r.steps, "dev_loss": {f"{k:g}": _json_loss(v) for k, v in r.dev_loss.items()},
+                            "kept": list(r.kept)} for r in self.rounds],
                 "steps": self.steps, "reason": self.reason}
 
 
@@ -106,16 +96,13 @@ def search_lr(loaded, objective: Objective, train: Sequence, dev: Sequence, para
               zo: ZOConfig, grid: Sequence[float], config: RaceConfig) -> LRSearchResult:
     """Race the rates of ``grid`` on ``params`` (module docstring); ``params`` hold their values afterwards."""
     start = time.perf_counter()
-    scorer = objective.teacher_forced()
-    dev_batch = scorer.encode(list(dev[:config.dev_examples]) or list(train[:config.dev_examples]))
-    zero_shot = scorer.loss(loaded.model, dev_batch)
-    shared, dev_score = SharedLowerOutputs(), DevScore(loaded, scorer, dev_batch)  # lower layers: once per batch
+    dev_score = DevScore(loaded, objective, dev, train, config.dev_examples)
+    shared = SharedLowerOutputs()  # every rate sees the same batches: their lower layers run once
     runners = {lr: Runner(lambda: nullcontext(params), first_cached, loaded, objective, train,
                           dataclasses.replace(zo, lr=lr), config, shared) for lr in grid}
     rounds, steps = successive_halving(runners, lambda _: dev_score(first_cached), config.first_steps)
     if all(r.diverged for r in runners.values()):
         raise DivergenceError(f"every learning rate of the search diverged ({', '.join(f'{g:g}' for g in grid)})",
                               "pass smaller rates with --lr-search 1e-6,1e-5,... or a fixed --lr")
-    return LRSearchResult(rounds[-1].kept[0], tuple(grid), zero_shot,
-                          tuple({"steps": r.steps, "dev_loss": dict(r.dev_loss), "kept": r.kept} for r in rounds),
-                          steps, round(time.perf_counter() - start, 3))
+    return LRSearchResult(rounds[-1].kept[0], tuple(grid), dev_score.zero_shot, tuple(rounds), steps,
+                          round(time.perf_counter() - start, 3))

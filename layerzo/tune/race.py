@@ -47,6 +47,7 @@ from layerzo.zo.engine import TunedParams, ZOConfig, ZOState, zo_step
 from layerzo.zo.sensitivity import SensitivityConfig, layer_sensitivity
 
 SCREEN_DIRECTIONS = 2  # the sensitivity screen of --layers auto: K=2 on one batch (~1/8 of profile --sensitivity)
+LAYER_RACE_FRACTION = 0.05  # --layers auto: the race's ZO steps, as a share of the run's steps
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,17 @@ class RaceResult:
                 "steps": self.steps, "reason": self.reason}  # no seconds: the manifest stays byte-identical
 
 
+def first_round_steps(steps: int, candidates: int, fraction: float) -> int:
+    """Round-1 steps per candidate so a race is about ``fraction`` of the run's ``steps`` (at least 2).
+
+    Successive halving with doubling rounds, stopped once one candidate is kept, runs each
+    round about ``c`` first-round budgets (``c·s``, then ``c/2·2s``, …), ``ceil(log2 c)``
+    rounds (at least 1) for ``c`` candidates.
+    """
+    rounds = max(1, math.ceil(math.log2(max(candidates, 1))))
+    return max(2, round(fraction * steps / (candidates * rounds)))
+
+
 def candidate_layers(outlier: dict, sensitivity_ranking: Sequence[int], num_layers: int) -> tuple[Candidate, ...]:
     """The candidates in a fixed order, each with every reason it was proposed (a pure function)."""
     pick = int(outlier["pick"]["layer"])
@@ -132,16 +144,14 @@ def race(loaded, objective: Objective, train: Sequence, dev: Sequence, candidate
     if not candidates:
         raise ConfigError("the layer race needs at least one candidate")
     start = time.perf_counter()
-    scorer = objective.teacher_forced()
-    dev_batch = scorer.encode(list(dev[:config.dev_examples]) or list(train[:config.dev_examples]))
-    zero_shot = scorer.loss(loaded.model, dev_batch)
+    dev_score = DevScore(loaded, objective, dev, train, config.dev_examples)
     # Every candidate sees the same batches and the base below it: the lower layers' outputs are shared,
     # so, run from the shallowest candidate up, each batch's lower stack runs once to the deepest layer.
-    shared, dev_score = SharedLowerOutputs(), DevScore(loaded, scorer, dev_batch)
+    shared = SharedLowerOutputs()
     runners = {layer: Runner(lambda layer=layer: layer_params(loaded, layer), layer, loaded, objective, train, zo,
                              config, shared) for layer in sorted(c.layer for c in candidates)}
     rounds, total = successive_halving(runners, dev_score, config.first_steps)
-    return RaceResult(rounds[-1].kept[0], zero_shot, tuple(candidates), tuple(rounds),
+    return RaceResult(rounds[-1].kept[0], dev_score.zero_shot, tuple(candidates), tuple(rounds),
                       round(time.perf_counter() - start, 3), total)
 
 
@@ -170,14 +180,18 @@ def successive_halving(runners: Mapping[Hashable, "Runner"], score: Callable[[Ha
 
 
 class DevScore:
-    """The teacher-forced loss of the fixed dev batch under a candidate's weights, its lower layers run once.
+    """A race's score: the teacher-forced loss of a fixed dev batch (the first ``examples`` dev examples,
+    else training ones) under a candidate's weights, its lower layers run once.
 
-    Called with the layer that candidate tunes: the output of the frozen layers below it
+    ``zero_shot`` is that loss under the base weights (the same for every candidate).
+    Called with the layer a candidate tunes: the output of the frozen layers below it
     is kept per layer (and shared across layers, deepest so far) for the whole race.
     """
 
-    def __init__(self, loaded, scorer: Objective, dev_batch) -> None:
-        self.loaded, self.scorer, self.dev_batch = loaded, scorer, dev_batch
+    def __init__(self, loaded, objective: Objective, dev: Sequence, train: Sequence, examples: int) -> None:
+        self.loaded, self.scorer = loaded, objective.teacher_forced()
+        self.dev_batch = self.scorer.encode(list(dev[:examples]) or list(train[:examples]))
+        self.zero_shot = self.scorer.loss(loaded.model, self.dev_batch)
         self.stores: dict[int, dict] = {}
         self.shared = SharedLowerOutputs()
 
