@@ -44,6 +44,7 @@ def main() -> None:
     from layerzo.tune.batches import EvalSet, train_batches
     from layerzo.tune.config import build_config, load_recipe
     from layerzo.tune.loop import resolve_layers
+    from layerzo.tune.race import SCREEN_DIRECTIONS, SCREEN_EXAMPLES, RaceConfig
     from layerzo.zo.engine import TunedParams, ZOState, zo_step
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -93,7 +94,9 @@ def main() -> None:
         + f" | {', '.join(map(str, r['kept']))} |" for i, r in enumerate(race["rounds"]))
     text = (header("--layers auto on the demo model (SST-2)", result)
             + f"\nCandidates: " + "; ".join(f"layer {c['layer']} ({', '.join(c['sources'])})" for c in race["candidates"])
-            + f". Zero-shot dev loss (the first {len(splits.dev[:32])} dev examples) {race['zero_shot_dev_loss']:.4f}.\n\n"
+            + f". Zero-shot dev loss (the first {len(splits.dev[:RaceConfig().dev_examples])} dev examples) "
+              f"{race['zero_shot_dev_loss']:.4f}. Sensitivity screen: K = {SCREEN_DIRECTIONS} one-sided directions on "
+              f"{SCREEN_EXAMPLES} training examples.\n\n"
             "| round | steps each | dev loss after the round | kept |\n|---|---|---|---|\n" + rounds + "\n\n"
             f"**Winner: layer {winner}.** {race['reason']}.\n\n"
             f"Cost: the whole selection (profile + sensitivity screen + race) {auto_seconds:.0f} s, the race "

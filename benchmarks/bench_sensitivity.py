@@ -17,21 +17,7 @@ import torch
 
 from common import RESULTS, header, stamp, write_report
 
-
-def spearman(a: list[float], b: list[float]) -> float:
-    def ranks(v):
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        for rank, i in enumerate(order):
-            r[i] = float(rank)
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    n, ma, mb = len(a), sum(ra) / len(a), sum(rb) / len(b)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    sa = sum((x - ma) ** 2 for x in ra) ** 0.5
-    sb = sum((y - mb) ** 2 for y in rb) ** 0.5
-    return cov / (sa * sb) if sa and sb and n > 1 else float("nan")
+from layerzo.core.stats import spearman
 
 
 def render(result: dict, report, args) -> str:
@@ -50,6 +36,13 @@ def render(result: dict, report, args) -> str:
         f"{result['ratio_to_activation_profile']:.1f}× the activation profile's forward "
         f"({result['activation_profile_seconds']:.2f} s), {result['ratio_to_profile_command']:.2f}× a whole "
         f"`layerzo profile` (model load {result['load_seconds']:.1f} s + forward).", "",
+        *([f"Why it costs this much: per example the profile runs {result['forward_equivalents_per_example']:.0f} "
+           "forward-equivalents (one plain forward shared by all layers, then 2K perturbed forwards per layer, each "
+           "from that layer up) against the activation profile's one, and on this CPU a forward is compute-bound "
+           "(the demo's time per row is flat from 8 to 128 rows a batch), so the target of <= 3x the activation "
+           "profile is out of reach at K = 8 over all layers whatever the batching: it would leave under one "
+           "example to measure on. `--layers auto` uses the cheap screen instead (K = 2 one-sided, 4 examples)."]
+          if "forward_equivalents_per_example" in result else []), "",
         f"Outlier pick: layer {outlier} (rank {result['outlier_pick_sensitivity_rank']} in the sensitivity "
         f"ranking). Sensitivity pick: layer {report.pick} — {report.reason}. Largest gradient per weight: layer "
         f"{result['largest_grad_per_weight']}. Spearman(gradient per weight, earliness) = "
@@ -124,6 +117,9 @@ def main() -> None:
         "outlier_pick_sensitivity_rank": report.ranking().index(activation.pick.layer) + 1,
         "largest_grad_per_weight": max(report.layers, key=lambda s: s.grad_per_weight).layer,
         "batch_size": args.batch_size,
+        # per example: 1 plain forward + 2K perturbed ones from layer l up, i.e. (L-l)/L of a forward each
+        "forward_equivalents_per_example": 1 + 2 * args.directions * sum(
+            (len(report.layers) - s.layer) / len(report.layers) for s in report.layers),
         "spearman_sensitivity_vs_depth": spearman(gpw, [float(-i) for i in range(len(gpw))]),
         "sensitivity": doc})
     plot_sensitivity(report, RESULTS / "sensitivity_sst2_smollm2.png")

@@ -21,6 +21,15 @@ median of each is reported, with ratios:
                 memory on the demo, see bench_memory.py) - the fastest full-model step this engine can do;
 * ``lora``      ``zo_step`` on LoRA r=8 adapters on q/v of EVERY layer (MeZO's LoRA baseline; the
                 wrappers are added before and removed after each call, untimed).
+* ``mezo_reference``  MeZO's own step as princeton-nlp/MeZO ``large_models/trainer.py`` writes it
+                (``zo_perturb_parameters`` +1, -2, +1 in place with ``param.data = param.data + s*z*eps``
+                after ``torch.manual_seed``, then ``zo_update`` draws z a fourth time), over the same
+                decoder weights as ``full``: the baseline the paper's speed-ups are measured against.
+
+``--variants`` runs a subset (still interleaved): the variants that allocate
+and free the whole model's z (``full*``, ``mezo_reference``) or add and
+remove LoRA wrappers change the allocator's and caches' state for the others,
+so each ratio can also be measured with only its two sides interleaved.
 
 Targets: full / dominant >= 3.0 and dominant / floor <= 0.70. ``--profile``
 adds a torch.profiler table of one dominant and one full step (top ops by
@@ -44,7 +53,8 @@ import torch  # noqa: E402
 
 from common import header, interleaved, medians, peak_rss_bytes, stamp, write_report  # noqa: E402
 
-VARIANTS = ("floor", "dominant", "dominant_paired", "dominant_batchcache", "dominant_nocache", "full", "full_zkept", "lora")
+VARIANTS = ("floor", "dominant", "dominant_paired", "dominant_batchcache", "dominant_nocache", "full", "full_zkept", "lora",
+            "mezo_reference")
 TARGET_FULL_OVER_DOMINANT = 3.0
 TARGET_DOMINANT_OVER_FLOOR = 0.70
 
@@ -102,6 +112,28 @@ def build(args):
             zo_step(p_dom, step_loss, next(seeds), cfg_dom, ZOState(), z_cache_max_bytes=budget,
                     pair_loss=step_loss.pair)
 
+    full_names = [(nm, param) for nm, param in model.named_parameters()
+                  if any(nm == x for i in range(n) for x in layer_parameter_names(model, layout, i))]
+
+    def mezo_perturb(seed: int, scaling: float) -> None:  # MeZO's zo_perturb_parameters, verbatim in effect
+        torch.manual_seed(seed)
+        for _, param in full_names:
+            z = torch.normal(mean=0, std=1, size=param.data.size(), device=param.data.device, dtype=param.data.dtype)
+            param.data = param.data + scaling * z * cfg_full.eps
+
+    def mezo_reference():  # MeZO's zo_step + zo_update (weight decay 0), restoring the weights afterwards
+        seed = next(seeds)
+        mezo_perturb(seed, 1)
+        loss1 = loss()
+        mezo_perturb(seed, -2)
+        loss2 = loss()
+        grad = (loss1 - loss2) / (2 * cfg_full.eps)
+        mezo_perturb(seed, 1)
+        torch.manual_seed(seed)
+        for _, param in full_names:
+            z = torch.normal(mean=0, std=1, size=param.data.size(), device=param.data.device, dtype=param.data.dtype)
+            param.data = param.data - cfg_full.lr * (grad * z)
+
     def dominant_batchcache():
         with cached_lower_layers(model, layout, layer):
             zo_step(p_dom, loss, next(seeds), cfg_dom, ZOState(), z_cache_max_bytes=budget)
@@ -115,7 +147,9 @@ def build(args):
         "full": lambda: zo_step(p_full, loss, next(seeds), cfg_full, ZOState(), z_cache_max_bytes=budget),
         "full_zkept": lambda: zo_step(p_full, loss, next(seeds), cfg_full, ZOState(), z_cache_max_bytes=zkept),
         "lora": lambda: zo_step(lora_state["params"], loss, next(seeds), cfg_dom, ZOState(), z_cache_max_bytes=budget),
+        "mezo_reference": mezo_reference,
     }
+    variants = {k: v for k, v in variants.items() if k in args.variants}
     info = {"model": loaded.source.name, "num_layers": n, "layer": layer, "batch_size": args.batch_size,
             "batch_shape": list(batch.input_ids.shape), "tokens_per_forward": int(batch.attention_mask.sum()),
             "tuned_params": {"dominant": sum(t.numel() for t in p_dom.tensors),
@@ -154,8 +188,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 with --quick)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--profile", action="store_true", help="add torch.profiler tables of a dominant and a full step")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of the variants to interleave")
     args = p.parse_args()
     args.steps = args.steps or (3 if args.quick else 7)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown or "floor" not in args.variants or "dominant" not in args.variants:
+        p.error(f"--variants takes floor, dominant and any of {', '.join(VARIANTS[2:])}; got {unknown or args.variants}")
     threads = args.threads or (1 if args.quick else None)
     if threads:
         torch.set_num_threads(threads)
@@ -170,14 +209,8 @@ def main() -> None:
     result = stamp({
         **info, "device": args.device, "rounds": args.steps, "median_s": med, "all_s": times,
         "tokens_per_s": {k: tokens / v for k, v in med.items()},
-        "ratios": {"dominant/floor": med["dominant"] / med["floor"], "full/dominant": med["full"] / med["dominant"],
-                   "full_zkept/dominant": med["full_zkept"] / med["dominant"],
-                   "lora/dominant": med["lora"] / med["dominant"],
-                   "dominant_nocache/dominant": med["dominant_nocache"] / med["dominant"],
-                   "dominant_paired/dominant": med["dominant_paired"] / med["dominant"],
-                   "full/dominant_paired": med["full"] / med["dominant_paired"],
-                   "dominant_batchcache/floor": med["dominant_batchcache"] / med["floor"],
-                   "full/dominant_batchcache": med["full"] / med["dominant_batchcache"]},
+        "variants": args.variants,
+        "ratios": ratios_of(med),
         "targets": {"full/dominant >=": TARGET_FULL_OVER_DOMINANT, "dominant/floor <=": TARGET_DOMINANT_OVER_FLOOR},
         "peak_rss_mb": peak_rss_bytes() / 2**20,
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
@@ -188,12 +221,27 @@ def main() -> None:
     print(markdown(result))
 
 
+RATIOS = (("dominant", "floor"), ("full", "dominant"), ("full_zkept", "dominant"), ("mezo_reference", "dominant"),
+          ("lora", "dominant"), ("dominant_nocache", "dominant"), ("dominant_paired", "dominant"),
+          ("full", "dominant_paired"), ("dominant_batchcache", "floor"), ("full", "dominant_batchcache"))
+
+
+def ratios_of(med: dict) -> dict:
+    """Every ratio of :data:`RATIOS` whose two variants ran."""
+    return {f"{a}/{b}": med[a] / med[b] for a, b in RATIOS if a in med and b in med}
+
+
 def markdown(r: dict) -> str:
     med, ratios = r["median_s"], r["ratios"]
     rows = "\n".join(f"| {v} | {med[v]:.3f} | {med[v] / med['floor']:.2f}x | {r['tokens_per_s'][v]:.0f} |"
-                     for v in VARIANTS)
-    ok_full = ratios["full/dominant"] >= TARGET_FULL_OVER_DOMINANT
+                      for v in VARIANTS if v in med)
+
+    def ratio(key: str, fmt: str = "{:.2f}x") -> str:
+        return fmt.format(ratios[key]) if key in ratios else "(not run)"
+
+    ok_full = ratios.get("full/dominant", 0) >= TARGET_FULL_OVER_DOMINANT
     ok_floor = ratios["dominant/floor"] <= TARGET_DOMINANT_OVER_FLOOR
+    ok_ref = ratios.get("mezo_reference/dominant", 0) >= TARGET_FULL_OVER_DOMINANT
     text = (
         header("ZO step time: dominant layer vs full-model MeZO vs LoRA-ZO vs two forwards", r)
         + f"\n{r['model']} ({r['num_layers']} layers), dominant layer {r['layer']} "
@@ -203,15 +251,24 @@ def markdown(r: dict) -> str:
         "| variant | median s/step | vs floor | tokens/s (2 forwards) |\n|---|---|---|---|\n" + rows + "\n\n"
         f"- dominant / floor = **{ratios['dominant/floor']:.2f}x** (target <= {TARGET_DOMINANT_OVER_FLOOR}: "
         f"{'met' if ok_floor else 'MISSED'})\n"
-        f"- full / dominant = **{ratios['full/dominant']:.2f}x** (target >= {TARGET_FULL_OVER_DOMINANT}: "
-        f"{'met' if ok_full else 'MISSED'}); with z kept in memory instead of the seed trick: "
-        f"{ratios['full_zkept/dominant']:.2f}x\n"
-        f"- one forward for + and - (2B rows, `--paired-forward`) / two forwards = "
-        f"**{ratios['dominant_paired/dominant']:.2f}x**; full / dominant_paired = {ratios['full/dominant_paired']:.2f}x\n"
-        f"- lora / dominant = **{ratios['lora/dominant']:.2f}x**; dominant without the lower-layer cache / with it = "
-        f"{ratios['dominant_nocache/dominant']:.2f}x\n"
-        f"- with the per-batch cache instead (lower layers once per step): dominant / floor = "
-        f"{ratios['dominant_batchcache/floor']:.2f}x, full / dominant = {ratios['full/dominant_batchcache']:.2f}x\n"
+        + (f"- full / dominant = **{ratio('full/dominant')}** (target >= {TARGET_FULL_OVER_DOMINANT}: "
+           f"{'met' if ok_full else 'MISSED'}; layerzo's own full-model step); with z kept in memory instead of "
+           f"the seed trick: {ratio('full_zkept/dominant')}\n" if "full" in med else "")
+        + (f"- MeZO's reference step (4 draws of z, in-place perturbation) / dominant = "
+           f"**{ratio('mezo_reference/dominant')}** (target >= {TARGET_FULL_OVER_DOMINANT}: "
+           f"{'met' if ok_ref else 'MISSED'}); / layerzo's full step = "
+           + (f"{med['mezo_reference'] / med['full']:.2f}x" if "full" in med else "(not run)") + "\n"
+           if "mezo_reference" in med else "")
+        + (f"- one forward for + and - (2B rows, `--paired-forward`) / two forwards = "
+           f"**{ratio('dominant_paired/dominant')}**; full / dominant_paired = {ratio('full/dominant_paired')}\n"
+           if "dominant_paired" in med else "")
+        + (f"- lora / dominant = **{ratio('lora/dominant')}**\n" if "lora" in med else "")
+        + (f"- dominant without the lower-layer cache / with it = {ratio('dominant_nocache/dominant')}\n"
+           if "dominant_nocache" in med else "")
+        + (f"- with the per-batch cache instead (lower layers once per step): dominant / floor = "
+           f"{ratio('dominant_batchcache/floor')}, full / dominant = {ratio('full/dominant_batchcache')}\n"
+           if "dominant_batchcache" in med else "")
+        + f"- variants interleaved in this run: {', '.join(r.get('variants', VARIANTS))}\n"
         f"- bound: with the per-example cache a step runs layers {r['layer']}..{r['num_layers'] - 1} twice, so "
         f"dominant / floor is about {(r['num_layers'] - r['layer']) / r['num_layers']:.2f}x at best (layer compute "
         f"only; {(2 * r['num_layers'] - r['layer']) / (2 * r['num_layers']):.2f}x with the per-batch cache); "

@@ -32,9 +32,9 @@ def sweep(
     steps: Annotated[int, typer.Option("--steps", help="ZO steps per run.")] = 100,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step.")] = 16,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate of a one-layer run.")] = 1e-3,
-    full_lr: Annotated[
-        Optional[float], typer.Option("--full-lr", help="Learning rate of the whole-model run (default: lr / num_layers).")
-    ] = None,
+    full_lr: Annotated[Optional[str], typer.Option(
+        "--full-lr", help="Learning rate of the whole-model run (default: lr / num_layers); a comma list or auto "
+                          "(tune --lr auto's grid) runs each rate and reports the best dev.")] = None,
     eps: Annotated[float, typer.Option("--eps", help="Perturbation scale.")] = 1e-3,
     seed: SeedOpt = 0,
     eval_every: Annotated[int, typer.Option("--eval-every", help="Dev evaluation every N steps.")] = 50,
@@ -52,11 +52,11 @@ def sweep(
     json_out: JsonOpt = False,
 ) -> None:
     """Tune each layer ALONE with one recipe, compare with whole-model MeZO, mark the profiled layer."""
-    from layerzo.sweep.run import SweepConfig, run_sweep
+    from layerzo.sweep.run import SweepConfig, parse_full_lr, run_sweep
 
     names = tuple(t.strip() for t in (tasks or task).split(",") if t.strip())
     config = SweepConfig.from_dict({
-        "tasks": names, "layers": layers, "full": full, "full_lr": full_lr, "model": model,
+        "tasks": names, "layers": layers, "full": full, "full_lr": parse_full_lr(full_lr), "model": model,
         "data_dir": str(data_dir) if data_dir else None, "steps": steps, "batch_size": batch_size, "lr": lr,
         "eps": eps, "seed": seed, "eval_every": eval_every, "num_train": num_train, "num_dev": num_dev,
         "num_test": num_test, "eval_batch_size": eval_batch_size, "max_length": max_length, "dtype": dtype,

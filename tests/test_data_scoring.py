@@ -67,6 +67,25 @@ def test_single_token_candidates_share_one_row(tokenizer, sst2, copa):
     assert multi.keep > 1
 
 
+@pytest.mark.parametrize("task", ["cb", "wic", "rte"])
+def test_candidates_that_differ_in_their_last_token_share_one_row_and_score_as_alone(model, tokenizer, data_dir, task):
+    """SuperGLUE templates end in a newline that lm-eval moves into every continuation ("\nYes"/"\nNo"): two
+    tokens each, the same first one, so one row per example serves all candidates."""
+    examples = load_task(task, data_dir, num_train=4, num_dev=0, num_test=0, seed=1).train
+    conts = [[scoring.encode_pair(tokenizer, ex.context, c)[1] for c in ex.candidates] for ex in examples]
+    assert all(len(c) == 2 for row in conts for c in row)  # really multi-token continuations
+    batch = scoring.encode_batch(tokenizer, examples)
+    assert batch.num_rows == len(examples) and batch.keep == 2
+    torch.testing.assert_close(scoring.candidate_scores(model, batch),
+                               torch.tensor(_naive_scores(model, tokenizer, examples)), atol=1e-4, rtol=1e-5)
+
+
+def test_rows_are_shared_only_when_everything_but_the_last_token_agrees():
+    assert scoring.shares_one_row([[5], [7]]) and scoring.shares_one_row([[1, 5], [1, 7], [1, 9]])
+    assert not scoring.shares_one_row([[1, 5], [2, 7]])  # different first tokens: different rows
+    assert not scoring.shares_one_row([[1, 5], [1, 5, 7]])  # different lengths
+
+
 def test_logits_to_keep_equals_full_logits(model, tokenizer, copa):
     batch = scoring.encode_batch(tokenizer, copa)
     kept = scoring.candidate_scores(model, batch)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from layerzo.errors import ConfigError, LayerIndexError, OutputExistsError
 from layerzo.model.loading import load_model
-from layerzo.sweep.run import FULL, SweepConfig, layer_ranges, layer_sha256, run_sweep
+from layerzo.sweep.run import FULL, SweepConfig, layer_ranges, layer_sha256, parse_full_lr, rate_key, run_sweep
 
 
 @pytest.fixture()
@@ -177,7 +177,39 @@ def test_layer_ranges_and_bad_configs():
         SweepConfig(full_lr=-1.0)
     with pytest.raises(ConfigError, match="twice"):
         SweepConfig(tasks=("sst2", "sst2"))
-    assert SweepConfig.from_dict({"lr": 3e-3}).resolved_full_lr(30) == pytest.approx(1e-4)
+    assert SweepConfig.from_dict({"lr": 3e-3}).resolved(30, 10**6).full_lr == pytest.approx((1e-4,))
+    with pytest.raises(ConfigError, match="distinct"):
+        SweepConfig(full_lr=(1e-3, 1e-3))
+    with pytest.raises(ConfigError, match="full-lr"):
+        parse_full_lr("fast")
+    assert parse_full_lr("auto") == "auto" and parse_full_lr("1e-5") == 1e-5
+    assert parse_full_lr("1e-5,3e-5") == (1e-5, 3e-5) and parse_full_lr(None) is None
+    assert rate_key(3e-4 / 30) == 1e-5 != 3e-4 / 30  # an older sweep's lr / num_layers is the grid's 1e-5
+
+
+def test_a_whole_model_rate_grid_runs_every_rate_keeps_the_best_dev_and_resumes(tiny, data_dir, tmp_path):
+    from layerzo.tune.lr_search import lr_grid
+
+    config = _config(data_dir, layers="1", full_lr=[1e-9, 3e-2], steps=4, eval_every=2)
+    doc = run_sweep(config, tmp_path / "s", loaded=tiny, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "s" / "sweep.jsonl").read_text().splitlines()]
+    full = [r for r in records if r["kind"] == "full"]
+    assert sorted(r["lr"] for r in full) == [1e-9, 3e-2]
+    s = doc["tasks"]["sst2"]
+    assert [g["lr"] for g in s["full_grid"]] == [1e-9, 3e-2]
+    best = max(full, key=lambda r: (r["dev_acc"], -r["lr"]))
+    assert s["full"]["lr"] == best["lr"] and s["full"]["dev_acc"] == best["dev_acc"]
+    assert doc["config"]["full_lr"] == [1e-9, 3e-2]
+    assert "Whole-model MeZO grid" in (tmp_path / "s" / "sweep.md").read_text()
+    again = run_sweep(config, tmp_path / "s", loaded=tiny, progress=False, resume=True)  # nothing left to run
+    assert len((tmp_path / "s" / "sweep.jsonl").read_text().splitlines()) == len(records)
+    assert again["tasks"]["sst2"]["full_grid"] == s["full_grid"]
+    wider = run_sweep(_config(data_dir, layers="1", full_lr=[1e-9, 3e-2, 1e-3], steps=4, eval_every=2), tmp_path / "s",
+                      loaded=tiny, progress=False, resume=True)  # a later, wider grid runs only the new rate
+    assert len((tmp_path / "s" / "sweep.jsonl").read_text().splitlines()) == len(records) + 1
+    assert [g["lr"] for g in wider["tasks"]["sst2"]["full_grid"]] == [1e-9, 1e-3, 3e-2]
+    n, d = 4, sum(p.numel() for p in tiny.model.model.layers.parameters())
+    assert SweepConfig(full_lr="auto").resolved(n, d).full_lr == lr_grid(d)
 
 
 def test_cli_sweep_json_and_one_line_errors(tiny_llama_dir, data_dir, tmp_path):

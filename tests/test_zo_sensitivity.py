@@ -37,10 +37,45 @@ def test_every_layer_is_measured_and_the_model_is_untouched():
     assert [s.layer for s in report.layers] == [0, 1, 2, 3]
     assert all(s.grad_rms > 0 and s.numel > 0 and s.own_change > 0 for s in report.layers)
     assert report.layers[-1].growth == pytest.approx(1.0)  # the last layer's own output IS the final one
-    assert report.forwards == 4 * 2 * (1 + 2 * 4)
+    assert report.forwards == 2 * (1 + 4 * 2 * 4)  # one plain forward per batch, 2K perturbed per layer
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     doc = report.to_dict()
     assert len(doc["layers"]) == 4 and doc["pick"] in doc["ranking"] and doc["config"]["directions"] == 4
+
+
+def test_the_base_pass_is_shared_by_every_layer_and_forwards_counts_what_ran():
+    """The last layer runs once per forward; layer 0 in the plain pass, its own perturbed passes and once per batch
+    to feed layer 1's cache, never again (the prefix cache keeps the deepest output)."""
+    model = make_tiny_model("llama", num_layers=4)
+    layout = find_layer_layout(model)
+    calls = {0: 0, 3: 0}
+    handles = [get_layer(model, layout, i).register_forward_hook(
+        lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)) for i in calls]
+    try:
+        for one_sided in (False, True):
+            calls.update({0: 0, 3: 0})
+            report = layer_sensitivity(model, layout, _batches(), _loss(model),
+                                       SensitivityConfig(directions=3, one_sided=one_sided))
+            assert calls[3] == report.forwards == 2 * (1 + 4 * 3 * (1 if one_sided else 2))
+            assert calls[0] == 2 + 2 * 3 * (1 if one_sided else 2) + 2
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_one_sided_differences_agree_with_central_ones_to_first_order():
+    model = make_tiny_model("llama", num_layers=3)
+    layout = find_layer_layout(model)
+    central, one_sided = (layer_sensitivity(model, layout, _batches(), _loss(model),
+                                            SensitivityConfig(directions=4, eps=1e-4, one_sided=o))
+                          for o in (False, True))
+    for c, o in zip(central.layers, one_sided.layers):
+        assert o.grad_rms == pytest.approx(c.grad_rms, rel=0.05)
+        assert o.final_change == pytest.approx(c.final_change, rel=0.05)
+        assert o.own_change == pytest.approx(c.own_change, rel=0.05)
+    assert central.ranking() == one_sided.ranking()
+    with pytest.raises(ConfigError, match="one_sided"):
+        SensitivityConfig(one_sided="yes")
 
 
 def test_the_rms_of_g_estimates_the_gradient_norm():

@@ -16,10 +16,13 @@ over the candidates' scores with the correct candidate as label.
 Speed: rows are left-padded so every candidate's tokens sit at the END of its
 row; the model then only projects the last ``keep`` positions onto the
 vocabulary (``logits_to_keep``), and ``position_ids`` are derived from the
-attention mask so padding does not shift positions. When every candidate of an
-example is a single token (SST-2's " great"/" terrible"), all its candidates
-share ONE row (same ``context_enc`` prefix, causal model → same logits), which
-halves the forward cost of binary tasks without changing any score.
+attention mask so padding does not shift positions. When the candidates of an
+example differ only in their LAST token (SST-2's " great"/" terrible"; the
+SuperGLUE templates' "\nYes"/"\nNo"/"\nMaybe", whose newline lm-eval moves
+into every continuation), all its candidates share ONE row (the same tokens
+before that last one, causal model → the same logits at every scored
+position), which divides the forward cost by the number of candidates
+(2 for WiC/RTE/WSC, 3 for CB) without changing any score.
 """
 
 from __future__ import annotations
@@ -101,6 +104,15 @@ def left_padded(tokenizer, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor,
     return input_ids, attention_mask, (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def shares_one_row(conts: Sequence[Sequence[int]]) -> bool:
+    """Candidates whose continuations have one length and differ at most in the last token read one row.
+
+    Every candidate's context encoding is the same (it depends on the context
+    alone), so their rows ``(ctx + cont)[:-1]`` are then identical.
+    """
+    return len({len(c) for c in conts}) == 1 and len({tuple(c[:-1]) for c in conts}) == 1
+
+
 def encode_batch(tokenizer, examples: Sequence, *, max_length: int = 512) -> ScoringBatch:
     """Tokenize ``examples`` (``layerzo.data.spec.Example``) into one :class:`ScoringBatch`."""
     if max_length < 2:
@@ -118,10 +130,11 @@ def encode_batch(tokenizer, examples: Sequence, *, max_length: int = 512) -> Sco
         for c, (_, cont) in enumerate(encoded):
             if not cont:
                 raise DataRowError(f"candidate {c} of example {ex.source or e} encodes to no tokens")
-        share = all(len(cont) == 1 for _, cont in encoded)
+        share = shares_one_row([cont for _, cont in encoded])
         if share:
             row = len(rows)
-            rows.append(encoded[0][0][-max_length:])
+            ctx, cont = encoded[0]
+            rows.append((ctx + cont)[-(max_length + 1) : -1])  # the unshared row of any candidate
         for c, (ctx, cont) in enumerate(encoded):
             if not share:
                 row = len(rows)

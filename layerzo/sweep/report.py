@@ -98,7 +98,8 @@ def task_summary(task: str, records: Sequence[dict], steps: int, num_test: int |
     """Everything about one task: rows by layer, the best layer, the pick's rank, the full baseline, verdict."""
     rows = sorted(({**r, "mean_loss": mean_loss(r.get("loss_curve") or [])} for r in records
                    if r.get("task") == task and r.get("kind") == "layer"), key=lambda r: r["layer"])
-    full = next((r for r in records if r.get("task") == task and r.get("kind") == "full"), None)
+    grid = [r for r in records if r.get("task") == task and r.get("kind") == "full"]
+    full = best_full(grid)
     prof = next((r for r in records if r.get("task") == task and r.get("kind") == "profile"), None)
     pick = prof["pick"] if prof else None
     ranked = sorted(rows, key=_key)
@@ -127,7 +128,11 @@ def task_summary(task: str, records: Sequence[dict], steps: int, num_test: int |
                    for r in rows],
         "full": None if full is None else {k: full.get(k) for k in (
             "dev_acc", "test_acc", "final_dev_acc", "best_step", "final_loss", "wall_seconds", "rejected_steps",
-            "diverged", "loss_curve", "dev_curve")} | {"mean_loss": mean_loss(full.get("loss_curve") or [])},
+            "diverged", "loss_curve", "dev_curve")} | {"mean_loss": mean_loss(full.get("loss_curve") or []),
+                                                        "lr": full_rate(full)},
+        # every rate of the whole-model grid (one entry without a grid), the best by dev accuracy above
+        "full_grid": sorted(({"lr": full_rate(r), "dev_acc": r.get("dev_acc"), "test_acc": r.get("test_acc"),
+                              "diverged": r.get("diverged")} for r in grid), key=lambda g: g["lr"] or 0.0),
     }
     se = standard_error(best.get("test_acc") if best else None, num_test)
     summary["test_standard_error"] = se
@@ -136,6 +141,26 @@ def task_summary(task: str, records: Sequence[dict], steps: int, num_test: int |
                                                    and best["test_acc"] - r["test_acc"] <= 2 * se + 1e-12]
     summary["verdict"] = verdict(summary, steps)
     return summary
+
+
+def rate_key(lr: float) -> float:
+    """A rate compared at 12 significant digits: lr / num_layers = 9.999999999999999e-06 is the grid's 1e-05."""
+    return float(f"{float(lr):.12g}")
+
+
+def full_rate(rec: dict) -> float | None:
+    """The learning rate of a whole-model record (records from before rate grids: their recipe's ``full_lr``)."""
+    lr = rec.get("lr", rec.get("recipe", {}).get("full_lr"))
+    return None if lr is None or isinstance(lr, list) else rate_key(lr)
+
+
+def best_full(grid: Sequence[dict]) -> dict | None:
+    """The whole-model run with the best dev accuracy (ties: the smaller rate); a diverged run only if all did."""
+    def key(r):
+        return (r.get("diverged") is not None, -(r.get("dev_acc") if r.get("dev_acc") is not None else -1.0),
+                full_rate(r) or 0.0)
+
+    return min(grid, key=key) if grid else None
 
 
 def verdict(s: dict, steps: int) -> str:
@@ -172,11 +197,14 @@ def verdict(s: dict, steps: int) -> str:
     full = s["full"]
     if full is not None and full.get("test_acc") is not None and best.get("test_acc") is not None:
         gap = 100 * (best["test_acc"] - full["test_acc"])
+        grid = s.get("full_grid") or []
+        at_rate = (f" at its best of {len(grid)} rates, lr {full['lr']:g}" if len(grid) > 1 and full.get("lr")
+                   else "")
         if gap == 0:
-            parts.append(f"best layer ties full-model MeZO (test {pct(full['test_acc'])}) at {steps} steps each")
+            parts.append(f"best layer ties full-model MeZO{at_rate} (test {pct(full['test_acc'])}) at {steps} steps each")
         else:
-            parts.append(f"best layer {'beats' if gap > 0 else 'trails'} full-model MeZO (test {pct(full['test_acc'])}) "
-                         f"by {abs(gap):.1f} pts at {steps} steps each")
+            parts.append(f"best layer {'beats' if gap > 0 else 'trails'} full-model MeZO{at_rate} (test "
+                         f"{pct(full['test_acc'])}) by {abs(gap):.1f} pts at {steps} steps each")
     return "; ".join(parts)
 
 
@@ -235,8 +263,10 @@ def markdown_text(doc: dict) -> str:
     if doc.get("command"):
         out.append(f"`{doc['command']}`\n")
     out.append(f"Each of {len(doc['layers'])} layers ZO-tuned ALONE for {c['steps']} steps (batch {c['batch_size']}, "
-               f"lr {c['lr']:g}, eps {c['eps']:g}, seed {c['seed']}); whole-model MeZO baseline with lr "
-               f"{c['full_lr']:.3g} (= lr / num_layers unless set). {c['num_train']} train / {c['num_dev']} dev / "
+               f"lr {c['lr']:g}, eps {c['eps']:g}, seed {c['seed']}); whole-model MeZO baseline "
+               + (f"at each rate of the grid {', '.join(f'{r:g}' for r in c['full_lr'])}, the best dev kept"
+                  if isinstance(c["full_lr"], list) else f"with lr {c['full_lr']:.3g} (= lr / num_layers unless set)")
+               + f". {c['num_train']} train / {c['num_dev']} dev / "
                f"{c['num_test']} test examples; test accuracy of the best-dev checkpoint (step 0 included). "
                f"{doc['environment']['platform']}, {doc['environment']['cpus']} CPUs, torch {doc['environment']['torch']}.\n")
     for task, s in doc["tasks"].items():
@@ -255,8 +285,13 @@ def markdown_text(doc: dict) -> str:
                        f"{_num(r['wall_seconds'], 0)} |")
         f = s["full"]
         if f is not None:
-            out.append(f"| all (MeZO) | {pct(f['dev_acc'])} | {pct(f['test_acc'])} | - | {pct(f['final_dev_acc'])} | "
+            rate = f" lr {f['lr']:g}" if f.get("lr") else ""
+            out.append(f"| all (MeZO{rate}) | {pct(f['dev_acc'])} | {pct(f['test_acc'])} | - | {pct(f['final_dev_acc'])} | "
                        f"{f['best_step']} | {_num(f['final_loss'])} | {_num(f['mean_loss'])} | {_num(f['wall_seconds'], 0)} |")
+        if len(s.get("full_grid") or []) > 1:
+            out.append("\nWhole-model MeZO grid (best dev kept): " + "; ".join(
+                f"lr {g['lr']:g}: dev {pct(g['dev_acc'])}, test {pct(g['test_acc'])}"
+                + (" (diverged)" if g.get("diverged") else "") for g in s["full_grid"]) + ".")
         if s.get("test_standard_error"):
             out.append(f"\nTest-set noise: binomial standard error {100 * s['test_standard_error']:.1f} pts at the best "
                        f"layer's accuracy ({c['num_test']} examples). Within 2 standard errors of the best: layers "

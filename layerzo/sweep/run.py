@@ -12,7 +12,10 @@ massive-activation layer) the one worth tuning? For each task:
    layers' outputs carry over from run to run
    (:func:`layerzo.model.prefix_cache.shared_lower_outputs`), so run ``i`` runs only
    layer ``i-1`` below itself, once per batch;
-3. the whole-model baseline (``layers=all``, MeZO) with its own ``full_lr``;
+3. the whole-model baseline (``layers=all``, MeZO) with its own ``full_lr`` — or
+   a grid of rates (``full_lr="auto"``: ``tune --lr auto``'s :func:`lr_grid` for
+   the whole decoder; or a list), each run in full and the best dev reported, so
+   the baseline is not handicapped by a guessed rate;
 4. one record per run appended to ``DIR/sweep.jsonl`` (rewritten atomically),
    so ``--resume`` skips runs already recorded with the same recipe.
 
@@ -52,10 +55,11 @@ from layerzo.errors import (ConfigError, DivergenceError, LayerIndexError, Layer
 from layerzo.model.layers import layer_parameter_names, parse_layer_spec
 from layerzo.model.loading import load_model
 from layerzo.patch.manifest import MANIFEST_NAME
-from layerzo.sweep.report import append_record, read_records, summarize, write_outputs
+from layerzo.sweep.report import append_record, full_rate, rate_key, read_records, summarize, write_outputs
 from layerzo.tune.batches import ZeroShotCache
 from layerzo.tune.config import TuneConfig
 from layerzo.tune.loop import METRICS_NAME, resolve_layers, tune
+from layerzo.tune.lr_search import lr_grid
 from layerzo.model.prefix_cache import SharedLowerOutputs
 
 FULL = "all"  # layer key of the whole-model MeZO baseline
@@ -78,7 +82,9 @@ class SweepConfig:
     tasks: tuple[str, ...] = ("sst2",)
     layers: str = "all"  # "all" | "0-29" | "3,7" | "0-3,11": each tuned ALONE
     full: bool = True  # also run the whole-model MeZO baseline
-    full_lr: float | None = None  # None: lr / num_layers (see the module docstring)
+    # None: lr / num_layers (module docstring); a rate; several rates (a grid: each runs, the best dev is
+    # reported); "auto": lr_grid() of the whole decoder's weights, the grid of tune --lr auto.
+    full_lr: float | tuple[float, ...] | str | None = None
     tune: TuneConfig = SWEEP_TUNE_DEFAULTS
 
     def __post_init__(self) -> None:
@@ -86,8 +92,15 @@ class SweepConfig:
             raise ConfigError(f"tasks must be a non-empty list of task names, got {self.tasks!r}")
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"tasks lists a task twice: {','.join(self.tasks)}")
-        if self.full_lr is not None and not (math.isfinite(self.full_lr) and self.full_lr > 0):
-            raise ConfigError(f"full_lr must be a positive number (or None for lr / num_layers), got {self.full_lr}")
+        if isinstance(self.full_lr, list):  # from YAML / JSON
+            object.__setattr__(self, "full_lr", tuple(self.full_lr))
+        rates = self.full_lr if isinstance(self.full_lr, tuple) else (self.full_lr,)
+        if self.full_lr is not None and self.full_lr != "auto" and not (
+                rates and len(set(rates)) == len(rates)
+                and all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0
+                        for r in rates)):
+            raise ConfigError(f"full_lr must be a positive number, a list of distinct ones, auto, or None for "
+                              f"lr / num_layers; got {self.full_lr!r}")
         if not isinstance(self.tune, TuneConfig):
             raise ConfigError(f"tune must be a TuneConfig, got {type(self.tune).__name__}")
         if str(self.layers).strip().lower() != "all":
@@ -100,13 +113,28 @@ class SweepConfig:
         runs = SWEEP_TUNE_DEFAULTS.replace(**{k: v for k, v in values.items() if k not in own})
         return cls(**{k: v for k, v in values.items() if k in own}, tune=runs)
 
-    def resolved_full_lr(self, num_layers: int) -> float:
-        return self.full_lr if self.full_lr is not None else self.tune.zo.lr / num_layers
+    def full_rates(self, num_layers: int, decoder_weights: int) -> tuple[float, ...]:
+        """The rates of the whole-model runs, for a model of ``num_layers`` decoder layers of ``decoder_weights``."""
+        if self.full_lr is None:
+            return (self.tune.zo.lr / num_layers,)
+        if self.full_lr == "auto":
+            return lr_grid(decoder_weights)
+        return tuple(float(r) for r in self.full_lr) if isinstance(self.full_lr, tuple) else (float(self.full_lr),)
+
+    def resolved(self, num_layers: int, decoder_weights: int) -> "SweepConfig":
+        """This config with ``full_lr`` as the tuple of :meth:`full_rates` (what the records and reports show)."""
+        return dataclasses.replace(self, full_lr=self.full_rates(num_layers, decoder_weights))
+
+    def _full_lr_value(self, num_layers: int) -> float | list[float]:
+        rates = self.full_rates(num_layers, 0) if self.full_lr != "auto" else None
+        if rates is None:
+            raise ConfigError("full_lr auto needs the model: use SweepConfig.resolved() first")
+        return rates[0] if len(rates) == 1 else list(rates)  # one rate: a number, as sweeps always recorded it
 
     def recipe(self, num_layers: int) -> dict[str, Any]:
         """What makes two runs comparable (resume refuses a record whose recipe differs)."""
         flat = self.tune.to_dict()
-        d = {k: (self.resolved_full_lr(num_layers) if k == "full_lr" else flat[k]) for k in RECIPE_KEYS}
+        d = {k: (self._full_lr_value(num_layers) if k == "full_lr" else flat[k]) for k in RECIPE_KEYS}
         if self.tune.dtype != "float32":  # older sweeps (float32 only) recorded no dtype: keep them resumable
             d["dtype"] = self.tune.dtype
         return d
@@ -114,15 +142,30 @@ class SweepConfig:
     def to_dict(self, num_layers: int) -> dict[str, Any]:
         """Flat: the sweep's own fields (``full_lr`` resolved), then the runs' recipe keys."""
         own = {"tasks": list(self.tasks), "layers": self.layers, "full": self.full,
-               "full_lr": self.resolved_full_lr(num_layers)}
+               "full_lr": self._full_lr_value(num_layers)}
         return {**own, **{k: v for k, v in self.tune.to_dict().items() if k not in ("task", "layers")}}
 
-    def tune_config(self, task: str, layer: int | str, num_layers: int) -> TuneConfig:
-        """The :class:`TuneConfig` of one run (``layer`` an index or :data:`FULL`)."""
+    def tune_config(self, task: str, layer: int | str, num_layers: int, full_lr: float | None = None) -> TuneConfig:
+        """The :class:`TuneConfig` of one run (``layer`` an index or :data:`FULL`, at ``full_lr``: default the first
+        of :meth:`full_rates`)."""
         full = layer == FULL
-        lr = self.resolved_full_lr(num_layers) if full else self.tune.zo.lr
+        lr = (full_lr if full_lr is not None else self.full_rates(num_layers, 0)[0]) if full else self.tune.zo.lr
         return self.tune.replace(task=task, layers="all" if full else str(layer), lr=lr,
                                  eval_every=min(self.tune.eval_every, self.tune.steps))
+
+
+def parse_full_lr(value: str | None) -> float | tuple[float, ...] | str | None:
+    """``--full-lr``: absent (lr / num_layers), ``auto`` (the lr grid), a rate, or a comma list of rates."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text == "auto":
+        return text
+    try:
+        rates = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--full-lr must be auto, a learning rate or a comma list of them, got {value!r}") from None
+    return rates[0] if len(rates) == 1 else rates
 
 
 def layer_ranges(spec: str, num_layers: int) -> tuple[int, ...]:
@@ -137,10 +180,16 @@ def layer_ranges(spec: str, num_layers: int) -> tuple[int, ...]:
 
 # ----------------------------------------------------------------------------- recipe check (resume)
 def check_recipe(records: Sequence[dict], recipe: dict, path: Path) -> None:
-    """Refuse to resume over records made with a different recipe (names the first differing key)."""
+    """Refuse to resume over records made with a different recipe (names the first differing key).
+
+    ``full_lr`` is not compared: each whole-model record carries its own rate and
+    no layer run depends on it, so a sweep can take more rates of the baseline later.
+    """
     for rec in records:
         old = rec.get("recipe", {})
-        for key in [*recipe, *(k for k in old if k not in recipe)]:  # RECIPE_KEYS order: lr before full_lr
+        for key in [*recipe, *(k for k in old if k not in recipe)]:
+            if key == "full_lr":
+                continue
             if old.get(key) != recipe.get(key):
                 raise ConfigError(
                     f"{path} was made with {key}={old.get(key)!r} but this run has {key}={recipe.get(key)!r}",
@@ -178,7 +227,8 @@ def layer_sha256(model: torch.nn.Module, layout, layers: Sequence[int]) -> str:
 
 # ----------------------------------------------------------------------------- one run
 def run_one(config: SweepConfig, task: str, layer: int | str, loaded, work: Path, base_sha: str,
-            prefix_cache: SharedLowerOutputs | None = None, zero_shot_cache: ZeroShotCache | None = None) -> dict:
+            prefix_cache: SharedLowerOutputs | None = None, zero_shot_cache: ZeroShotCache | None = None,
+            full_lr: float | None = None) -> dict:
     """Tune one layer (or the whole model) with :func:`layerzo.tune.loop.tune`, restore exactly, return its record.
 
     ``prefix_cache`` and ``zero_shot_cache`` carry frozen lower-layer outputs and
@@ -188,9 +238,10 @@ def run_one(config: SweepConfig, task: str, layer: int | str, loaded, work: Path
     layers = list(range(n)) if layer == FULL else [int(layer)]
     saved = snapshot(loaded.model, loaded.layout, layers)
     out = work / f"{task}-{layer}"
+    run_config = config.tune_config(task, layer, n, full_lr)
     t0 = time.perf_counter()
     try:
-        result = tune(config.tune_config(task, layer, n), out, overwrite=True, progress=False, loaded=loaded,
+        result = tune(run_config, out, overwrite=True, progress=False, loaded=loaded,
                       prefix_cache=prefix_cache, zero_shot_cache=zero_shot_cache)
         metrics, diverged = result.metrics, None
     except DivergenceError as exc:  # tune wrote its best patch + metrics before raising: record it, go on
@@ -202,7 +253,7 @@ def run_one(config: SweepConfig, task: str, layer: int | str, loaded, work: Path
     shutil.rmtree(out, ignore_errors=True)  # the sweep keeps numbers, not patches
     if restored != base_sha:
         raise LayerzoError(f"layer(s) {layer} of the model differ from the base after restore (sha256 mismatch)")
-    return _record(config, task, layer, metrics, rows, wall, restored, diverged)
+    return _record(task, layer, run_config.zo.lr, metrics, rows, wall, restored, diverged)
 
 
 def _mean_loss(row: dict) -> float | None:
@@ -210,11 +261,11 @@ def _mean_loss(row: dict) -> float | None:
     return None if lp is None or lm is None else (lp + lm) / 2
 
 
-def _record(config, task, layer, m: dict, rows: list[dict], wall: float, restored: str, diverged) -> dict:
+def _record(task, layer, lr: float, m: dict, rows: list[dict], wall: float, restored: str, diverged) -> dict:
     curve = [_mean_loss(r) for r in rows]
     tail = [v for v in curve[-max(1, len(curve) // 10):] if v is not None]
     return {
-        "kind": "full" if layer == FULL else "layer", "task": task, "layer": layer,
+        "kind": "full" if layer == FULL else "layer", "task": task, "layer": layer, "lr": lr,
         "zero_shot_dev_acc": m.get("zero_shot_dev_acc"), "zero_shot_test_acc": m.get("zero_shot_test_acc"),
         "dev_acc": m.get("best_dev_acc"), "test_acc": m.get("test_acc"), "best_step": m.get("best_step"),
         "final_dev_acc": m.get("last_dev_acc"),
@@ -236,13 +287,18 @@ def merge_records(sources: Sequence[str | os.PathLike], records: Sequence[dict] 
     """
     merged: dict[tuple, dict] = {}
     for rec in [*records, *(r for src in sources for r in _records_of(Path(src).expanduser()))]:
-        key = (rec.get("kind"), rec.get("task"), rec.get("layer"))
+        key = (rec.get("kind"), *run_key(rec))
         seen = merged.setdefault(key, rec)
         if any(seen.get(f) != rec.get(f) for f in RESULT_FIELDS):
             what = "the profile" if key[0] == "profile" else f"layer {key[2]}"
             raise ConfigError(f"the sweep folders disagree on {what} of task {key[1]}",
                               "merge only sweeps made with the same options and seed")
     return list(merged.values())
+
+
+def run_key(rec: dict) -> tuple:
+    """(task, layer, rate) of a record: the rate only for whole-model runs, several of which a grid makes."""
+    return rec.get("task"), rec.get("layer"), full_rate(rec) if rec.get("kind") == "full" else None
 
 
 def _records_of(folder: Path) -> list[dict]:
@@ -303,6 +359,9 @@ def _run_sweep(config: SweepConfig, out: Path, *, resume: bool, loaded, progress
     if loaded is None:
         loaded = load_model(config.tune.model, dtype=config.tune.dtype, device=config.tune.device)
     n = loaded.layout.num_layers
+    params = dict(loaded.model.named_parameters())
+    config = config.resolved(n, sum(params[name].numel() for i in range(n)
+                                    for name in layer_parameter_names(loaded.model, loaded.layout, i)))
     layers = layer_ranges(config.layers, n)
     recipe = config.recipe(n)
     check_recipe(records, recipe, path)
@@ -311,9 +370,10 @@ def _run_sweep(config: SweepConfig, out: Path, *, resume: bool, loaded, progress
         atomic_write_text(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
     base = {i: layer_sha256(loaded.model, loaded.layout, [i]) for i in range(n)}
     base_all = layer_sha256(loaded.model, loaded.layout, range(n))
-    done = {(r["task"], r["layer"]) for r in records if r.get("kind") in ("layer", "full")}
+    done = {run_key(r) for r in records if r.get("kind") in ("layer", "full")}
     picks = {r["task"]: r for r in records if r.get("kind") == "profile"}
-    todo = [(t, i) for t in config.tasks for i in [*layers, *([FULL] if config.full else [])] if (t, i) not in done]
+    runs = [(i, None) for i in layers] + ([(FULL, lr) for lr in config.full_lr] if config.full else [])
+    todo = [(t, i, lr) for t in config.tasks for i, lr in runs if (t, i, lr and rate_key(lr)) not in done]
     say = log or (lambda _msg: None)
     if done:
         say(f"resume: {len(done)} run(s) already in {path}, {len(todo)} to go")
@@ -329,12 +389,12 @@ def _run_sweep(config: SweepConfig, out: Path, *, resume: bool, loaded, progress
                 if task not in picks:
                     picks[task] = _profile_record(config, task, loaded, recipe)
                     append_record(path, picks[task])
-                for t, layer in todo:
+                for t, layer, lr in todo:
                     if t != task:
                         continue
-                    bar.label(f"{task} layer {layer}")
+                    bar.label(f"{task} layer {layer}" + (f" lr {lr:g}" if lr is not None else ""))
                     expected = base_all if layer == FULL else base[int(layer)]
-                    rec = run_one(config, task, layer, loaded, work, expected, prefix_cache, zero_shot_cache)
+                    rec = run_one(config, task, layer, loaded, work, expected, prefix_cache, zero_shot_cache, lr)
                     rec["recipe"] = recipe
                     rec["is_profiled_pick"] = layer == picks[task]["pick"]
                     append_record(path, rec)

@@ -27,9 +27,16 @@ the largest ``final_change`` overall. Chosen after measuring the demo model
 the layer sweep's best, while the largest gradient per weight picks layer 29,
 the sweep's second; one task, so the multi-task sweep must confirm it.
 
-Layers are measured in increasing order on the same batches with a shared
-prefix cache (:mod:`layerzo.model.prefix_cache`), so the layers below l cost
-one layer per batch instead of l.
+Cost. One plain forward per batch gives the base loss and hidden states of
+every layer at once; the layers are then measured in increasing order on the
+same batches with a shared prefix cache (:mod:`layerzo.model.prefix_cache`),
+so the layers below l cost one layer per batch instead of l, and each layer
+costs its 2K perturbed forwards from l up. In all, per example, about
+``1 + 2K·Σ_l (L−l)/L ≈ 1 + K·(L+1)`` forwards against the activation profile's
+one: 249 at K = 8 on the demo's 30 layers. The forwards are compute-bound on a
+CPU (the demo's per-row time is flat from 8 to 128 rows a batch, measured), so
+batching directions together cannot buy it back; ``one_sided`` halves it for
+screens (``--layers auto`` uses K = 2 one-sided on a few examples).
 """
 
 from __future__ import annotations
@@ -58,12 +65,17 @@ class SensitivityConfig:
     directions: int = 8  # K
     eps: float = 1e-3
     seed: int = 0
+    # (L(θ+εz) − L(θ)) / ε and ‖h(θ+εz) − h(θ)‖ against the shared base pass: K forwards per layer
+    # instead of 2K, at an O(ε) bias (the even terms central differences cancel); for cheap screens.
+    one_sided: bool = False
 
     def __post_init__(self) -> None:
         if type(self.directions) is not int or self.directions < 1:
             raise ConfigError(f"directions must be an integer ≥ 1, got {self.directions!r}")
         if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
             raise ConfigError(f"eps must be a positive number, got {self.eps!r}")
+        if not isinstance(self.one_sided, bool):
+            raise ConfigError(f"one_sided must be true or false, got {self.one_sided!r}")
 
 
 @dataclass(frozen=True)
@@ -88,7 +100,7 @@ class SensitivityReport:
     pick: int
     reason: str
     seconds: float
-    forwards: int  # forward passes run (each from the perturbed layer up, thanks to the prefix cache)
+    forwards: int  # forward passes run: one plain per batch, the perturbed ones from their layer up (prefix cache)
 
     def ranking(self) -> list[int]:
         """Layers by the pick's criterion (stable layers first, then by final_change), best first."""
@@ -113,44 +125,72 @@ def layer_sensitivity(model, layout: LayerLayout, batches: Sequence[Any], loss_f
 
     ``batches`` are whatever ``loss_fn`` takes; each must have ``input_ids`` and
     ``attention_mask`` (the prefix cache keys on them, propagation masks padding).
+    The base model's loss and hidden states are the same for every layer, so one
+    plain forward per batch gives them all; each layer then costs only its
+    perturbed forwards (2K per batch, K one-sided), from the layer up.
     """
     if not batches:
         raise ConfigError("the sensitivity profile needs at least one batch")
     todo = list(range(layout.num_layers)) if layers is None else sorted(set(layers))
-    shared, start, forwards = SharedLowerOutputs(), time.perf_counter(), 0
-    results = []
+    shared, start = SharedLowerOutputs(), time.perf_counter()
     with torch.no_grad():
-        for layer in todo:
-            stats, n = _measure_layer(model, layout, layer, batches, loss_fn, config, shared)
-            results.append(stats)
-            forwards += n
+        bases = [_base_pass(model, layout, batch, loss_fn, todo, keep_own=config.one_sided) for batch in batches]
+        results = [_measure_layer(model, layout, layer, batches, bases, loss_fn, config, shared) for layer in todo]
     pick, reason = pick_by_sensitivity(results)
+    forwards = len(batches) * (1 + len(todo) * config.directions * len(_signs(config)))
     return SensitivityReport(model_name, config, len(batches), tuple(results), pick, reason,
                              round(time.perf_counter() - start, 3), forwards)
 
 
-def _measure_layer(model, layout, layer: int, batches, loss_fn: LossFn, config: SensitivityConfig,
-                   shared: SharedLowerOutputs) -> tuple[LayerSensitivity, int]:
+@dataclass(frozen=True)
+class _Base:
+    """One batch under the base weights: its loss, final hidden state and each measured layer's output norm."""
+
+    loss: float
+    final: torch.Tensor
+    final_norm: float
+    own_norm: dict[int, float]
+    own: dict[int, torch.Tensor]  # the outputs themselves: only for one-sided differences (h(θ+εz) − h(θ))
+
+
+def _base_pass(model, layout, batch, loss_fn: LossFn, todo: Sequence[int], *, keep_own: bool) -> _Base:
+    layers_list = get_layers(model, layout)
+    with _outputs({**{i: layers_list[i] for i in todo}, "final": layers_list[-1]}) as seen:
+        loss = float(loss_fn(batch))
+    mask = batch.attention_mask.bool()
+    return _Base(loss, seen["final"], _masked_norm(seen["final"], mask),
+                 {i: _masked_norm(seen[i], mask) for i in todo}, {i: seen[i] for i in todo} if keep_own else {})
+
+
+def _signs(config: SensitivityConfig) -> tuple[int, ...]:
+    return (1,) if config.one_sided else (1, -1)
+
+
+def _measure_layer(model, layout, layer: int, batches, bases: Sequence[_Base], loss_fn: LossFn,
+                   config: SensitivityConfig, shared: SharedLowerOutputs) -> LayerSensitivity:
     params = TunedParams.from_model(model, layer_parameter_names(model, layout, layer))
     seeds = direction_seeds(config.seed * 1_000_003 + layer, config.directions)
+    signs = _signs(config)
+    width = len(signs) * config.eps  # the difference's step: 2ε central, ε one-sided
     grads = [[0.0] * len(batches) for _ in seeds]
     own, final, loss_rel = [], [], []
     layers_list = get_layers(model, layout)
-    for b, batch in enumerate(batches):
+    for b, (batch, base) in enumerate(zip(batches, bases)):
+        mask = batch.attention_mask.bool()
         with cached_lower_layers(model, layout, layer, batch=batch, shared=shared), \
-                _outputs(layers_list[layer], layers_list[-1]) as seen:
-            base_loss = float(loss_fn(batch))
-            h_own, h_final = seen["own"], seen["final"]
+                _outputs({"own": layers_list[layer], "final": layers_list[-1]}) as seen:
             for k, seed in enumerate(seeds):
+                z_cache: dict = {}  # one draw of z per direction, for both signs
                 out = {}
-                for sign in (1, -1):
-                    with perturbed(params, seed, sign * config.eps):
+                for sign in signs:
+                    with perturbed(params, seed, sign * config.eps, z_cache):
                         out[sign] = (float(loss_fn(batch)), seen["own"], seen["final"])
-                grads[k][b] = (out[1][0] - out[-1][0]) / (2 * config.eps)
-                mask = batch.attention_mask.bool()
-                own.append(_relative_change(out[1][1], out[-1][1], h_own, mask))
-                final.append(_relative_change(out[1][2], out[-1][2], h_final, mask))
-                loss_rel.append(abs(out[1][0] - out[-1][0]) / (2 * abs(base_loss)) if base_loss else math.inf)
+                low = out[-1] if -1 in out else (base.loss, base.own[layer], base.final)
+                grads[k][b] = (out[1][0] - low[0]) / width
+                scale = len(signs)  # ‖h+ − h−‖ spans 2ε
+                own.append(_relative_change(out[1][1], low[1], base.own_norm[layer] * scale, mask))
+                final.append(_relative_change(out[1][2], low[2], base.final_norm * scale, mask))
+                loss_rel.append(abs(out[1][0] - low[0]) / (scale * abs(base.loss)) if base.loss else math.inf)
     flat = [g for row in grads for g in row]
     rms = math.sqrt(sum(g * g for g in flat) / len(flat))
     numel = sum(t.numel() for t in params.tensors)
@@ -159,7 +199,7 @@ def _measure_layer(model, layout, layer: int, batches, loss_fn: LossFn, config: 
         layer=layer, numel=numel, grad_rms=rms, grad_per_weight=rms / math.sqrt(numel),
         stability=statistics.median(_consistency(row) for row in grads), own_change=own_c, final_change=final_c,
         growth=final_c / own_c if own_c > 0 else math.inf, loss_change=statistics.median(loss_rel),
-    ), len(batches) * (1 + 2 * len(seeds))
+    )
 
 
 def _consistency(values: Sequence[float]) -> float:
@@ -170,22 +210,24 @@ def _consistency(values: Sequence[float]) -> float:
     return abs(statistics.fmean(values)) / sd if sd > 0 else math.inf
 
 
-def _relative_change(plus: torch.Tensor, minus: torch.Tensor, base: torch.Tensor, mask: torch.Tensor) -> float:
-    """‖h+ − h−‖ / 2‖h‖ over the real (unpadded) positions."""
-    keep = mask.to(plus.device)
-    diff = (plus.float() - minus.float())[keep]
-    norm = base.float()[keep].norm()
-    return float(diff.norm() / (2 * norm)) if norm > 0 else math.inf
+def _masked_norm(h: torch.Tensor, mask: torch.Tensor) -> float:
+    return float(h.float()[mask.to(h.device)].norm())
+
+
+def _relative_change(a: torch.Tensor, b: torch.Tensor, norm: float, mask: torch.Tensor) -> float:
+    """‖a − b‖ / norm over the real (unpadded) positions."""
+    diff = (a.float() - b.float())[mask.to(a.device)]
+    return float(diff.norm()) / norm if norm > 0 else math.inf
 
 
 class _outputs:
-    """Context manager: ``seen["own"]`` / ``seen["final"]`` hold the last outputs of two decoder layers."""
+    """Context manager: ``seen[key]`` holds the last output of each module of ``modules`` (key -> module)."""
 
-    def __init__(self, own, final) -> None:
-        self.modules, self.seen, self.handles = (own, final), {}, []
+    def __init__(self, modules: dict) -> None:
+        self.modules, self.seen, self.handles = modules, {}, []
 
     def __enter__(self) -> dict:
-        for key, module in zip(("own", "final"), self.modules):
+        for key, module in self.modules.items():
             def hook(_m, _a, output, key=key):
                 self.seen[key] = (output[0] if isinstance(output, tuple) else output).detach()
             self.handles.append(module.register_forward_hook(hook))

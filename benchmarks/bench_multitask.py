@@ -1,0 +1,189 @@
+"""Multi-task layer sweep report: is the dominant layer the same on every task, and do the pickers find it?
+
+The runs are ``layerzo sweep`` folders, one per task, all with the demo sweep's recipe
+(each layer ALONE, 100 steps, batch 8, lr 3e-4, eps 1e-3; whole-model MeZO at every rate
+of its own grid ``--full-lr auto``, the best dev kept). This script only reads their
+``sweep.jsonl`` records, adds each task's ZO sensitivity profile (``profile --sensitivity``'s
+K = 8 directions on 2 batches of 8, the task's own loss; measured once and kept in the
+JSON, so a rerun reuses it) and writes, per task: zero-shot, the best layer, whether
+tuning leaves chance, the rank of the outlier pick and of the sensitivity pick, MeZO at
+its best rate; and across tasks the Spearman correlation of the layers' test
+accuracies, and of each task's accuracies with the sensitivity scores.
+
+    layerzo sweep --task cb --data-dir ../shared/data --steps 100 --batch-size 8 --lr 3e-4 --eps 1e-3 \\
+        --eval-every 50 --num-dev 200 --num-test 500 --max-length 256 --full-lr auto --out runs/mt_cb --quiet
+    python benchmarks/bench_multitask.py --data-dir ../shared/data --sweep sst2=runs/mt_sst2 --sweep cb=runs/mt_cb ...
+
+Writes benchmarks/results/multitask_smollm2.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from common import RESULTS, header, stamp, write_report  # noqa: E402
+
+from layerzo.core.stats import spearman  # noqa: E402
+from layerzo.sweep.report import pct, rank_of, read_records, standard_error, task_summary  # noqa: E402
+
+STEM = "multitask_smollm2"
+
+
+def leaves_chance(s: dict, num_test: int) -> bool:
+    """The best layer's test accuracy is more than 2 binomial standard errors above zero-shot."""
+    best = next((r for r in s["layers"] if r["layer"] == s["best_layer"]), None)
+    zero = s["zero_shot"].get("test_acc")
+    if best is None or zero is None or best.get("test_acc") is None:
+        return False
+    return best["test_acc"] - zero > 2 * standard_error(zero, num_test)
+
+
+def task_row(task: str, records: list[dict], sensitivity: dict, test_n: int) -> dict:
+    recipe = next(r["recipe"] for r in records if "recipe" in r)
+    s = task_summary(task, records, recipe["steps"], test_n)
+    by_layer = {r["layer"]: r for r in s["layers"]}
+    layers = sorted(by_layer)
+    sens = {d["layer"]: d for d in sensitivity["layers"]}
+    acc = [by_layer[i]["test_acc"] for i in layers]
+    return {
+        "task": task, "recipe": recipe, "test_examples": test_n, "zero_shot_test_acc": s["zero_shot"].get("test_acc"),
+        "best_layer": s["best_layer"], "best_test_acc": by_layer[s["best_layer"]]["test_acc"],
+        "leaves_chance": leaves_chance(s, test_n), "near_best": s["near_best"],
+        "outlier_pick": s["profiled_pick"], "outlier_rank": s["profiled_rank"],
+        "sensitivity_pick": sensitivity["pick"], "sensitivity_rank": rank_of(s["layers"], sensitivity["pick"]),
+        "full": s["full"] and {k: s["full"].get(k) for k in ("lr", "dev_acc", "test_acc")},
+        "full_grid": s["full_grid"], "layers": layers, "test_acc": acc,
+        "spearman_acc_vs_final_change": spearman(acc, [sens[i]["final_change"] for i in layers]),
+        "spearman_acc_vs_grad_per_weight": spearman(acc, [sens[i]["grad_per_weight"] for i in layers]),
+        "spearman_acc_vs_earliness": spearman(acc, [-float(i) for i in layers]),
+        "num_layers_run": len(layers), "verdict": s["verdict"],
+    }
+
+
+def test_size(task: str, recipe: dict, data_dir: str) -> int:
+    """Test examples the runs really had (a task's validation file may hold fewer than --num-test)."""
+    from layerzo.data.tasks import load_task
+
+    return len(load_task(task, data_dir, num_train=recipe["num_train"], num_dev=recipe["num_dev"],
+                         num_test=recipe["num_test"], seed=recipe["seed"]).test)
+
+
+def task_sensitivity_doc(task: str, recipe: dict, data_dir: str, loaded) -> dict:
+    from layerzo.tune.select import task_sensitivity
+
+    report = task_sensitivity(loaded, task, data_dir, max_length=recipe["max_length"], seed=recipe["seed"])
+    return report.to_dict()
+
+
+def markdown(r: dict) -> str:
+    rows = r["tasks"]
+    lines = [header("Multi-task layer sweep: demo model", r),
+             "Each layer tuned ALONE with the demo sweep's recipe (100 ZO steps, batch 8, lr 3e-4, eps 1e-3, seed 0; "
+             "test accuracy of the best-dev checkpoint); whole-model MeZO at the best dev of its own lr grid. "
+             "Sensitivity: `profile --sensitivity`'s rule (K = 8, 2 batches of 8, the task's loss). Ranks are "
+             "competition ranks by test accuracy (ties share a rank).", "",
+             "| task | zero-shot | best layer | leaves chance | outlier pick (rank) | sensitivity pick (rank) | "
+             "MeZO best lr: test | best layer - MeZO |",
+             "|---|---|---|---|---|---|---|---|"]
+    for t in rows:
+        full = t["full"] or {}
+        gap = (f"{100 * (t['best_test_acc'] - full['test_acc']):+.1f} pts"
+               if full.get("test_acc") is not None else "-")
+        lines.append(f"| {t['task']} | {pct(t['zero_shot_test_acc'])} | {t['best_layer']} ({pct(t['best_test_acc'])}) | "
+                     f"{'yes' if t['leaves_chance'] else 'no'} | {t['outlier_pick']} ({t['outlier_rank']}/"
+                     f"{t['num_layers_run']}) | {t['sensitivity_pick']} ({t['sensitivity_rank']}/{t['num_layers_run']}) | "
+                     f"{full.get('lr', 0):g}: {pct(full.get('test_acc'))} | {gap} |")
+    lines += ["", "Whole-model MeZO grids: " + "; ".join(
+        f"{t['task']}: " + ", ".join(f"{g['lr']:g} -> test {pct(g['test_acc'])}" for g in t["full_grid"]) for t in rows),
+        "", "Spearman correlation of the layers' test accuracies between tasks (same 30 layers, ties averaged):", ""]
+    names = [t["task"] for t in rows]
+    lines += ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for a in names:
+        lines.append(f"| {a} | " + " | ".join(_fmt(r["spearman_between_tasks"][a][b]) for b in names) + " |")
+    lines += ["", "Spearman correlation of each task's layer test accuracies with the layer's sensitivity scores "
+              "and with earliness (−layer index):", "",
+              "| task | final-state change (the pick's score) | gradient per weight | earliness |", "|---|---|---|---|"]
+    for t in rows:
+        lines.append(f"| {t['task']} | {_fmt(t['spearman_acc_vs_final_change'])} | "
+                     f"{_fmt(t['spearman_acc_vs_grad_per_weight'])} | {_fmt(t['spearman_acc_vs_earliness'])} |")
+    lines += ["", "Per-task verdicts (the sweep's own):", ""] + [f"- {t['verdict']}" for t in rows]
+    lines += ["", "![per-layer gains](multitask_smollm2.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:+.2f}"
+
+
+def plot(r: dict, out: Path) -> None:
+    from layerzo.core.plotting import pyplot, save_figure_atomic
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4))
+    try:
+        for t in r["tasks"]:
+            gains = [100 * (a - t["zero_shot_test_acc"]) for a in t["test_acc"]]
+            line, = ax.plot(t["layers"], gains, marker="o", markersize=3, label=t["task"])
+            ax.plot([t["outlier_pick"]], [gains[t["layers"].index(t["outlier_pick"])]], marker="*", markersize=12,
+                    color=line.get_color())
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_xlabel("decoder layer tuned alone (star: the outlier pick)")
+        ax.set_ylabel("test accuracy - zero-shot (pts)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        save_figure_atomic(fig, out, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--sweep", action="append", required=True, metavar="TASK=DIR",
+                   help="a task and its sweep folder (or sweep.jsonl); repeat per task")
+    p.add_argument("--sensitivity", action="append", default=[], metavar="TASK=JSON",
+                   help="reuse a task's saved sensitivity report (bench_sensitivity.py's JSON) instead of measuring")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    sweeps = dict(item.split("=", 1) for item in args.sweep)
+    old = json.loads((RESULTS / f"{STEM}.json").read_text()) if (RESULTS / f"{STEM}.json").is_file() else {}
+    kept = old.get("sensitivity", {})
+    for item in args.sensitivity:
+        task, where = item.split("=", 1)
+        saved = json.loads(Path(where).read_text())
+        kept[task] = {**saved["sensitivity"], "max_length": 128, "from": where}  # bench_sensitivity's max_length
+    loaded, sensitivity, rows = None, {}, []
+    for task, where in sweeps.items():
+        path = Path(where) / "sweep.jsonl" if Path(where).is_dir() else Path(where)
+        records = [r for r in read_records(path) if r.get("task") == task]
+        if not records:
+            raise SystemExit(f"{path} holds no records of task {task}")
+        recipe = next(r["recipe"] for r in records if "recipe" in r)
+        if task in kept and kept[task].get("max_length") == recipe["max_length"]:
+            sensitivity[task] = kept[task]
+        else:
+            if loaded is None:
+                from layerzo.model.loading import load_model
+                loaded = load_model(None)
+            sensitivity[task] = {**task_sensitivity_doc(task, recipe, args.data_dir, loaded),
+                                 "max_length": recipe["max_length"]}
+        rows.append(task_row(task, records, sensitivity[task], test_size(task, recipe, args.data_dir)))
+    between = {a["task"]: {b["task"]: (spearman(a["test_acc"], b["test_acc"]) if a["layers"] == b["layers"] else None)
+                           for b in rows} for a in rows}
+    result = stamp({"sweeps": sweeps, "tasks": rows, "spearman_between_tasks": between, "sensitivity": sensitivity})
+    plot(result, RESULTS / f"{STEM}.png")
+    write_report(STEM, result, markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
