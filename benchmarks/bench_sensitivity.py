@@ -32,7 +32,10 @@ def render(result: dict, report, args) -> str:
                     f"{s.own_change:.2e} | {s.final_change:.2e} | {s.growth:.2f} | {s.loss_change:.2e} |")
     return header("ZO sensitivity profile: demo model, SST-2", result) + "\n".join([
         f"K = {args.directions} directions × {args.batches} batches of {args.batch_size}, eps 1e-3, "
-        f"{report.forwards} forwards. Sensitivity profile {report.seconds:.1f} s = "
+        f"{report.forwards} forwards. Sensitivity profile {report.seconds:.1f} s"
+        + (f" = {result['cost_in_plain_forwards']:.0f}x its own plain forward of the same batches (one shared by "
+           f"all layers; the work is {report.forward_equivalents:.0f} forward-equivalents per batch)"
+           if result.get("cost_in_plain_forwards") else "") + " = "
         f"{result['ratio_to_activation_profile']:.1f}× the activation profile's forward "
         f"({result['activation_profile_seconds']:.2f} s), {result['ratio_to_profile_command']:.2f}× a whole "
         f"`layerzo profile` (model load {result['load_seconds']:.1f} s + forward).", "",
@@ -116,10 +119,8 @@ def main() -> None:
         "outlier_pick": activation.pick.layer, "sensitivity_pick": report.pick, "sensitivity_reason": report.reason,
         "outlier_pick_sensitivity_rank": report.ranking().index(activation.pick.layer) + 1,
         "largest_grad_per_weight": max(report.layers, key=lambda s: s.grad_per_weight).layer,
-        "batch_size": args.batch_size,
-        # per example: 1 plain forward + 2K perturbed ones from layer l up, i.e. (L-l)/L of a forward each
-        "forward_equivalents_per_example": 1 + 2 * args.directions * sum(
-            (len(report.layers) - s.layer) / len(report.layers) for s in report.layers),
+        "batch_size": args.batch_size, "cost_in_plain_forwards": report.cost_in_forwards,
+        "forward_equivalents_per_example": report.forward_equivalents,
         "spearman_sensitivity_vs_depth": spearman(gpw, [float(-i) for i in range(len(gpw))]),
         "sensitivity": doc})
     plot_sensitivity(report, RESULTS / "sensitivity_sst2_smollm2.png")

@@ -38,7 +38,9 @@ self CPU time) to explain where the time goes.
     python benchmarks/bench_step.py --quick            # 3 rounds, 1 torch thread (shared 2-core CPU)
     python benchmarks/bench_step.py --steps 10 --device cuda
 
-Writes benchmarks/results/step.json and step.md.
+    python benchmarks/bench_step.py --steps 5 --threads 1 --variants floor,dominant,full,mezo_reference --stem step_core
+
+Writes benchmarks/results/step.json and step.md (``--stem`` names another pair).
 """
 
 from __future__ import annotations
@@ -189,6 +191,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--profile", action="store_true", help="add torch.profiler tables of a dominant and a full step")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of the variants to interleave")
+    p.add_argument("--stem", default="step", help="report name: benchmarks/results/STEM.{json,md}")
     args = p.parse_args()
     args.steps = args.steps or (3 if args.quick else 7)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -217,7 +220,7 @@ def main() -> None:
     })
     if args.profile:
         result["profiler"] = profile_steps(loaded, extra)
-    write_report("step", result, markdown(result))
+    write_report(args.stem, result, markdown(result))
     print(markdown(result))
 
 

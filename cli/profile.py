@@ -127,7 +127,9 @@ def _print_sensitivity(sens) -> None:
     from rich.table import Table
 
     table = Table(title=f"ZO sensitivity: K={sens.config.directions}, {sens.num_batches} batch(es), "
-                  f"{sens.seconds:.1f} s", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+                  f"{sens.seconds:.1f} s = {sens.cost_in_forwards:.0f}× one plain forward of the batches "
+                  f"(work: {sens.forward_equivalents:.0f} forward-equivalents)", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
     for name in ("layer", "grad/w", "stable", "final Δ", "growth", "pick"):
         table.add_column(name, justify="right" if name != "pick" else "left", no_wrap=True)
     for s in sens.layers:

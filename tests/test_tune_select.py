@@ -40,6 +40,9 @@ def test_tune_select_sensitivity_tunes_the_sensitivity_pick_and_records_why(tiny
     assert result.layers == (expected.pick,) and profile["dominant_layer"] == expected.pick
     assert profile["selection"] == "sensitivity" and profile["reason"] == expected.reason
     assert len(profile["sensitivity"]["layers"]) == loaded.layout.num_layers
+    assert "seconds" not in profile["sensitivity"]  # no wall time: the same run gives the same manifest bytes
+    tune(config, tmp_path / "q", progress=False)
+    assert (tmp_path / "q" / "layerzo_patch.json").read_bytes() == (tmp_path / "p" / "layerzo_patch.json").read_bytes()
     with pytest.raises(ConfigError, match="select must be one of outlier, sensitivity"):
         TuneConfig.from_dict({"select": "vibes"})
 

@@ -38,6 +38,9 @@ def test_every_layer_is_measured_and_the_model_is_untouched():
     assert all(s.grad_rms > 0 and s.numel > 0 and s.own_change > 0 for s in report.layers)
     assert report.layers[-1].growth == pytest.approx(1.0)  # the last layer's own output IS the final one
     assert report.forwards == 2 * (1 + 4 * 2 * 4)  # one plain forward per batch, 2K perturbed per layer
+    # the work in plain forwards: 1 + 2K · Σ_l (L − l) / L = 1 + 8 · (4 + 3 + 2 + 1) / 4 = 21 per batch
+    assert report.forward_equivalents == pytest.approx(21.0)
+    assert 0 < report.plain_seconds < report.seconds and report.cost_in_forwards > 1
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     doc = report.to_dict()
     assert len(doc["layers"]) == 4 and doc["pick"] in doc["ranking"] and doc["config"]["directions"] == 4

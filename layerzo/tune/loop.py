@@ -317,7 +317,7 @@ def resolve_layers(config: TuneConfig, loaded: LoadedModel, splits: TaskSplits |
                                 max_length=config.max_length, num_train=config.num_train, seed=config.seed,
                                 objective=config.objective)
         return (sens.pick,), {"dominant_layer": sens.pick, "selection": "sensitivity", "reason": sens.reason,
-                              "sensitivity": sens.to_dict()}
+                              "sensitivity": sens.to_dict(timings=False)}
     texts = calibration_texts(config.task, config.data_dir, n=ProfileConfig().num_sequences, seed=config.seed)
     report = profile_model(
         loaded.model, loaded.tokenizer, texts, ProfileConfig(), loaded.layout,

@@ -101,16 +101,29 @@ class SensitivityReport:
     reason: str
     seconds: float
     forwards: int  # forward passes run: one plain per batch, the perturbed ones from their layer up (prefix cache)
+    plain_seconds: float = 0.0  # the plain forwards alone (one per batch): the unit the cost is counted in
+    forward_equivalents: float = 0.0  # the work in plain forwards: Σ over passes of (layers run) / num_layers
+
+    @property
+    def cost_in_forwards(self) -> float:
+        """Measured: the whole profile's seconds over one plain forward of the same batches."""
+        return self.seconds / self.plain_seconds if self.plain_seconds > 0 else math.nan
 
     def ranking(self) -> list[int]:
         """Layers by the pick's criterion (stable layers first, then by final_change), best first."""
         by_layer = {s.layer: s for s in self.layers}
         return sorted(by_layer, key=lambda i: (not is_stable(by_layer[i]), -by_layer[i].final_change, i))
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, timings: bool = True) -> dict[str, Any]:
+        """JSON-ready; ``timings=False`` leaves out the wall times (a patch manifest must not vary by run)."""
         d = asdict(self)
         d["layers"] = [{k: _finite_or_none(v) for k, v in asdict(s).items()} for s in self.layers]
         d["ranking"] = self.ranking()
+        if timings:
+            d["cost_in_forwards"] = _finite_or_none(self.cost_in_forwards)
+        else:
+            for key in ("seconds", "plain_seconds"):
+                del d[key]
         return d
 
 
@@ -135,11 +148,15 @@ def layer_sensitivity(model, layout: LayerLayout, batches: Sequence[Any], loss_f
     shared, start = SharedLowerOutputs(), time.perf_counter()
     with torch.no_grad():
         bases = [_base_pass(model, layout, batch, loss_fn, todo, keep_own=config.one_sided) for batch in batches]
+        plain = time.perf_counter() - start
         results = [_measure_layer(model, layout, layer, batches, bases, loss_fn, config, shared) for layer in todo]
     pick, reason = pick_by_sensitivity(results)
-    forwards = len(batches) * (1 + len(todo) * config.directions * len(_signs(config)))
+    passes = config.directions * len(_signs(config))
+    forwards = len(batches) * (1 + len(todo) * passes)
+    n = layout.num_layers
+    work = 1 + passes * sum((n - layer) / n for layer in todo)  # per batch, in plain forwards
     return SensitivityReport(model_name, config, len(batches), tuple(results), pick, reason,
-                             round(time.perf_counter() - start, 3), forwards)
+                             round(time.perf_counter() - start, 3), forwards, round(plain, 3), round(work, 2))
 
 
 @dataclass(frozen=True)

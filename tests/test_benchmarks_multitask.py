@@ -1,0 +1,52 @@
+"""The multi-task sweep report's bookkeeping (benchmarks/bench_multitask.py): picks' ranks, chance, Spearman, report."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_multitask  # noqa: E402
+
+RECIPE = {"steps": 100, "num_test": 100, "max_length": 128, "seed": 0}
+
+
+def records(task, accs, zero=0.5, full=()):
+    out = [{"kind": "profile", "task": task, "pick": 1, "confidence": "high", "recipe": RECIPE}]
+    out += [{"kind": "layer", "task": task, "layer": i, "dev_acc": a, "test_acc": a, "final_dev_acc": a,
+             "zero_shot_dev_acc": zero, "zero_shot_test_acc": zero, "loss_curve": [1.0 - a], "recipe": RECIPE}
+            for i, a in enumerate(accs)]
+    out += [{"kind": "full", "task": task, "layer": "all", "lr": lr, "dev_acc": a, "test_acc": a,
+             "zero_shot_dev_acc": zero, "zero_shot_test_acc": zero, "loss_curve": [0.5], "recipe": RECIPE}
+            for lr, a in full]
+    return out
+
+
+def sensitivity(final, pick):
+    return {"pick": pick, "layers": [{"layer": i, "final_change": f, "grad_per_weight": f} for i, f in enumerate(final)]}
+
+
+def test_a_task_row_ranks_both_picks_finds_the_best_mezo_rate_and_correlates_with_the_scores():
+    row = bench_multitask.task_row("t", records("t", [0.5, 0.8, 0.6, 0.55], full=[(1e-5, 0.55), (3e-5, 0.6)]),
+                                   sensitivity([0.1, 0.4, 0.3, 0.2], pick=2), test_n=100)
+    assert row["best_layer"] == 1 and row["outlier_rank"] == 1 and row["sensitivity_rank"] == 2
+    assert row["full"]["lr"] == 3e-5 and [g["lr"] for g in row["full_grid"]] == [1e-5, 3e-5]
+    assert row["spearman_acc_vs_final_change"] == pytest.approx(1.0)  # the same order as the accuracies
+    assert row["leaves_chance"]  # 0.8 vs 0.5 on 100 examples: 6 standard errors
+
+
+def test_a_task_that_stays_at_zero_shot_does_not_leave_chance():
+    row = bench_multitask.task_row("t", records("t", [0.5, 0.52, 0.5, 0.51]), sensitivity([1, 2, 3, 4], 0), test_n=100)
+    assert not row["leaves_chance"] and row["full"] is None
+
+
+def test_the_report_has_a_row_per_task_and_the_between_task_matrix():
+    rows = [bench_multitask.task_row(t, records(t, accs), sensitivity([0.1, 0.2, 0.3, 0.4], 1), test_n=100)
+            for t, accs in (("a", [0.5, 0.8, 0.6, 0.55]), ("b", [0.5, 0.7, 0.65, 0.52]))]
+    between = {x["task"]: {y["task"]: bench_multitask.spearman(x["test_acc"], y["test_acc"]) for y in rows} for x in rows}
+    text = bench_multitask.markdown(bench_multitask.stamp({"tasks": rows, "spearman_between_tasks": between}))
+    assert "| a | 50.0% | 1 (80.0%) | yes |" in text and "| b |" in text
+    assert f"{between['a']['b']:+.2f}" in text and between["a"]["a"] == pytest.approx(1.0)
