@@ -300,3 +300,13 @@ def test_out_that_is_a_file_or_inside_an_input_is_refused(tiny_llama_dir, data_d
     with pytest.raises(OutputExistsError, match="sits inside the input"):
         run_sweep(_config(data_dir, model=str(tiny_llama_dir)), tiny_llama_dir / "sweep", progress=False)
     assert not (tiny_llama_dir / "sweep").exists()
+
+
+def test_standard_errors_use_the_test_examples_the_task_really_has(tiny, data_dir, tmp_path):
+    from layerzo.data.tasks import load_task
+
+    doc = run_sweep(_config(data_dir, layers="1", full=False, steps=2, eval_every=2, num_test=10**6), tmp_path / "s",
+                    loaded=tiny, progress=False)
+    real = len(load_task("sst2", data_dir, num_train=16, num_dev=8, num_test=10**6, seed=0).test)
+    assert 0 < real < 10**6 and doc["tasks"]["sst2"]["test_examples"] == real
+    assert f"({real} examples)" in (tmp_path / "s" / "sweep.md").read_text()

@@ -320,8 +320,12 @@ def test_the_per_example_cache_matches_recomputing_the_lower_layers_over_several
     rows = {name: [json.loads(x) for x in (tmp_path / name / METRICS_NAME).read_text().splitlines()]
             for name in ("c", "p")}
     for c, p in zip(rows["c"], rows["p"]):
-        for key in ("loss_plus", "loss_minus", "grad"):
+        for key in ("loss_plus", "loss_minus"):
             assert c[key] == pytest.approx(p[key], rel=1e-5, abs=1e-7), (c["step"], key)
+        # g = (L+ − L−) / 2ε: the losses' 1e-5 relative, carried through the difference quotient (on some CPU
+        # kinds g alone differs by 2e-5 relative while both losses agree to 1e-7: fp32 rounding of L±)
+        tolerance = 1e-5 * (abs(p["loss_plus"]) + abs(p["loss_minus"])) / (2 * 1e-2)
+        assert abs(c["grad"] - p["grad"]) <= tolerance, (c["step"], c["grad"], p["grad"])
         assert c["prefix_cache_hit_rate"] == 1.0 and c["prefix_cache_bytes"] > 0
         assert "prefix_cache_hit_rate" not in p
     assert cached.metrics["prefix_cache"]["rows"] == 8 and plain.metrics["prefix_cache"] is None

@@ -135,7 +135,7 @@ def task_summary(task: str, records: Sequence[dict], steps: int, num_test: int |
                               "diverged": r.get("diverged")} for r in grid), key=lambda g: g["lr"] or 0.0),
     }
     se = standard_error(best.get("test_acc") if best else None, num_test)
-    summary["test_standard_error"] = se
+    summary["test_standard_error"], summary["test_examples"] = se, num_test
     # within two standard errors of the best layer's test accuracy: not distinguishable from it on this test set
     summary["near_best"] = [] if se is None else [r["layer"] for r in rows if r.get("test_acc") is not None
                                                    and best["test_acc"] - r["test_acc"] <= 2 * se + 1e-12]
@@ -216,11 +216,16 @@ def _ordinal(n: int | None) -> str:
 
 
 def summarize(records: Sequence[dict], config, layers: Sequence[int], num_layers: int, *, model_name: str,
-              command: str | None = None) -> dict:
-    """The sweep.json document: config, per-task summaries, and (for several tasks) the task-agnostic check."""
+              command: str | None = None, test_sizes: dict[str, int] | None = None) -> dict:
+    """The sweep.json document: config, per-task summaries, and (for several tasks) the task-agnostic check.
+
+    ``test_sizes``: the test examples each task really has (a validation file may hold fewer than
+    ``num_test``: COPA's 100); the standard errors use them.
+    """
     import torch
 
-    tasks = {t: task_summary(t, records, config.tune.steps, config.tune.num_test) for t in config.tasks}
+    sizes = test_sizes or {}
+    tasks = {t: task_summary(t, records, config.tune.steps, sizes.get(t, config.tune.num_test)) for t in config.tasks}
     bests = {t: s["best_layer"] for t, s in tasks.items()}
     doc: dict[str, Any] = {
         "model": model_name, "num_layers": num_layers, "layers": list(layers), "command": command,
@@ -294,7 +299,7 @@ def markdown_text(doc: dict) -> str:
                 + (" (diverged)" if g.get("diverged") else "") for g in s["full_grid"]) + ".")
         if s.get("test_standard_error"):
             out.append(f"\nTest-set noise: binomial standard error {100 * s['test_standard_error']:.1f} pts at the best "
-                       f"layer's accuracy ({c['num_test']} examples). Within 2 standard errors of the best: layers "
+                       f"layer's accuracy ({s.get('test_examples') or c['num_test']} examples). Within 2 standard errors of the best: layers "
                        f"{', '.join(map(str, s['near_best']))}.")
         out.append(f"\n**Verdict:** {s['verdict']}\n")
     if "task_agnostic" in doc:

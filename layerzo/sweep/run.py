@@ -49,7 +49,7 @@ import torch
 from layerzo.core.atomic import atomic_write_text, check_can_write, check_file_output
 from layerzo.core.hashing import combine_sha256, tensor_sha256
 from layerzo.core.progress import StderrBar
-from layerzo.data.tasks import get_task
+from layerzo.data.tasks import get_task, load_task
 from layerzo.errors import (ConfigError, DivergenceError, LayerIndexError, LayerzoError, OutputExistsError,
                             OutputPathError)
 from layerzo.model.layers import layer_parameter_names, parse_layer_spec
@@ -403,7 +403,11 @@ def _run_sweep(config: SweepConfig, out: Path, *, resume: bool, loaded, progress
         shutil.rmtree(work, ignore_errors=True)
     if layer_sha256(loaded.model, loaded.layout, range(n)) != base_all:
         raise LayerzoError("the model differs from the base after the sweep")  # pragma: no cover - restore checks each run
-    summary = summarize(read_records(path), config, layers, n, model_name=loaded.source.name, command=command)
+    t = config.tune
+    sizes = {task: len(load_task(task, t.data_dir, num_train=t.num_train, num_dev=t.num_dev, num_test=t.num_test,
+                                 seed=t.seed).test) for task in config.tasks}
+    summary = summarize(read_records(path), config, layers, n, model_name=loaded.source.name, command=command,
+                        test_sizes=sizes)
     write_outputs(summary, out)
     return summary
 
