@@ -83,7 +83,8 @@ def build(args):
     layer = args.layer
     loss = lambda: batch_loss(model, batch)  # noqa: E731
     p_dom = TunedParams.from_model(model, layer_parameter_names(model, layout, layer))
-    p_full = TunedParams.from_model(model, [nm for i in range(n) for nm in layer_parameter_names(model, layout, i)])
+    full_names = [nm for i in range(n) for nm in layer_parameter_names(model, layout, i)]
+    p_full = TunedParams.from_model(model, full_names)
     budget = z_cache_budget(model)  # what tune() passes: one layer / LoRA keep z, the full model regenerates it
     cfg_dom, cfg_full = ZOConfig(lr=1e-3, eps=1e-3), ZOConfig(lr=1e-3 / n, eps=1e-3)
     zkept = 4 * sum(t.numel() for t in p_full.tensors)  # the full model's z kept for the step
@@ -114,16 +115,16 @@ def build(args):
             zo_step(p_dom, step_loss, next(seeds), cfg_dom, ZOState(), z_cache_max_bytes=budget,
                     pair_loss=step_loss.pair)
 
-    full_names = [(nm, param) for nm, param in model.named_parameters()
-                  if any(nm == x for i in range(n) for x in layer_parameter_names(model, layout, i))]
+    named = dict(model.named_parameters())
+    full_params = [named[nm] for nm in full_names]  # what MeZO perturbs, in place
 
     def mezo_perturb(seed: int, scaling: float) -> None:  # MeZO's zo_perturb_parameters, verbatim in effect
         torch.manual_seed(seed)
-        for _, param in full_names:
+        for param in full_params:
             z = torch.normal(mean=0, std=1, size=param.data.size(), device=param.data.device, dtype=param.data.dtype)
             param.data = param.data + scaling * z * cfg_full.eps
 
-    def mezo_reference():  # MeZO's zo_step + zo_update (weight decay 0), restoring the weights afterwards
+    def mezo_reference():  # MeZO's zo_step + zo_update (weight decay 0); the update stays, as in the other variants
         seed = next(seeds)
         mezo_perturb(seed, 1)
         loss1 = loss()
@@ -132,7 +133,7 @@ def build(args):
         grad = (loss1 - loss2) / (2 * cfg_full.eps)
         mezo_perturb(seed, 1)
         torch.manual_seed(seed)
-        for _, param in full_names:
+        for param in full_params:
             z = torch.normal(mean=0, std=1, size=param.data.size(), device=param.data.device, dtype=param.data.dtype)
             param.data = param.data - cfg_full.lr * (grad * z)
 

@@ -131,12 +131,8 @@ def encode_batch(tokenizer, examples: Sequence, *, max_length: int = 512) -> Sco
             if not cont:
                 raise DataRowError(f"candidate {c} of example {ex.source or e} encodes to no tokens")
         share = shares_one_row([cont for _, cont in encoded])
-        if share:
-            row = len(rows)
-            ctx, cont = encoded[0]
-            rows.append((ctx + cont)[-(max_length + 1) : -1])  # the unshared row of any candidate
         for c, (ctx, cont) in enumerate(encoded):
-            if not share:
+            if c == 0 or not share:  # shared: the first candidate's row is every candidate's
                 row = len(rows)
                 rows.append((ctx + cont)[-(max_length + 1) : -1])
             # Targets are the last len(cont) tokens of ctx+cont; after left truncation

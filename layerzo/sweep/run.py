@@ -373,7 +373,8 @@ def _run_sweep(config: SweepConfig, out: Path, *, resume: bool, loaded, progress
     done = {run_key(r) for r in records if r.get("kind") in ("layer", "full")}
     picks = {r["task"]: r for r in records if r.get("kind") == "profile"}
     runs = [(i, None) for i in layers] + ([(FULL, lr) for lr in config.full_lr] if config.full else [])
-    todo = [(t, i, lr) for t in config.tasks for i, lr in runs if (t, i, lr and rate_key(lr)) not in done]
+    todo = [(t, i, lr) for t in config.tasks for i, lr in runs
+            if (t, i, None if lr is None else rate_key(lr)) not in done]
     say = log or (lambda _msg: None)
     if done:
         say(f"resume: {len(done)} run(s) already in {path}, {len(todo)} to go")
