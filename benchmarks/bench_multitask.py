@@ -6,7 +6,7 @@ of its own grid ``--full-lr auto``, the best dev kept). This script only reads t
 ``sweep.jsonl`` records, adds each task's ZO sensitivity profile (``profile --sensitivity``'s
 K = 8 directions on 2 batches of 8, the task's own loss; measured once and kept in the
 JSON, so a rerun reuses it) and writes, per task: zero-shot, the best layer, whether
-tuning leaves chance, the rank of the outlier pick and of the sensitivity pick, MeZO at
+tuning beats zero-shot, the rank of the outlier pick and of the sensitivity pick, MeZO at
 its best rate; and across tasks the Spearman correlation of the layers' test
 accuracies, and of each task's accuracies with the sensitivity scores.
 
@@ -32,18 +32,9 @@ import torch  # noqa: E402
 from common import RESULTS, header, stamp, write_report  # noqa: E402
 
 from layerzo.core.stats import spearman  # noqa: E402
-from layerzo.sweep.report import pct, rank_of, read_records, standard_error, task_summary  # noqa: E402
+from layerzo.sweep.report import pct, rank_of, read_records, task_summary  # noqa: E402
 
 STEM = "multitask_smollm2"
-
-
-def leaves_chance(s: dict, num_test: int) -> bool:
-    """The best layer's test accuracy is more than 2 binomial standard errors above zero-shot."""
-    best = next((r for r in s["layers"] if r["layer"] == s["best_layer"]), None)
-    zero = s["zero_shot"].get("test_acc")
-    if best is None or zero is None or best.get("test_acc") is None:
-        return False
-    return best["test_acc"] - zero > 2 * standard_error(zero, num_test)
 
 
 def task_row(task: str, records: list[dict], sensitivity: dict, test_n: int) -> dict:
@@ -54,9 +45,11 @@ def task_row(task: str, records: list[dict], sensitivity: dict, test_n: int) -> 
     sens = {d["layer"]: d for d in sensitivity["layers"]}
     acc = [by_layer[i]["test_acc"] for i in layers]
     return {
-        "task": task, "recipe": recipe, "test_examples": test_n, "zero_shot_test_acc": s["zero_shot"].get("test_acc"),
+        "task": task, "recipe": recipe, "metric": s["metric_label"], "test_examples": test_n,
+        "zero_shot_test_acc": s["zero_shot"].get("test_acc"),
         "best_layer": s["best_layer"], "best_test_acc": by_layer[s["best_layer"]]["test_acc"],
-        "leaves_chance": leaves_chance(s, test_n), "near_best": s["near_best"],
+        # the best layer's test score is more than 2 standard errors above zero-shot (the sweep's own test)
+        "beats_zero_shot": bool(s["separates_from_zero_shot"]), "near_best": s["near_best"],
         "outlier_pick": s["profiled_pick"], "outlier_rank": s["profiled_rank"],
         "sensitivity_pick": sensitivity["pick"], "sensitivity_rank": rank_of(s["layers"], sensitivity["pick"]),
         "full": s["full"] and {k: s["full"].get(k) for k in ("lr", "dev_acc", "test_acc")},
@@ -65,7 +58,18 @@ def task_row(task: str, records: list[dict], sensitivity: dict, test_n: int) -> 
         "spearman_acc_vs_grad_per_weight": spearman(acc, [sens[i]["grad_per_weight"] for i in layers]),
         "spearman_acc_vs_earliness": spearman(acc, [-float(i) for i in layers]),
         "num_layers_run": len(layers), "verdict": s["verdict"],
+        "sensitivity_config": sensitivity.get("config", {}), "sensitivity_batches": sensitivity.get("num_batches"),
+        "sensitivity_batch_size": sensitivity.get("batch_size"),
     }
+
+
+def between_tasks(a: dict, b: dict) -> float | None:
+    """Spearman of two tasks' layer test scores over the layers both sweeps ran (None below 3 such layers)."""
+    common = sorted(set(a["layers"]) & set(b["layers"]))
+    if len(common) < 3:
+        return None
+    score = [{i: v for i, v in zip(t["layers"], t["test_acc"])} for t in (a, b)]
+    return spearman([score[0][i] for i in common], [score[1][i] for i in common])
 
 
 def test_size(task: str, recipe: dict, data_dir: str) -> int:
@@ -76,34 +80,48 @@ def test_size(task: str, recipe: dict, data_dir: str) -> int:
                          num_test=recipe["num_test"], seed=recipe["seed"]).test)
 
 
-def task_sensitivity_doc(task: str, recipe: dict, data_dir: str, loaded) -> dict:
+def task_sensitivity_doc(task: str, recipe: dict, data_dir: str, loaded, args) -> dict:
     from layerzo.tune.select import task_sensitivity
+    from layerzo.zo.sensitivity import SensitivityConfig
 
-    report = task_sensitivity(loaded, task, data_dir, max_length=recipe["max_length"], seed=recipe["seed"])
-    return report.to_dict()
+    report = task_sensitivity(loaded, task, data_dir, config=SensitivityConfig(one_sided=args.one_sided),
+                              num_batches=args.sensitivity_batches, batch_size=args.sensitivity_batch_size,
+                              max_length=recipe["max_length"], seed=recipe["seed"])
+    return {**report.to_dict(), "batch_size": args.sensitivity_batch_size}
 
 
 def markdown(r: dict) -> str:
     rows = r["tasks"]
     lines = [header("Multi-task layer sweep: demo model", r),
-             "Each layer tuned ALONE with the demo sweep's recipe (100 ZO steps, batch 8, lr 3e-4, eps 1e-3, seed 0; "
-             "test accuracy of the best-dev checkpoint); whole-model MeZO at the best dev of its own lr grid. "
-             "Sensitivity: `profile --sensitivity`'s rule (K = 8, 2 batches of 8, the task's loss). Ranks are "
-             "competition ranks by test accuracy (ties share a rank).", "",
-             "| task | zero-shot | best layer | leaves chance | outlier pick (rank) | sensitivity pick (rank) | "
+             "Each layer tuned ALONE with its task's recipe (below; seed 0; the test score of the best-dev checkpoint: "
+             "accuracy, F1 for SQuAD); whole-model MeZO at the best dev of its own lr grid. Sensitivity: "
+             "`profile --sensitivity`'s rule on the task's loss (per task below). Ranks are competition ranks by test "
+             "score (ties share a rank). 'beats zero-shot': the best layer is more than 2 standard errors above "
+             "zero-shot on the test set.", "",
+             "| task | metric | zero-shot | best layer | beats zero-shot | outlier pick (rank) | sensitivity pick (rank) | "
              "MeZO best lr: test | best layer - MeZO |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for t in rows:
         full = t["full"] or {}
         gap = (f"{100 * (t['best_test_acc'] - full['test_acc']):+.1f} pts"
                if full.get("test_acc") is not None else "-")
-        lines.append(f"| {t['task']} | {pct(t['zero_shot_test_acc'])} | {t['best_layer']} ({pct(t['best_test_acc'])}) | "
-                     f"{'yes' if t['leaves_chance'] else 'no'} | {t['outlier_pick']} ({t['outlier_rank']}/"
-                     f"{t['num_layers_run']}) | {t['sensitivity_pick']} ({t['sensitivity_rank']}/{t['num_layers_run']}) | "
-                     f"{full.get('lr', 0):g}: {pct(full.get('test_acc'))} | {gap} |")
+        lines.append(f"| {t['task']} | {t.get('metric', 'acc')} | {pct(t['zero_shot_test_acc'])} | {t['best_layer']} "
+                     f"({pct(t['best_test_acc'])}) | {'yes' if t['beats_zero_shot'] else 'no'} | {t['outlier_pick']} ({_rank(t['outlier_rank'])}/"
+                     f"{t['num_layers_run']}) | {t['sensitivity_pick']} ({_rank(t['sensitivity_rank'])}/{t['num_layers_run']}) | "
+                     + (f"{full['lr']:g}: {pct(full.get('test_acc'))}" if full else "not run yet") + f" | {gap} |")
+    lines += ["", "Recipes:", ""] + [
+        f"- {t['task']}: {t['recipe']['steps']} steps, batch {t['recipe']['batch_size']}, lr {t['recipe']['lr']:g}, "
+        f"eps {t['recipe']['eps']:g}, {t['recipe']['num_dev']} dev / {t['test_examples']} test, max length "
+        f"{t['recipe']['max_length']}" + (f", {t['recipe']['max_new_tokens']} new tokens"
+                                         if "max_new_tokens" in t["recipe"] else "")
+        + f"; sensitivity K = {t['sensitivity_config']['directions']}, {t['sensitivity_batches']} batches"
+        + (f" of {t['sensitivity_batch_size']}" if t.get("sensitivity_batch_size") else "")
+        + (", one-sided" if t["sensitivity_config"].get("one_sided") else ", central") for t in rows]
     lines += ["", "Whole-model MeZO grids: " + "; ".join(
-        f"{t['task']}: " + ", ".join(f"{g['lr']:g} -> test {pct(g['test_acc'])}" for g in t["full_grid"]) for t in rows),
-        "", "Spearman correlation of the layers' test accuracies between tasks (same 30 layers, ties averaged):", ""]
+        f"{t['task']}: " + (", ".join(f"{g['lr']:g} -> test {pct(g['test_acc'])}" for g in t["full_grid"])
+                            or "not run yet") for t in rows),
+        "", "Spearman correlation of the layers' test scores between tasks (over the layers both swept: "
+        + ", ".join(f"{t['task']} {t['num_layers_run']}" for t in rows) + " layers run; ties averaged):", ""]
     names = [t["task"] for t in rows]
     lines += ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for a in names:
@@ -119,6 +137,10 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rank(r) -> str:
+    return "not run" if r is None else str(r)
+
+
 def _fmt(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:+.2f}"
 
@@ -132,11 +154,12 @@ def plot(r: dict, out: Path) -> None:
         for t in r["tasks"]:
             gains = [100 * (a - t["zero_shot_test_acc"]) for a in t["test_acc"]]
             line, = ax.plot(t["layers"], gains, marker="o", markersize=3, label=t["task"])
-            ax.plot([t["outlier_pick"]], [gains[t["layers"].index(t["outlier_pick"])]], marker="*", markersize=12,
-                    color=line.get_color())
+            if t["outlier_pick"] in t["layers"]:  # a partial sweep may not have run it yet
+                ax.plot([t["outlier_pick"]], [gains[t["layers"].index(t["outlier_pick"])]], marker="*", markersize=12,
+                        color=line.get_color())
         ax.axhline(0, color="grey", linewidth=0.8)
         ax.set_xlabel("decoder layer tuned alone (star: the outlier pick)")
-        ax.set_ylabel("test accuracy - zero-shot (pts)")
+        ax.set_ylabel("test score - zero-shot (pts; F1 for SQuAD)")
         ax.legend(fontsize=8)
         fig.tight_layout()
         save_figure_atomic(fig, out, dpi=120)
@@ -151,16 +174,23 @@ def main() -> None:
                    help="a task and its sweep folder (or sweep.jsonl); repeat per task")
     p.add_argument("--sensitivity", action="append", default=[], metavar="TASK=JSON",
                    help="reuse a task's saved sensitivity report (bench_sensitivity.py's JSON) instead of measuring")
+    p.add_argument("--sensitivity-batches", type=int, default=2, help="for tasks measured now: training batches")
+    p.add_argument("--sensitivity-batch-size", type=int, default=8, help="for tasks measured now: examples a batch")
+    p.add_argument("--one-sided", action="store_true", help="for tasks measured now: one-sided differences (K forwards "
+                                                             "a layer instead of 2K; long-sequence tasks)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     sweeps = dict(item.split("=", 1) for item in args.sweep)
     old = json.loads((RESULTS / f"{STEM}.json").read_text()) if (RESULTS / f"{STEM}.json").is_file() else {}
     kept = old.get("sensitivity", {})
+    for doc in kept.values():  # measured before the batch size was kept: task_sensitivity_doc's default then
+        doc.setdefault("batch_size", 8)
     for item in args.sensitivity:
         task, where = item.split("=", 1)
         saved = json.loads(Path(where).read_text())
-        kept[task] = {**saved["sensitivity"], "max_length": 128, "from": where}  # bench_sensitivity's max_length
+        kept[task] = {**saved["sensitivity"], "max_length": 128, "from": where,  # bench_sensitivity's max_length
+                      "batch_size": saved.get("batch_size", 8)}
     loaded, sensitivity, rows = None, {}, []
     for task, where in sweeps.items():
         path = Path(where) / "sweep.jsonl" if Path(where).is_dir() else Path(where)
@@ -174,11 +204,10 @@ def main() -> None:
             if loaded is None:
                 from layerzo.model.loading import load_model
                 loaded = load_model(None)
-            sensitivity[task] = {**task_sensitivity_doc(task, recipe, args.data_dir, loaded),
+            sensitivity[task] = {**task_sensitivity_doc(task, recipe, args.data_dir, loaded, args),
                                  "max_length": recipe["max_length"]}
         rows.append(task_row(task, records, sensitivity[task], test_size(task, recipe, args.data_dir)))
-    between = {a["task"]: {b["task"]: (spearman(a["test_acc"], b["test_acc"]) if a["layers"] == b["layers"] else None)
-                           for b in rows} for a in rows}
+    between = {a["task"]: {b["task"]: between_tasks(a, b) for b in rows} for a in rows}
     result = stamp({"sweeps": sweeps, "tasks": rows, "spearman_between_tasks": between, "sensitivity": sensitivity})
     plot(result, RESULTS / f"{STEM}.png")
     write_report(STEM, result, markdown(result))

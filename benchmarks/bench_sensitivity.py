@@ -11,16 +11,19 @@ the sensitivity ranking with layer depth to benchmarks/results/sensitivity_sst2_
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 
 from common import RESULTS, header, stamp, write_report
 
+from layerzo.core.atomic import atomic_write_text
 from layerzo.core.stats import spearman
 
 
-def render(result: dict, report, args) -> str:
+def render(result: dict, report, args, stem: str = "sensitivity_sst2_smollm2") -> str:
     """The Markdown report (also re-made from the JSON by --rerank after a change of the pick rule)."""
     outlier = result["outlier_pick"]
     rows = ["| layer | grad/weight | grad norm | stability | own Δ | final Δ | growth | loss Δ |",
@@ -32,6 +35,7 @@ def render(result: dict, report, args) -> str:
                     f"{s.own_change:.2e} | {s.final_change:.2e} | {s.growth:.2f} | {s.loss_change:.2e} |")
     return header("ZO sensitivity profile: demo model, SST-2", result) + "\n".join([
         f"K = {args.directions} directions × {args.batches} batches of {args.batch_size}, eps 1e-3, "
+        + ("one-sided, " if report.config.one_sided else "") + 
         f"{report.forwards} forwards. Sensitivity profile {report.seconds:.1f} s"
         + (f" = {result['cost_in_plain_forwards']:.0f}x its own plain forward of the same batches (one shared by "
            f"all layers; the work is {report.forward_equivalents:.0f} forward-equivalents per batch)"
@@ -40,36 +44,76 @@ def render(result: dict, report, args) -> str:
         f"({result['activation_profile_seconds']:.2f} s), {result['ratio_to_profile_command']:.2f}× a whole "
         f"`layerzo profile` (model load {result['load_seconds']:.1f} s + forward).", "",
         *([f"Why it costs this much: per example the profile runs {result['forward_equivalents_per_example']:.0f} "
-           "forward-equivalents (one plain forward shared by all layers, then 2K perturbed forwards per layer, each "
-           "from that layer up) against the activation profile's one, and on this CPU a forward is compute-bound "
-           "(the demo's time per row is flat from 8 to 128 rows a batch), so the target of <= 3x the activation "
-           "profile is out of reach at K = 8 over all layers whatever the batching: it would leave under one "
-           "example to measure on. `--layers auto` uses the cheap screen instead (K = 2 one-sided, 4 examples)."]
-          if "forward_equivalents_per_example" in result else []), "",
+           "forward-equivalents (one plain forward shared by all layers, then K (one-sided) or 2K (central) "
+           "perturbed forwards per layer, each from that layer up) against the activation profile's one, and on "
+           "this CPU a forward is compute-bound (the demo's time per row is flat from 8 to 128 rows a batch), so "
+           "batching cannot buy it back: the profile's time is set by the examples it measures. Within 3× a whole "
+           "`layerzo profile` fits K = 8 one-sided on 2 batches of 2 "
+           "([sensitivity_fast_sst2_smollm2.md](sensitivity_fast_sst2_smollm2.md): the same pick, Spearman +0.97 "
+           "with these final-state changes); `--layers auto` uses a smaller screen (K = 2 one-sided, 4 examples)."]
+          if "forward_equivalents_per_example" in result and result["ratio_to_profile_command"] > 3 else []), "",
         f"Outlier pick: layer {outlier} (rank {result['outlier_pick_sensitivity_rank']} in the sensitivity "
         f"ranking). Sensitivity pick: layer {report.pick} — {report.reason}. Largest gradient per weight: layer "
         f"{result['largest_grad_per_weight']}. Spearman(gradient per weight, earliness) = "
         f"{result['spearman_sensitivity_vs_depth']:.2f}.", "", *rows, "",
-        "![sensitivity](sensitivity_sst2_smollm2.png)", "",
+        *([f"`layerzo profile --sensitivity` would take {result['command_ratio']:.2f}× `layerzo profile` (load + "
+           f"activation forward + this profile, over load + activation forward)."] if "command_ratio" in result else []),
+        *(f"Against the reference `{a['reference']}` ({a['reference_seconds']:.0f} s): same pick: {a['same_pick']} "
+          f"(its pick, layer {a['reference_pick']}, ranks {a['reference_pick_rank']} here); Spearman over the layers "
+          f"of the final-state change {a['spearman_final_change']:+.2f}, of the gradient per weight "
+          f"{a['spearman_grad_per_weight']:+.2f}." for a in [result.get("agreement")] if a), "",
+        f"![sensitivity]({stem}.png)", "",
         *([f"The pick was re-applied to these measurements with `--rerank` ({result['reranked']})."]
           if result.get("reranked") else [])])
 
 
-def rerank(path) -> None:
-    """Apply the current pick rule to a saved report (the per-layer numbers do not change)."""
-    import json
-    from types import SimpleNamespace
+def agreement(report, reference: dict, where: str) -> dict:
+    """This run's picks and per-layer scores against a reference report of the same model and task."""
+    ref = {d["layer"]: d for d in reference["sensitivity"]["layers"]}
+    layers = [s.layer for s in report.layers]
+    return {"reference": where, "reference_pick": reference["sensitivity_pick"], "same_pick":
+            report.pick == reference["sensitivity_pick"],
+            "reference_pick_rank": report.ranking().index(reference["sensitivity_pick"]) + 1,
+            "spearman_final_change": spearman([s.final_change for s in report.layers],
+                                              [ref[i]["final_change"] for i in layers]),
+            "spearman_grad_per_weight": spearman([s.grad_per_weight for s in report.layers],
+                                                 [ref[i]["grad_per_weight"] for i in layers]),
+            "reference_seconds": reference["sensitivity_seconds"]}
 
-    from layerzo.zo.sensitivity import (LayerSensitivity, SensitivityConfig, SensitivityReport, pick_by_sensitivity,
-                                        plot_sensitivity)
 
-    result = json.loads(path.read_text())
+def saved(path, pick_rule: bool = False):
+    """A saved report's result and :class:`SensitivityReport` (``pick_rule``: the pick re-made by today's rule)."""
+    from layerzo.zo.sensitivity import LayerSensitivity, SensitivityConfig, SensitivityReport, pick_by_sensitivity
+
+    result = json.loads(Path(path).read_text())
     doc = result["sensitivity"]
     layers = tuple(LayerSensitivity(**{k: (float("inf") if v is None else v) for k, v in d.items()})
                    for d in doc["layers"])
-    pick, reason = pick_by_sensitivity(layers)
+    pick, reason = pick_by_sensitivity(layers) if pick_rule else (doc["pick"], doc["reason"])
     report = SensitivityReport(doc["model"], SensitivityConfig(**doc["config"]), doc["num_batches"], layers, pick,
-                               reason, doc["seconds"], doc["forwards"])
+                               reason, doc["seconds"], doc["forwards"], doc.get("plain_seconds", 0.0),
+                               doc.get("forward_equivalents", 0.0))
+    return result, report
+
+
+def render_saved(stem: str) -> None:
+    """Re-write ``<stem>.md`` from its JSON (after a change of the report's text; no numbers change)."""
+    from types import SimpleNamespace
+
+    result, report = saved(RESULTS / f"{stem}.json")
+    args = SimpleNamespace(directions=report.config.directions, batches=report.num_batches,
+                           batch_size=result.get("batch_size", 8))
+    atomic_write_text(RESULTS / f"{stem}.md", render(result, report, args, stem) + "\n")
+
+
+def rerank(path) -> None:
+    """Apply the current pick rule to a saved report (the per-layer numbers do not change)."""
+    from types import SimpleNamespace
+
+    from layerzo.zo.sensitivity import plot_sensitivity
+
+    result, report = saved(path, pick_rule=True)
+    layers, pick, reason = report.layers, report.pick, report.reason
     result.update(reranked="python benchmarks/bench_sensitivity.py --rerank, after the pick rule changed from the "
                            "largest gradient per weight to the largest change of the final hidden state",
                   sensitivity=report.to_dict(), sensitivity_pick=pick, sensitivity_reason=reason,
@@ -87,8 +131,16 @@ def main() -> None:
     p.add_argument("--directions", type=int, default=8)
     p.add_argument("--batches", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--one-sided", action="store_true", help="one-sided differences: K forwards a layer instead of 2K")
+    p.add_argument("--stem", default="sensitivity_sst2_smollm2", help="report name under benchmarks/results/")
+    p.add_argument("--reference", help="a saved report of this script (e.g. the K = 8, 2 x 8 central one): how far "
+                                       "this run's ranking agrees with it")
     p.add_argument("--rerank", action="store_true", help="re-apply the pick rule to the saved report, no run")
+    p.add_argument("--render", action="store_true", help="re-write --stem's Markdown from its JSON, no run")
     args = p.parse_args()
+    if args.render:
+        render_saved(args.stem)
+        return
     if args.rerank:
         rerank(RESULTS / "sensitivity_sst2_smollm2.json")
         return
@@ -108,7 +160,8 @@ def main() -> None:
     activation = profile_model(loaded.model, loaded.tokenizer, texts, ProfileConfig(), loaded.layout,
                                model_name=loaded.source.name)
     activation_seconds = time.perf_counter() - t0
-    report = task_sensitivity(loaded, "sst2", args.data_dir, config=SensitivityConfig(directions=args.directions),
+    report = task_sensitivity(loaded, "sst2", args.data_dir,
+                              config=SensitivityConfig(directions=args.directions, one_sided=args.one_sided),
                               num_batches=args.batches, batch_size=args.batch_size)
     doc = report.to_dict()
     gpw = [s.grad_per_weight for s in report.layers]
@@ -122,10 +175,14 @@ def main() -> None:
         "batch_size": args.batch_size, "cost_in_plain_forwards": report.cost_in_forwards,
         "forward_equivalents_per_example": report.forward_equivalents,
         "spearman_sensitivity_vs_depth": spearman(gpw, [float(-i) for i in range(len(gpw))]),
+        # what a user waits for: `layerzo profile --sensitivity` over `layerzo profile` (both load the model)
+        "command_ratio": (load_seconds + activation_seconds + report.seconds) / (load_seconds + activation_seconds),
         "sensitivity": doc})
-    plot_sensitivity(report, RESULTS / "sensitivity_sst2_smollm2.png")
-    md = render(result, report, args)
-    write_report("sensitivity_sst2_smollm2", result, md)
+    if args.reference:
+        result["agreement"] = agreement(report, json.loads(Path(args.reference).read_text()), args.reference)
+    plot_sensitivity(report, RESULTS / f"{args.stem}.png")
+    md = render(result, report, args, args.stem)
+    write_report(args.stem, result, md)
     print(md)
 
 

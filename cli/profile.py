@@ -58,13 +58,19 @@ def profile(
         "--sensitivity", help="Also measure each layer's ZO sensitivity on --task's training batches (forward passes only).")] = False,
     directions: Annotated[int, typer.Option("--directions", help="With --sensitivity: random directions K per layer.")] = 8,
     sensitivity_batches: Annotated[int, typer.Option(
-        "--sensitivity-batches", help="With --sensitivity: training batches (of --batch-size) per direction.")] = 2,
+        "--sensitivity-batches", help="With --sensitivity: training batches per direction.")] = 2,
+    sensitivity_batch_size: Annotated[Optional[int], typer.Option(
+        "--sensitivity-batch-size", help="With --sensitivity: examples per batch. [default: --batch-size]")] = None,
+    one_sided: Annotated[bool, typer.Option(
+        "--one-sided/--central", help="With --sensitivity: (L(θ+εz) − L(θ))/ε against one shared plain pass, K "
+                                      "forwards a layer instead of 2K (an O(ε) bias).")] = False,
     sensitivity_plot: Annotated[Optional[Path], typer.Option(
         "--sensitivity-plot", help="With --sensitivity: write a PNG of the per-layer sensitivity.")] = None,
 ) -> None:
     """Profile residual-stream activations per layer and pick the dominant layer (Sun et al. 2024)."""
     from layerzo.data.calibration import calibration_for
     from layerzo.profile.rule import ProfileConfig
+    from layerzo.zo.sensitivity import SensitivityConfig
 
     from layerzo.core.atomic import check_file_output
     from layerzo.errors import ConfigError
@@ -101,20 +107,21 @@ def profile(
 
         written = plot_profile(report, plot)
         err_console.print(f"plot written to {written}")
-    sens = _sensitivity(loaded, task, data_dir, directions, sensitivity_batches, batch_size, max_length, seed,
+    sens = _sensitivity(loaded, task, data_dir, SensitivityConfig(directions=directions, seed=seed, one_sided=one_sided),
+                        sensitivity_batches, sensitivity_batch_size or batch_size, max_length, seed,
                         sensitivity_plot) if sensitivity or sensitivity_plot else None
     if json_out:
         emit_json({**report.to_dict(), **({"sensitivity": sens.to_dict()} if sens is not None else {})})
 
 
-def _sensitivity(loaded, task, data_dir, directions, batches, batch_size, max_length, seed, figure):
+def _sensitivity(loaded, task, data_dir, config, batches, batch_size, max_length, seed, figure):
     from layerzo.tune.select import task_sensitivity
-    from layerzo.zo.sensitivity import SensitivityConfig, plot_sensitivity
+    from layerzo.zo.sensitivity import plot_sensitivity
 
-    with err_console.status(f"ZO sensitivity of {loaded.num_layers} layers ({directions} directions × {batches} "
-                            "batches)..."):
-        sens = task_sensitivity(loaded, task, None if data_dir is None else str(data_dir),
-                                config=SensitivityConfig(directions=directions, seed=seed), num_batches=batches,
+    with err_console.status(f"ZO sensitivity of {loaded.num_layers} layers ({config.directions} directions × "
+                            f"{batches} batches of {batch_size})..."):
+        sens = task_sensitivity(loaded, task, None if data_dir is None else str(data_dir), config=config,
+                                num_batches=batches,
                                 batch_size=batch_size, max_length=max_length, seed=seed)
     _print_sensitivity(sens)
     if figure is not None:

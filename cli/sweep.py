@@ -43,6 +43,11 @@ def sweep(
     num_test: Annotated[int, typer.Option("--num-test", help="Test examples.")] = 500,
     eval_batch_size: Annotated[int, typer.Option("--eval-batch-size", help="Batch size for dev/test.")] = 32,
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per sequence at most.")] = 128,
+    objective: Annotated[Optional[str], typer.Option(
+        "--objective", help="Training loss: auto (choice for classification, ce for generative), choice, ce, ... "
+                            "[default: auto]")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        "--max-new-tokens", help="Generative tasks: the longest greedy answer on dev/test. [default: 50]")] = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     resume: Annotated[bool, typer.Option("--resume", help="Skip runs already in OUT/sweep.jsonl (same recipe only).")] = False,
@@ -60,7 +65,8 @@ def sweep(
         "data_dir": str(data_dir) if data_dir else None, "steps": steps, "batch_size": batch_size, "lr": lr,
         "eps": eps, "seed": seed, "eval_every": eval_every, "num_train": num_train, "num_dev": num_dev,
         "num_test": num_test, "eval_batch_size": eval_batch_size, "max_length": max_length, "dtype": dtype,
-        "device": device})
+        "device": device, **({"objective": objective} if objective is not None else {}),
+        **({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {})})
     command = "layerzo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     doc = run_sweep(config, out, resume=resume, progress=not quiet, log=lambda m: err_console.print(m, highlight=False),
                     command=command, merge=merge or ())
@@ -78,7 +84,8 @@ def _print_table(doc: dict) -> None:
 
     for task, s in doc["tasks"].items():
         table = Table(title=f"{task}: each layer tuned alone", title_justify="left")
-        for col in ("layer", "dev acc", "test acc", "rank", "final loss", "wall s"):
+        m = s.get("metric_label", "acc")
+        for col in ("layer", f"dev {m}", f"test {m}", "rank", "final loss", "wall s"):
             table.add_column(col, justify="right")
         for r in s["layers"]:
             name = f"[bold red]{r['layer']} (pick)[/]" if r["is_profiled_pick"] else str(r["layer"])

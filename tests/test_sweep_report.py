@@ -148,3 +148,18 @@ def test_write_outputs_writes_json_csv_md_and_png(tmp_path):
     assert paths["csv"].read_text() == csv_text(doc) and paths["md"].read_text() == markdown_text(doc)
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.csv", "sweep.json", "sweep.md", "sweep.png"]
+
+
+def test_a_best_layer_within_noise_of_zero_shot_is_not_called_dominant():
+    from layerzo.sweep.report import task_summary
+
+    records = [{"kind": "profile", "task": "t", "pick": 1, "confidence": "high"}]
+    for layer, acc in enumerate([0.63, 0.61, 0.60]):
+        records.append({"kind": "layer", "task": "t", "layer": layer, "test_acc": acc, "dev_acc": acc,
+                        "zero_shot_test_acc": 0.61, "zero_shot_dev_acc": 0.6, "loss_curve": [1.0]})
+    s = task_summary("t", records, steps=10, num_test=100)  # 2 SE = 9.7 pts at 63%: +2 pts is noise
+    assert s["separates_from_zero_shot"] is False
+    assert s["verdict"].startswith("t: no layer separates from zero-shot - the best, layer 0 (test 63.0%")
+    assert "dominated" not in s["verdict"]
+    big = task_summary("t", records, steps=10, num_test=100_000)  # 2 SE = 0.3 pts: now +2 pts is real
+    assert big["separates_from_zero_shot"] is True and big["verdict"].startswith("t: layer 0 dominated")

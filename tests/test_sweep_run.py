@@ -59,7 +59,8 @@ def test_sweep_restores_every_layer_bit_exactly_and_writes_outputs(tiny, data_di
     s = doc["tasks"]["sst2"]
     best = max(s["layers"], key=lambda r: (r["test_acc"], -sum(r["loss_curve"]) / len(r["loss_curve"]), -r["layer"]))
     assert s["best_layer"] == best["layer"]
-    assert (f"layer {best['layer']} dominated" in doc["verdict"] or f"layer {best['layer']} leads" in doc["verdict"])
+    assert any(f"{words}{best['layer']}" in doc["verdict"] for words in ("layer ", "the best, layer "))
+    assert ("no layer separates from zero-shot" in doc["verdict"]) == (s["separates_from_zero_shot"] is False)
     assert "full-model MeZO" in doc["verdict"]
     assert s["full"]["test_acc"] is not None and len(s["full"]["loss_curve"]) == 3
     assert doc["config"]["full_lr"] == pytest.approx(1e-2 / 4)  # default: lr / num_layers
@@ -310,3 +311,35 @@ def test_standard_errors_use_the_test_examples_the_task_really_has(tiny, data_di
     real = len(load_task("sst2", data_dir, num_train=16, num_dev=8, num_test=10**6, seed=0).test)
     assert 0 < real < 10**6 and doc["tasks"]["sst2"]["test_examples"] == real
     assert f"({real} examples)" in (tmp_path / "s" / "sweep.md").read_text()
+
+
+def test_a_generative_sweep_records_f1_and_its_generation_options(tiny, data_dir, tmp_path):
+    out = tmp_path / "s"
+    doc = run_sweep(_config(data_dir, tasks=("squad",), layers="1", steps=2, eval_every=2, num_dev=3, num_test=3,
+                            max_length=256, max_new_tokens=4, full_lr=1e-4), out, loaded=tiny, progress=False)
+    s = doc["tasks"]["squad"]
+    assert s["metric"] == "f1" and s["metric_label"] == "F1"
+    records = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
+    runs = [r for r in records if r["kind"] != "profile"]
+    assert [r["metric"] for r in runs] == ["f1", "f1"]
+    for r in runs:  # the F1 tune wrote is what the record holds, not a missing accuracy
+        metrics = r["zero_shot_test_acc"], r["test_acc"], r["dev_acc"]
+        assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in metrics)
+        assert "test_em" in r and r["recipe"]["max_new_tokens"] == 4
+        assert "objective" not in r["recipe"]  # left at its default: recorded as older sweeps did (not at all)
+    md = (out / "sweep.md").read_text()
+    assert "| layer | dev F1 | test F1 |" in md and "test F1" in s["verdict"]
+    with pytest.raises(ConfigError, match="max_new_tokens=4 but this run has max_new_tokens=5"):
+        run_sweep(_config(data_dir, tasks=("squad",), layers="1-2", steps=2, eval_every=2, num_dev=3, num_test=3,
+                          max_length=256, max_new_tokens=5, full_lr=1e-4), out, resume=True, loaded=tiny,
+                  progress=False)
+
+
+def test_recipe_keys_added_later_are_recorded_only_off_their_default():
+    from layerzo.data.generation import DEFAULT_MAX_NEW_TOKENS
+
+    plain = _config("d").recipe(4)
+    assert not {"dtype", "objective", "max_new_tokens"} & set(plain)  # a classification sweep's recipe as before
+    changed = _config("d", objective="ce", max_new_tokens=DEFAULT_MAX_NEW_TOKENS + 1, dtype="bfloat16").recipe(4)
+    assert (changed["objective"], changed["max_new_tokens"], changed["dtype"]) == (
+        "ce", DEFAULT_MAX_NEW_TOKENS + 1, "bfloat16")

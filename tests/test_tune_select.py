@@ -64,3 +64,11 @@ def test_profile_sensitivity_cli_prints_the_table_and_json(tiny_llama_dir, data_
     assert "sensitivity pick: layer" in result.stderr and (tmp_path / "s.png").is_file()
     refused = CliRunner().invoke(app, ["profile", "--model", str(tiny_llama_dir), "--sensitivity"])
     assert refused.exit_code == 1 and "pass --task" in refused.stderr
+    cheap = CliRunner().invoke(app, ["profile", "--model", str(tiny_llama_dir), "--task", "sst2", "--data-dir",
+                                     str(data_dir), "--sensitivity", "--directions", "2", "--sensitivity-batches", "2",
+                                     "--sensitivity-batch-size", "2", "--one-sided", "--json"])
+    assert cheap.exit_code == 0, cheap.output
+    sens = json.loads(cheap.stdout)["sensitivity"]
+    assert sens["config"]["one_sided"] is True and len(sens["layers"]) == 4
+    # one-sided: per batch one plain pass + K passes a layer (central: 2K); the batches hold 2 examples, not 4
+    assert sens["forwards"] == 2 * (1 + 4 * 2) < doc["sensitivity"]["forwards"] == 2 * (1 + 4 * 2 * 2)

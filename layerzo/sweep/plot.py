@@ -55,6 +55,7 @@ def _loss_panel(ax, s: dict) -> None:
 def _panel(ax, s: dict, doc: dict) -> None:
     from matplotlib.patches import Patch
 
+    m = s.get("metric_label", "acc")
     rows = [r for r in s["layers"] if r.get("test_acc") is not None]
     xs = [r["layer"] for r in rows]
     test = [100 * r["test_acc"] for r in rows]
@@ -67,7 +68,7 @@ def _panel(ax, s: dict, doc: dict) -> None:
     dev = [(r["layer"], 100 * r["dev_acc"]) for r in s["layers"] if r.get("dev_acc") is not None]
     if dev:
         ax.plot([d[0] for d in dev], [d[1] for d in dev], color="tab:orange", marker="o", markersize=3,
-                label="dev acc", zorder=3)
+                label=f"dev {m}", zorder=3)
     zs = s["zero_shot"].get("test_acc")
     if zs is not None:
         ax.axhline(100 * zs, color="grey", linestyle="--", label=f"zero-shot test {100 * zs:.1f}%", zorder=4)
@@ -81,7 +82,7 @@ def _panel(ax, s: dict, doc: dict) -> None:
         top = 100 * best_row["test_acc"]
         ax.axhspan(top - 200 * se, top, color="tab:gray", alpha=0.15, zorder=0,
                    label=f"best - 2 standard errors ({200 * se:.1f} pts)")
-    handles = [Patch(color="tab:blue", alpha=0.75, label="test acc (best-dev checkpoint)"),
+    handles = [Patch(color="tab:blue", alpha=0.75, label=f"test {m} (best-dev checkpoint)"),
                *ax.get_legend_handles_labels()[0]]
     if s["profiled_pick"] is not None:
         handles.append(Patch(color="tab:red", alpha=0.75, label=f"profiled pick: layer {s['profiled_pick']}"))
@@ -97,7 +98,7 @@ def _panel(ax, s: dict, doc: dict) -> None:
     if xs:
         ax.set_xticks(xs)
         ax.tick_params(axis="x", labelsize=7)
-    ax.set_ylabel("accuracy %")
+    ax.set_ylabel("accuracy %" if m == "acc" else f"{m} %")
     c = doc["config"]
     model = Path(str(doc["model"])).name if "/" in str(doc["model"]) and Path(str(doc["model"])).exists() else doc["model"]
     ax.set_title(f"{model} - {s['task']}: each layer ZO-tuned alone, {c['steps']} steps, batch {c['batch_size']}",

@@ -88,7 +88,10 @@ def pct(v: float | None) -> str:
 
 
 def standard_error(acc: float | None, n: int | None) -> float | None:
-    """Binomial standard error of an accuracy measured on ``n`` examples (the test set's sampling noise)."""
+    """Binomial standard error of an accuracy measured on ``n`` examples (the test set's sampling noise).
+
+    For a mean of per-example scores in [0, 1] (F1) it is an upper bound: their variance is at most acc(1 − acc).
+    """
     if acc is None or not n:
         return None
     return math.sqrt(max(acc * (1 - acc), 0.0) / n)
@@ -112,6 +115,9 @@ def task_summary(task: str, records: Sequence[dict], steps: int, num_test: int |
     )
     summary = {
         "task": task,
+        # the score the *_acc fields hold: accuracy, or the generative tasks' F1 (records name it)
+        "metric": (metric := next((r["metric"] for r in [*rows, *grid] if r.get("metric")), "acc")),
+        "metric_label": "acc" if metric == "acc" else metric.upper(),  # F1: how tables and verdicts name it
         "profiled_pick": pick,
         "profile_confidence": prof.get("confidence") if prof else None,
         "zero_shot": zero,
@@ -139,8 +145,13 @@ def task_summary(task: str, records: Sequence[dict], steps: int, num_test: int |
     # within two standard errors of the best layer's test accuracy: not distinguishable from it on this test set
     summary["near_best"] = [] if se is None else [r["layer"] for r in rows if r.get("test_acc") is not None
                                                    and best["test_acc"] - r["test_acc"] <= 2 * se + 1e-12]
+    zs = zero.get("test_acc")
+    # the best layer is no further from zero-shot than the test set's noise: no run is shown to have learned
+    summary["separates_from_zero_shot"] = (None if se is None or zs is None or best.get("test_acc") is None
+                                           else best["test_acc"] - zs > 2 * se + 1e-12)
     summary["verdict"] = verdict(summary, steps)
     return summary
+
 
 
 def rate_key(lr: float) -> float:
@@ -170,14 +181,20 @@ def verdict(s: dict, steps: int) -> str:
     rows = {r["layer"]: r for r in s["layers"]}
     best, pick = rows[s["best_layer"]], s["profiled_pick"]
     tied = s["best_tied_with"]
-    if len(tied) + 1 == s["num_layers_run"] > 1:
+    score = "" if s.get("metric", "acc") == "acc" else f" {s['metric_label']}"
+    if s.get("separates_from_zero_shot") is False:
+        se = s["test_standard_error"]
+        parts = [f"{s['task']}: no layer separates from zero-shot - the best, layer {best['layer']} (test{score} "
+                 f"{pct(best['test_acc'])}, dev {pct(best['dev_acc'])}), is within 2 standard errors "
+                 f"({200 * se:.1f} pts) of zero-shot test {pct(s['zero_shot'].get('test_acc'))}"]
+    elif len(tied) + 1 == s["num_layers_run"] > 1:
         parts = [f"{s['task']}: no layer dominated - all {s['num_layers_run']} layers tie on test at "
-                 f"{pct(best['test_acc'])} (dev {pct(best['dev_acc'])}; zero-shot test "
+                 f"{pct(best['test_acc'])}{score} (dev {pct(best['dev_acc'])}; zero-shot test "
                  f"{pct(s['zero_shot'].get('test_acc'))}); by the tie-breakers layer {best['layer']} leads "
                  f"(final dev {pct(best.get('final_dev_acc'))}, mean train loss {_num(best.get('mean_loss'))})"]
     else:
         tie = f", tied with layer(s) {','.join(map(str, tied))}" if tied else ""
-        parts = [f"{s['task']}: layer {best['layer']} dominated (test {pct(best['test_acc'])}, "
+        parts = [f"{s['task']}: layer {best['layer']} dominated (test{score} {pct(best['test_acc'])}, "
                  f"dev {pct(best['dev_acc'])}{tie}; zero-shot test {pct(s['zero_shot'].get('test_acc'))})"]
     if pick is None:
         parts.append("no profile pick recorded")
@@ -272,7 +289,8 @@ def markdown_text(doc: dict) -> str:
                + (f"at each rate of the grid {', '.join(f'{r:g}' for r in c['full_lr'])}, the best dev kept"
                   if isinstance(c["full_lr"], list) else f"with lr {c['full_lr']:.3g} (= lr / num_layers unless set)")
                + f". {c['num_train']} train / {c['num_dev']} dev / "
-               f"{c['num_test']} test examples; test accuracy of the best-dev checkpoint (step 0 included). "
+               f"{c['num_test']} test examples; test score (accuracy; F1 for generative tasks) of the best-dev "
+               f"checkpoint (step 0 included). "
                f"{doc['environment']['platform']}, {doc['environment']['cpus']} CPUs, torch {doc['environment']['torch']}.\n")
     for task, s in doc["tasks"].items():
         out.append(f"## {task}\n")
@@ -281,7 +299,8 @@ def markdown_text(doc: dict) -> str:
                    f"tie-breakers (dev, final dev, mean train loss). Best layer: {s['best_layer']}. "
                    f"Zero-shot: dev {pct(s['zero_shot'].get('dev_acc'))}, test {pct(s['zero_shot'].get('test_acc'))} "
                    f"(identical in every run: {s['zero_shot_identical_across_runs']}).\n")
-        out.append("| layer | dev acc | test acc | rank | final dev | best step | final loss | mean loss | wall s |")
+        m = s.get("metric_label", "acc")
+        out.append(f"| layer | dev {m} | test {m} | rank | final dev | best step | final loss | mean loss | wall s |")
         out.append("|---|---|---|---|---|---|---|---|---|")
         for r in s["layers"]:
             name = f"**{r['layer']}** (pick)" if r["is_profiled_pick"] else str(r["layer"])
@@ -298,8 +317,9 @@ def markdown_text(doc: dict) -> str:
                 f"lr {g['lr']:g}: dev {pct(g['dev_acc'])}, test {pct(g['test_acc'])}"
                 + (" (diverged)" if g.get("diverged") else "") for g in s["full_grid"]) + ".")
         if s.get("test_standard_error"):
-            out.append(f"\nTest-set noise: binomial standard error {100 * s['test_standard_error']:.1f} pts at the best "
-                       f"layer's accuracy ({s.get('test_examples') or c['num_test']} examples). Within 2 standard errors of the best: layers "
+            bound = " (for F1, a score in [0, 1], an upper bound)" if m != "acc" else ""
+            out.append(f"\nTest-set noise: binomial standard error{bound} {100 * s['test_standard_error']:.1f} pts at the best "
+                       f"layer's score ({s.get('test_examples') or c['num_test']} examples). Within 2 standard errors of the best: layers "
                        f"{', '.join(map(str, s['near_best']))}.")
         out.append(f"\n**Verdict:** {s['verdict']}\n")
     if "task_agnostic" in doc:

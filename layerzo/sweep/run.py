@@ -27,7 +27,10 @@ decoder weights; the same rule lands on MeZO's 1e-6..1e-7 for OPT-13B.
 
 Selection follows MeZO/tune: the reported test accuracy is that of the
 best-dev checkpoint (step 0 = the base model included); ``final_dev_acc`` is
-the last weights' dev accuracy. ``final_loss`` is the mean of (L+ + L−)/2 over
+the last weights' dev accuracy. Generative tasks (SQuAD) are swept by tune's
+score for them, F1 (best-dev selection), with EM alongside: their records name it
+(``metric``) and keep it in the same ``*_acc`` fields, so ranking, resume and
+reports are one code path. ``final_loss`` is the mean of (L+ + L−)/2 over
 the last ``max(1, steps // 10)`` steps (one batch's loss is too noisy).
 """
 
@@ -49,6 +52,7 @@ import torch
 from layerzo.core.atomic import atomic_write_text, check_can_write, check_file_output
 from layerzo.core.hashing import combine_sha256, tensor_sha256
 from layerzo.core.progress import StderrBar
+from layerzo.data.generation import DEFAULT_MAX_NEW_TOKENS
 from layerzo.data.tasks import get_task, load_task
 from layerzo.errors import (ConfigError, DivergenceError, LayerIndexError, LayerzoError, OutputExistsError,
                             OutputPathError)
@@ -67,6 +71,9 @@ RECORDS_NAME = "sweep.jsonl"
 RESULT_FIELDS = ("pick", "dev_acc", "test_acc", "loss_curve")  # two copies of one run must agree on these
 RECIPE_KEYS = ("model", "data_dir", "steps", "batch_size", "lr", "full_lr", "eps", "seed", "eval_every",
                "num_train", "num_dev", "num_test", "eval_batch_size", "max_length", "device")
+# Recipe keys sweeps gained later, with the value the older records ran at (float32 only, auto objective,
+# MeZO's 50 new tokens): recorded only when they differ.
+LATER_RECIPE_KEYS = {"dtype": "float32", "objective": "auto", "max_new_tokens": DEFAULT_MAX_NEW_TOKENS}
 # The sweep's own defaults for the runs' recipe (short runs, smaller eval sets than a real tune).
 SWEEP_TUNE_DEFAULTS = TuneConfig.from_dict({"steps": 100, "lr": 1e-3, "eval_every": 50, "num_dev": 200,
                                             "num_test": 500, "eval_batch_size": 32, "max_length": 128})
@@ -135,8 +142,10 @@ class SweepConfig:
         """What makes two runs comparable (resume refuses a record whose recipe differs)."""
         flat = self.tune.to_dict()
         d = {k: (self._full_lr_value(num_layers) if k == "full_lr" else flat[k]) for k in RECIPE_KEYS}
-        if self.tune.dtype != "float32":  # older sweeps (float32 only) recorded no dtype: keep them resumable
-            d["dtype"] = self.tune.dtype
+        # keys added after the first sweeps are recorded only off their default, so those sweeps stay resumable
+        for key, default in LATER_RECIPE_KEYS.items():
+            if flat[key] != default:
+                d[key] = flat[key]
         return d
 
     def to_dict(self, num_layers: int) -> dict[str, Any]:
@@ -264,14 +273,16 @@ def _mean_loss(row: dict) -> float | None:
 def _record(task, layer, lr: float, m: dict, rows: list[dict], wall: float, restored: str, diverged) -> dict:
     curve = [_mean_loss(r) for r in rows]
     tail = [v for v in curve[-max(1, len(curve) // 10):] if v is not None]
+    name = m.get("metric", "acc")  # tune names scores by the task's metric; a record's *_acc fields hold that score
     return {
         "kind": "full" if layer == FULL else "layer", "task": task, "layer": layer, "lr": lr,
-        "zero_shot_dev_acc": m.get("zero_shot_dev_acc"), "zero_shot_test_acc": m.get("zero_shot_test_acc"),
-        "dev_acc": m.get("best_dev_acc"), "test_acc": m.get("test_acc"), "best_step": m.get("best_step"),
-        "final_dev_acc": m.get("last_dev_acc"),
+        **({"metric": name, "test_em": m.get("test_em")} if name != "acc" else {}),
+        "zero_shot_dev_acc": m.get(f"zero_shot_dev_{name}"), "zero_shot_test_acc": m.get(f"zero_shot_test_{name}"),
+        "dev_acc": m.get(f"best_dev_{name}"), "test_acc": m.get(f"test_{name}"), "best_step": m.get("best_step"),
+        "final_dev_acc": m.get(f"last_dev_{name}"),
         "final_loss": sum(tail) / len(tail) if tail else None,
         "loss_curve": [None if v is None else round(v, 6) for v in curve],
-        "dev_curve": [[r["step"], r["dev_acc"]] for r in rows if r.get("dev_acc") is not None],
+        "dev_curve": [[r["step"], r[f"dev_{name}"]] for r in rows if r.get(f"dev_{name}") is not None],
         "steps": m.get("steps"), "rejected_steps": m.get("rejected_steps"), "diverged": diverged,
         "wall_seconds": round(wall, 2), "train_seconds": m.get("train_seconds"),
         "restored_sha256": restored,
