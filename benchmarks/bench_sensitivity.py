@@ -82,7 +82,10 @@ def agreement(report, reference: dict, where: str) -> dict:
 
 
 def saved(path, pick_rule: bool = False):
-    """A saved report's result and :class:`SensitivityReport` (``pick_rule``: the pick re-made by today's rule)."""
+    """A saved report's result, :class:`SensitivityReport` and render arguments (``pick_rule``: the pick re-made
+    by today's rule)."""
+    from types import SimpleNamespace
+
     from layerzo.zo.sensitivity import LayerSensitivity, SensitivityConfig, SensitivityReport, pick_by_sensitivity
 
     result = json.loads(Path(path).read_text())
@@ -93,34 +96,27 @@ def saved(path, pick_rule: bool = False):
     report = SensitivityReport(doc["model"], SensitivityConfig(**doc["config"]), doc["num_batches"], layers, pick,
                                reason, doc["seconds"], doc["forwards"], doc.get("plain_seconds", 0.0),
                                doc.get("forward_equivalents", 0.0))
-    return result, report
+    args = SimpleNamespace(directions=report.config.directions, batches=report.num_batches,
+                           batch_size=result.get("batch_size", 8))
+    return result, report, args
 
 
 def render_saved(stem: str) -> None:
     """Re-write ``<stem>.md`` from its JSON (after a change of the report's text; no numbers change)."""
-    from types import SimpleNamespace
-
-    result, report = saved(RESULTS / f"{stem}.json")
-    args = SimpleNamespace(directions=report.config.directions, batches=report.num_batches,
-                           batch_size=result.get("batch_size", 8))
+    result, report, args = saved(RESULTS / f"{stem}.json")
     atomic_write_text(RESULTS / f"{stem}.md", render(result, report, args, stem) + "\n")
 
 
 def rerank(path) -> None:
     """Apply the current pick rule to a saved report (the per-layer numbers do not change)."""
-    from types import SimpleNamespace
-
     from layerzo.zo.sensitivity import plot_sensitivity
 
-    result, report = saved(path, pick_rule=True)
-    layers, pick, reason = report.layers, report.pick, report.reason
+    result, report, args = saved(path, pick_rule=True)
     result.update(reranked="python benchmarks/bench_sensitivity.py --rerank, after the pick rule changed from the "
                            "largest gradient per weight to the largest change of the final hidden state",
-                  sensitivity=report.to_dict(), sensitivity_pick=pick, sensitivity_reason=reason,
+                  sensitivity=report.to_dict(), sensitivity_pick=report.pick, sensitivity_reason=report.reason,
                   outlier_pick_sensitivity_rank=report.ranking().index(result["outlier_pick"]) + 1,
-                  largest_grad_per_weight=max(layers, key=lambda s: s.grad_per_weight).layer)
-    args = SimpleNamespace(directions=report.config.directions, batches=report.num_batches,
-                           batch_size=result.get("batch_size", 8))
+                  largest_grad_per_weight=max(report.layers, key=lambda s: s.grad_per_weight).layer)
     plot_sensitivity(report, RESULTS / "sensitivity_sst2_smollm2.png")
     write_report("sensitivity_sst2_smollm2", result, render(result, report, args))
 

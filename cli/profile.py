@@ -80,6 +80,9 @@ def profile(
             check_file_output(figure, inputs=[model, calib, data_dir, task], command="layerzo profile")
     if (sensitivity or sensitivity_plot) and task is None:
         raise ConfigError("--sensitivity measures the ZO signal on a task's training batches", "pass --task")
+    # built before the (slow) model load, so a bad --directions fails now
+    sens_config = (SensitivityConfig(directions=directions, seed=seed, one_sided=one_sided)
+                   if sensitivity or sensitivity_plot else None)
     config = ProfileConfig(
         max_threshold=max_threshold, ratio_threshold=ratio_threshold, persist_window=persist_window,
         persist_min=persist_min, same_channel=same_channel, num_sequences=num_sequences,
@@ -107,9 +110,9 @@ def profile(
 
         written = plot_profile(report, plot)
         err_console.print(f"plot written to {written}")
-    sens = _sensitivity(loaded, task, data_dir, SensitivityConfig(directions=directions, seed=seed, one_sided=one_sided),
-                        sensitivity_batches, sensitivity_batch_size or batch_size, max_length, seed,
-                        sensitivity_plot) if sensitivity or sensitivity_plot else None
+    sens = _sensitivity(loaded, task, data_dir, sens_config, sensitivity_batches,
+                        batch_size if sensitivity_batch_size is None else sensitivity_batch_size, max_length, seed,
+                        sensitivity_plot) if sens_config is not None else None
     if json_out:
         emit_json({**report.to_dict(), **({"sensitivity": sens.to_dict()} if sens is not None else {})})
 

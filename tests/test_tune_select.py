@@ -72,3 +72,6 @@ def test_profile_sensitivity_cli_prints_the_table_and_json(tiny_llama_dir, data_
     assert sens["config"]["one_sided"] is True and len(sens["layers"]) == 4
     # one-sided: per batch one plain pass + K passes a layer (central: 2K); the batches hold 2 examples, not 4
     assert sens["forwards"] == 2 * (1 + 4 * 2) < doc["sensitivity"]["forwards"] == 2 * (1 + 4 * 2 * 2)
+    empty = CliRunner().invoke(app, ["profile", "--model", str(tiny_llama_dir), "--task", "sst2", "--data-dir",
+                                     str(data_dir), "--sensitivity", "--sensitivity-batch-size", "0"])
+    assert empty.exit_code == 1 and "needs ≥ 1 batch of ≥ 1 example, got 2 × 0" in empty.stderr  # not --batch-size

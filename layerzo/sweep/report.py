@@ -153,7 +153,6 @@ def task_summary(task: str, records: Sequence[dict], steps: int, num_test: int |
     return summary
 
 
-
 def rate_key(lr: float) -> float:
     """A rate compared at 12 significant digits: lr / num_layers = 9.999999999999999e-06 is the grid's 1e-05."""
     return float(f"{float(lr):.12g}")
@@ -181,7 +180,8 @@ def verdict(s: dict, steps: int) -> str:
     rows = {r["layer"]: r for r in s["layers"]}
     best, pick = rows[s["best_layer"]], s["profiled_pick"]
     tied = s["best_tied_with"]
-    score = "" if s.get("metric", "acc") == "acc" else f" {s['metric_label']}"
+    label = s.get("metric_label", "acc")
+    score = "" if label == "acc" else f" {label}"
     if s.get("separates_from_zero_shot") is False:
         se = s["test_standard_error"]
         parts = [f"{s['task']}: no layer separates from zero-shot - the best, layer {best['layer']} (test{score} "
