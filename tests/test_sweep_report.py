@@ -141,6 +141,22 @@ def test_markdown_has_the_table_and_the_verdict():
     assert f"**Verdict:** {doc['tasks']['t']['verdict']}" in md
 
 
+def test_markdown_states_each_tasks_real_split_sizes_and_a_missing_baseline():
+    # a small task's files hold fewer rows than the recipe asks for (CB: 250 training rows, 56 validation rows)
+    config = SweepConfig.from_dict({"tasks": ("t",), "steps": 4, "batch_size": 2, "lr": 1e-3, "num_test": 100,
+                                    "full": False})
+    records = [r for r in sweep_records() if r["kind"] != "full"]
+    doc = summarize(records, config, [0, 1, 2], 4, model_name="tiny/llama",
+                    split_sizes={"t": {"train": 150, "dev": 100, "test": 56}})
+    md = markdown_text(doc)
+    assert "Splits: 150 train / 100 dev / 56 test examples." in md
+    assert "no whole-model MeZO baseline (--no-full)" in md and "whole-model MeZO baseline with lr" not in md
+    assert doc["tasks"]["t"]["splits"] == {"train": 150, "dev": 100, "test": 56}
+    # the standard error uses the real test size: 56 rows, not the configured 100
+    assert "(56 examples)" in md
+    assert "Splits:" not in markdown_text(sweep_doc())  # no sizes given: nothing invented
+
+
 def test_write_outputs_writes_json_csv_md_and_png(tmp_path):
     doc = sweep_doc()
     paths = write_outputs(doc, tmp_path)

@@ -233,16 +233,20 @@ def _ordinal(n: int | None) -> str:
 
 
 def summarize(records: Sequence[dict], config, layers: Sequence[int], num_layers: int, *, model_name: str,
-              command: str | None = None, test_sizes: dict[str, int] | None = None) -> dict:
+              command: str | None = None, split_sizes: dict[str, dict[str, int]] | None = None) -> dict:
     """The sweep.json document: config, per-task summaries, and (for several tasks) the task-agnostic check.
 
-    ``test_sizes``: the test examples each task really has (a validation file may hold fewer than
-    ``num_test``: COPA's 100); the standard errors use them.
+    ``split_sizes``: the train/dev/test examples each task really has (a task's files may hold fewer
+    than ``num_train``/``num_test``: CB's 250 training rows, COPA's 100 validation rows); the
+    standard errors use the test size and the report states them.
     """
     import torch
 
-    sizes = test_sizes or {}
-    tasks = {t: task_summary(t, records, config.tune.steps, sizes.get(t, config.tune.num_test)) for t in config.tasks}
+    sizes = split_sizes or {}
+    tasks = {t: task_summary(t, records, config.tune.steps, sizes.get(t, {}).get("test", config.tune.num_test))
+             for t in config.tasks}
+    for t, s in tasks.items():
+        s["splits"] = sizes.get(t)
     bests = {t: s["best_layer"] for t, s in tasks.items()}
     doc: dict[str, Any] = {
         "model": model_name, "num_layers": num_layers, "layers": list(layers), "command": command,
@@ -285,15 +289,19 @@ def markdown_text(doc: dict) -> str:
     if doc.get("command"):
         out.append(f"`{doc['command']}`\n")
     out.append(f"Each of {len(doc['layers'])} layers ZO-tuned ALONE for {c['steps']} steps (batch {c['batch_size']}, "
-               f"lr {c['lr']:g}, eps {c['eps']:g}, seed {c['seed']}); whole-model MeZO baseline "
-               + (f"at each rate of the grid {', '.join(f'{r:g}' for r in c['full_lr'])}, the best dev kept"
-                  if isinstance(c["full_lr"], list) else f"with lr {c['full_lr']:.3g} (= lr / num_layers unless set)")
-               + f". {c['num_train']} train / {c['num_dev']} dev / "
-               f"{c['num_test']} test examples; test score (accuracy; F1 for generative tasks) of the best-dev "
+               f"lr {c['lr']:g}, eps {c['eps']:g}, seed {c['seed']}); "
+               + ("no whole-model MeZO baseline (--no-full)" if not c["full"] else "whole-model MeZO baseline "
+                  + (f"at each rate of the grid {', '.join(f'{r:g}' for r in c['full_lr'])}, the best dev kept"
+                     if isinstance(c["full_lr"], list) else f"with lr {c['full_lr']:.3g} (= lr / num_layers unless set)"))
+               + f". At most {c['num_train']} train / {c['num_dev']} dev / "
+               f"{c['num_test']} test examples (each task's real split sizes below); test score (accuracy; F1 for generative tasks) of the best-dev "
                f"checkpoint (step 0 included). "
                f"{doc['environment']['platform']}, {doc['environment']['cpus']} CPUs, torch {doc['environment']['torch']}.\n")
     for task, s in doc["tasks"].items():
         out.append(f"## {task}\n")
+        if s.get("splits"):
+            out.append(f"Splits: {s['splits']['train']} train / {s['splits']['dev']} dev / {s['splits']['test']} test "
+                       "examples.\n")
         out.append(f"Profiled pick: layer {s['profiled_pick']} ({s['profile_confidence']} confidence): rank "
                    f"{s['profiled_rank']}/{s['num_layers_run']} on test, {_ordinal(s.get('profiled_position'))} with the "
                    f"tie-breakers (dev, final dev, mean train loss). Best layer: {s['best_layer']}. "

@@ -416,10 +416,11 @@ def _run_sweep(config: SweepConfig, out: Path, *, resume: bool, loaded, progress
     if layer_sha256(loaded.model, loaded.layout, range(n)) != base_all:
         raise LayerzoError("the model differs from the base after the sweep")  # pragma: no cover - restore checks each run
     t = config.tune
-    sizes = {task: len(load_task(task, t.data_dir, num_train=t.num_train, num_dev=t.num_dev, num_test=t.num_test,
-                                 seed=t.seed).test) for task in config.tasks}
+    splits = {task: load_task(task, t.data_dir, num_train=t.num_train, num_dev=t.num_dev, num_test=t.num_test,
+                              seed=t.seed) for task in config.tasks}
+    sizes = {task: {"train": len(s.train), "dev": len(s.dev), "test": len(s.test)} for task, s in splits.items()}
     summary = summarize(read_records(path), config, layers, n, model_name=loaded.source.name, command=command,
-                        test_sizes=sizes)
+                        split_sizes=sizes)
     write_outputs(summary, out)
     return summary
 
