@@ -243,10 +243,8 @@ def summarize(records: Sequence[dict], config, layers: Sequence[int], num_layers
     import torch
 
     sizes = split_sizes or {}
-    tasks = {t: task_summary(t, records, config.tune.steps, sizes.get(t, {}).get("test", config.tune.num_test))
-             for t in config.tasks}
-    for t, s in tasks.items():
-        s["splits"] = sizes.get(t)
+    tasks = {t: {**task_summary(t, records, config.tune.steps, sizes.get(t, {}).get("test", config.tune.num_test)),
+                 "splits": sizes.get(t)} for t in config.tasks}
     bests = {t: s["best_layer"] for t, s in tasks.items()}
     doc: dict[str, Any] = {
         "model": model_name, "num_layers": num_layers, "layers": list(layers), "command": command,
@@ -288,14 +286,18 @@ def markdown_text(doc: dict) -> str:
     out = [f"# layerzo sweep: {doc['model']}\n"]
     if doc.get("command"):
         out.append(f"`{doc['command']}`\n")
+    if not c["full"]:
+        baseline = "no whole-model MeZO baseline (--no-full)"
+    elif isinstance(c["full_lr"], list):
+        baseline = f"whole-model MeZO baseline at each rate of the grid {', '.join(f'{r:g}' for r in c['full_lr'])}, " \
+                   "the best dev kept"
+    else:
+        baseline = f"whole-model MeZO baseline with lr {c['full_lr']:.3g} (= lr / num_layers unless set)"
+    real = any(s.get("splits") for s in doc["tasks"].values())
     out.append(f"Each of {len(doc['layers'])} layers ZO-tuned ALONE for {c['steps']} steps (batch {c['batch_size']}, "
-               f"lr {c['lr']:g}, eps {c['eps']:g}, seed {c['seed']}); "
-               + ("no whole-model MeZO baseline (--no-full)" if not c["full"] else "whole-model MeZO baseline "
-                  + (f"at each rate of the grid {', '.join(f'{r:g}' for r in c['full_lr'])}, the best dev kept"
-                     if isinstance(c["full_lr"], list) else f"with lr {c['full_lr']:.3g} (= lr / num_layers unless set)"))
-               + f". At most {c['num_train']} train / {c['num_dev']} dev / "
-               f"{c['num_test']} test examples (each task's real split sizes below); test score (accuracy; F1 for generative tasks) of the best-dev "
-               f"checkpoint (step 0 included). "
+               f"lr {c['lr']:g}, eps {c['eps']:g}, seed {c['seed']}); {baseline}. At most {c['num_train']} train / "
+               f"{c['num_dev']} dev / {c['num_test']} test examples" + (" (each task's real split sizes below)" if real else "")
+               + "; test score (accuracy; F1 for generative tasks) of the best-dev checkpoint (step 0 included). "
                f"{doc['environment']['platform']}, {doc['environment']['cpus']} CPUs, torch {doc['environment']['torch']}.\n")
     for task, s in doc["tasks"].items():
         out.append(f"## {task}\n")
