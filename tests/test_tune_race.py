@@ -32,6 +32,24 @@ def test_candidates_are_the_picks_runner_ups_and_last_layer_each_with_every_reas
     assert candidate_layers(no_flag, [2], 6)[1] == Candidate(3, ("outlier runner-up",))  # next by ratio
 
 
+def test_a_near_miss_before_the_pick_takes_the_outlier_alternative_slot_under_the_profiles_own_thresholds():
+    # layer 1 misses the ratio threshold by less than 2x (600 >= 1000 / 2): the rule's pick under a looser one
+    near = {**OUTLIER, "layers": [{**s, "ratio": 600.0, "max_abs": 900.0} if s["layer"] == 1 else s
+                                  for s in OUTLIER["layers"]]}
+    got = candidate_layers(near, [3, 1, 0], num_layers=6)
+    assert [c.layer for c in got] == [2, 1, 3, 5]  # layer 3 (next flagged) stays only as the sensitivity pick
+    assert got[1] == Candidate(1, ("outlier near miss: max/median 600 < 1000", "sensitivity runner-up"))
+    assert got[2] == Candidate(3, ("sensitivity pick",))
+    # the profile's own thresholds decide: a stricter ratio threshold (2000) leaves 600 more than 2x short,
+    # and a max|h| under max_threshold is no outlier at any ratio
+    for config in ({"ratio_threshold": 2000.0}, {"max_threshold": 1000.0}):
+        assert candidate_layers({**near, "config": config}, [3], 6)[1] == Candidate(3, ("outlier runner-up",
+                                                                                         "sensitivity pick"))
+    # only layers BEFORE the pick are near misses: a strong sub-threshold layer after it is not one
+    after = {**OUTLIER, "layers": [{**s, "ratio": 900.0} if s["layer"] == 5 else s for s in OUTLIER["layers"]]}
+    assert candidate_layers(after, [0], 6)[1] == Candidate(3, ("outlier runner-up",))
+
+
 def test_the_race_budget_is_about_five_percent_of_the_run():
     for steps, c in ((300, 4), (1000, 5), (20, 4)):
         first = first_round_steps(steps, c, LAYER_RACE_FRACTION)

@@ -332,7 +332,7 @@ def resolve_layers(config: TuneConfig, loaded: LoadedModel, splits: TaskSplits |
 
 def auto_layer(config: TuneConfig, loaded: LoadedModel, splits: TaskSplits, objective: Objective, outlier: dict,
                note: Callable[[str], None] | None) -> tuple[tuple[int, ...], dict]:
-    """``--layers auto``: rank candidates (outlier and sensitivity picks, runner-ups, the last layer) and race them."""
+    """``--layers auto``: rank candidates (outlier and sensitivity picks, their alternatives, the last layer), race them."""
     ranking = sensitivity_ranking(loaded, objective, splits.train, batch_size=config.batch_size, seed=config.seed)
     candidates = candidate_layers(outlier, ranking, loaded.layout.num_layers)
     if note:
