@@ -96,7 +96,7 @@ def main() -> None:
         evals[name] = time.perf_counter() - t
     run_s = config.steps * step_s + (config.steps // config.eval_every + 1) * evals["dev"] + 2 * evals["test"]
     race = report["race"]
-    result = stamp({"recipe": args.recipe, "config": config.recipe(), "winner": winner, "reason": race["reason"],
+    result = stamp({"recipe": args.recipe, "config": config.recipe(), "winner": winner, "reason": report["reason"],
                     "race": race, "sensitivity_ranking": report["sensitivity_ranking"],
                     "outlier_pick": report["outlier_profile"]["pick"]["layer"], "auto_seconds": auto_seconds,
                     "race_seconds": race_seconds(notes), "step_seconds": step_s, "eval_seconds": evals,
@@ -110,7 +110,7 @@ def main() -> None:
               f"{race['zero_shot_dev_loss']:.4f}. Sensitivity screen: K = {SCREEN_DIRECTIONS} one-sided directions on "
               f"{SCREEN_EXAMPLES} training examples.\n\n"
             "| round | steps each | dev loss after the round | kept |\n|---|---|---|---|\n" + rounds + "\n\n"
-            f"**Winner: layer {winner}.** {race['reason']}.\n\n"
+            f"**Tuned: layer {winner}.** {report['reason']}.\n\n"
             f"Cost: the whole selection (profile + sensitivity screen + race) {auto_seconds:.0f} s, the race "
             f"{result['race_seconds']:.0f} s. The {config.steps}-step run it precedes: {step_s:.2f} s/step (measured here, "
             f"{args.time_steps} steps), dev evaluation {evals['dev']:.0f} s, test {evals['test']:.0f} s → about "

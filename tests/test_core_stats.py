@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from layerzo.core.stats import average_ranks, spearman
+from layerzo.core.stats import average_ranks, paired_gain, spearman
 
 
 def test_ties_share_the_mean_of_their_ranks():
@@ -29,3 +29,14 @@ def test_spearman_is_undefined_for_constant_or_tiny_inputs():
     assert spearman([1, 2], [2, 1]) is None
     with pytest.raises(ValueError):
         spearman([1, 2, 3], [1, 2])
+
+
+def test_paired_gain_is_the_mean_difference_with_the_textbook_standard_error():
+    mean, se = paired_gain([1.0, 2.0, 3.0, 4.0], [0.5, 1.0, 2.5, 3.0])  # differences 0.5, 1, 0.5, 1
+    assert mean == pytest.approx(0.75)
+    assert se == pytest.approx((1 / 12) ** 0.5 / 2)  # sample variance 1/12, n = 4
+    # a shift shared by every example is exact (SE 0); one pair has no spread to estimate
+    assert paired_gain([1.0, 2.0], [0.9, 1.9]) == (pytest.approx(0.1), pytest.approx(0.0))
+    assert paired_gain([1.0], [0.0]) == (1.0, float("inf"))
+    with pytest.raises(ValueError, match="one length"):
+        paired_gain([1.0, 2.0], [1.0])

@@ -9,7 +9,7 @@ from conftest import make_tiny_model
 from layerzo.data.generation import Generator
 from layerzo.data.metrics import normalize_answer
 from layerzo.data.objectives import Objective, resolve_objective, target_example
-from layerzo.data.scoring import batch_loss, candidate_scores, encode_batch
+from layerzo.data.scoring import batch_loss, candidate_scores, encode_batch, kept_logits
 from layerzo.data.spec import Example
 from layerzo.errors import ConfigError
 from layerzo.model.layers import find_layer_layout, get_layers, layer_parameter_names
@@ -65,6 +65,22 @@ def test_choice_and_accuracy_objectives_read_the_candidate_scores(tokenizer):
     assert Objective("choice", tokenizer, max_length=64).loss(model, batch) == batch_loss(model, batch)
     right = (candidate_scores(model, batch).argmax(-1) == batch.labels).float().mean()
     assert Objective("accuracy", tokenizer, max_length=64).loss(model, batch) == -float(right)
+
+
+def test_example_losses_are_each_examples_own_loss_and_weight_back_to_the_batch_loss(tokenizer):
+    """Per-example losses (the race's paired gain reads them): each is the loss of its example scored alone;
+    choice and accuracy average back to the batch loss, ce back to it when weighted by target tokens."""
+    model = make_tiny_model("llama", num_layers=2, seed=2)
+    for name, examples in (("choice", CHOICE), ("accuracy", CHOICE), ("ce", GEN)):
+        objective = Objective(name, tokenizer, max_length=64)
+        batch = objective.encode(examples)
+        per = objective.example_losses_of_logits(kept_logits(model, batch), batch)
+        alone = [objective.loss(model, objective.encode([ex])) for ex in examples]
+        assert per == pytest.approx(alone, rel=1e-5) and len(set(per)) == 2, name
+        weights = ([len(tokenizer.encode(ex.context + ex.candidates[0])) - len(tokenizer.encode(ex.context))
+                    for ex in examples] if name == "ce" else [1, 1])
+        assert sum(w * v for w, v in zip(weights, per)) / sum(weights) == pytest.approx(
+            objective.loss(model, batch), rel=1e-5), name
 
 
 def test_generating_objectives_need_a_generator(tokenizer):

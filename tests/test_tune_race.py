@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ from layerzo.model.loading import load_model
 from layerzo.patch.manifest import MANIFEST_NAME
 from layerzo.tune.config import TuneConfig
 from layerzo.tune.loop import tune
-from layerzo.tune.race import LAYER_RACE_FRACTION, Candidate, RaceConfig, candidate_layers, first_round_steps, race
+from layerzo.tune.race import (DECIDE_SE, LAYER_RACE_FRACTION, Candidate, RaceConfig, RaceResult, RaceRound,
+                               candidate_layers, first_round_steps, race, race_choice)
 from layerzo.zo.engine import ZOConfig
 
 OUTLIER = {"pick": {"layer": 2}, "layers": [
@@ -48,6 +50,24 @@ def test_a_near_miss_before_the_pick_takes_the_outlier_alternative_slot_under_th
     # only layers BEFORE the pick are near misses: a strong sub-threshold layer after it is not one
     after = {**OUTLIER, "layers": [{**s, "ratio": 900.0} if s["layer"] == 5 else s for s in OUTLIER["layers"]]}
     assert candidate_layers(after, [0], 6)[1] == Candidate(3, ("outlier runner-up",))
+
+
+def decided_race(gain: float, se: float, inert: tuple = ()) -> RaceResult:
+    rounds = (RaceRound(2, {0: 0.9, 2: 1.1, 5: 1.2}, (0, 2), inert), RaceRound(4, {0: 0.8, 2: 0.95}, (0,)))
+    return RaceResult(0, 1.0, (Candidate(2, ("outlier pick",)), Candidate(0, ("sensitivity runner-up",)),
+                               Candidate(5, ("last layer",))), rounds, 1.0, 12, gain, se)
+
+
+def test_an_undecided_race_keeps_the_outlier_pick_unless_the_pick_was_inert():
+    won = decided_race(gain=0.2, se=0.05)  # 4 SE: the race overrides the prior
+    assert won.decided and race_choice(won, outlier_pick=2) == (0, won.reason)
+    assert "undecided" not in won.reason and "gain 0.2000 ± 0.0500 SE" in won.reason
+    noise = decided_race(gain=0.2, se=0.2 / DECIDE_SE)  # exactly at the edge: not more than 2 SE
+    layer, why = race_choice(noise, outlier_pick=2)
+    assert not noise.decided and layer == 2
+    assert why.endswith(f"undecided: its gain is within {DECIDE_SE:g} SE of zero-shot: kept the outlier pick, layer 2")
+    assert race_choice(decided_race(0.2, 0.2, inert=(2,)), outlier_pick=2)[0] == 0  # a pick that reaches nothing
+    assert noise.to_dict()["decided"] is False and won.to_dict()["gain_se"] == 0.05
 
 
 def test_the_race_budget_is_about_five_percent_of_the_run():
@@ -91,6 +111,8 @@ def test_race_leaves_the_base_bit_identical_and_scores_a_useless_layer_at_zero_s
     first = result.rounds[0]
     assert first.dev_loss[1] == result.zero_shot_dev_loss  # its weights reach nothing
     assert first.dev_loss[3] < result.zero_shot_dev_loss and result.winner == 3
+    # the gain is paired over the 16 scored examples: per-example mean-token losses, not the token-weighted score
+    assert result.gain > 0 and 0 < result.gain_se < math.inf
     assert len(result.rounds) == 1 and result.steps == 2 * 3  # one round decides two candidates
     assert "layer 3 (y) won a race of 2 candidates" in result.reason and "vs layer 1's" in result.reason
     with pytest.raises(ConfigError, match="at least one candidate"):

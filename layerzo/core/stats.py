@@ -1,4 +1,4 @@
-"""Rank statistics for comparing layer rankings (pure functions, no torch)."""
+"""Rank statistics for comparing layer rankings, and a paired difference with its standard error (pure functions, no torch)."""
 
 from __future__ import annotations
 
@@ -37,3 +37,14 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     sa = math.sqrt(sum((x - ma) ** 2 for x in ra))
     sb = math.sqrt(sum((y - mb) ** 2 for y in rb))
     return cov / (sa * sb) if sa > 0 and sb > 0 else None
+
+
+def paired_gain(before: Sequence[float], after: Sequence[float]) -> tuple[float, float]:
+    """Mean of ``before[i] - after[i]`` and its standard error (sample std / sqrt n; inf below 2 pairs)."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"paired_gain needs two non-empty sequences of one length, got {len(before)} and {len(after)}")
+    d = [b - a for b, a in zip(before, after)]
+    mean = sum(d) / len(d)
+    if len(d) < 2:
+        return mean, math.inf
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))

@@ -129,6 +129,18 @@ class Objective:
             return loss_from_scores(scores, batch.labels)
         return -float((scores.argmax(-1).cpu() == batch.labels).float().mean())  # accuracy
 
+    def example_losses_of_logits(self, logits: torch.Tensor, batch) -> list[float]:
+        """A teacher-forced objective's loss per example of ``batch`` (ce: the mean over each example's
+        target tokens, where :meth:`loss_of_logits` means over all tokens at once; a pure function)."""
+        scores = scores_from_logits(logits, batch)
+        if self.name == "ce":
+            per = -scores[:, 0]  # ce scores the target alone: one candidate
+        elif self.name == "choice":
+            per = torch.nn.functional.cross_entropy(scores, batch.labels.to(scores.device), reduction="none")
+        else:
+            per = -(scores.argmax(-1).cpu() == batch.labels).float()
+        return [float(v) for v in per]
+
     @contextmanager
     def step_loss(self, model, layout: LayerLayout, first: int, batch, shared: SharedLowerOutputs | None = None,
                   examples: ExampleCache | None = None, paired: bool = False) -> Iterator[StepLoss]:

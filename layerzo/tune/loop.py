@@ -65,7 +65,7 @@ from layerzo.tune.checkpoint import (STATE_JSON, Checkpoint, StopOnInterrupt, ch
 from layerzo.tune.config import TuneConfig, parse_lr_search
 from layerzo.tune.lr_search import SEARCH_FRACTION, lr_grid, search_lr
 from layerzo.tune.race import (LAYER_RACE_FRACTION, RaceConfig, candidate_layers, first_round_steps, race,
-                               sensitivity_ranking)
+                               race_choice, sensitivity_ranking)
 from layerzo.tune.select import task_sensitivity
 from layerzo.model.prefix_cache import ExampleCache, SharedLowerOutputs, default_example_cache_bytes
 from layerzo.version import __version__
@@ -340,10 +340,11 @@ def auto_layer(config: TuneConfig, loaded: LoadedModel, splits: TaskSplits, obje
     result = race(loaded, objective, splits.train, splits.dev, candidates, config.zo,
                   RaceConfig(first_steps=first_round_steps(config.steps, len(candidates), LAYER_RACE_FRACTION),
                              batch_size=config.batch_size, seed=config.seed))
+    layer, reason = race_choice(result, int(outlier["pick"]["layer"]))
     if note:
-        note(f"--layers auto: {result.reason} ({result.seconds:.0f} s)")
-    return (result.winner,), {"dominant_layer": result.winner, "selection": "auto", "reason": result.reason,
-                              "race": result.to_dict(), "sensitivity_ranking": ranking, "outlier_profile": outlier}
+        note(f"--layers auto: {reason} ({result.seconds:.0f} s)")
+    return (layer,), {"dominant_layer": layer, "selection": "auto", "reason": reason, "race": result.to_dict(),
+                      "sensitivity_ranking": ranking, "outlier_profile": outlier}
 
 
 @contextmanager

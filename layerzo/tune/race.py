@@ -27,6 +27,13 @@ candidate sees the same batches on the same base), so each training batch's and 
 batch's lower stack runs once, up to the deepest candidate. The race is deterministic
 (seeded), leaves the base weights bit-identical, and is recorded in the
 manifest (``profile.race``).
+
+The race checks a prior, the outlier pick; it overrides it only on evidence:
+when the winner's dev-loss gain over zero-shot, paired over the scored dev
+examples, is within :data:`DECIDE_SE` standard errors of 0 the race is
+UNDECIDED and :func:`race_choice` keeps the outlier pick (unless that pick was
+inert in the race). A few ZO steps can win a race by noise: on CB the winner
+of 4 was layer 0, the worst CB layer of the sweep.
 """
 
 from __future__ import annotations
@@ -40,7 +47,9 @@ from typing import Callable, ContextManager, Hashable, Iterator, Mapping, Sequen
 
 import torch
 
+from layerzo.core.stats import paired_gain
 from layerzo.data.objectives import Objective
+from layerzo.data.scoring import kept_logits
 from layerzo.errors import ConfigError, DivergenceError
 from layerzo.model.layers import get_layer, layer_parameter_names
 from layerzo.model.precision import fp32_master_layers
@@ -62,6 +71,7 @@ LAYER_RACE_FRACTION = 0.05  # --layers auto: the race's ZO steps, as a share of 
 # benchmarks/results): near miss layer 2 (ratio 817) ranks 1/14 on SQuAD and 2/6 on CB (1st on dev), 18/30 on
 # SST-2; layer 12 (next flagged) ranks 3/14, 5/6 and 12/30.
 NEAR_MISS_FACTOR = 2.0
+DECIDE_SE = 2.0  # the race overrides the outlier pick only with a gain over zero-shot > 2 paired SE
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,13 @@ class RaceResult:
     rounds: tuple[RaceRound, ...]
     seconds: float
     steps: int  # ZO steps run in the whole race
+    gain: float  # the winner's dev-loss gain over zero-shot, the mean over the scored dev examples
+    gain_se: float  # its standard error (paired: the same examples before and after)
+
+    @property
+    def decided(self) -> bool:
+        """The winner lowered the dev loss by more than :data:`DECIDE_SE` standard errors."""
+        return self.gain > DECIDE_SE * self.gain_se
 
     @property
     def reason(self) -> str:
@@ -113,16 +130,19 @@ class RaceResult:
         inert = sorted({layer for r in self.rounds for layer in r.inert} - {self.winner})
         out = f"; inert (no perturbation changed the loss): layer(s) {', '.join(map(str, inert))}" if inert else ""
         worse = "" if last[self.winner] < self.zero_shot_dev_loss else "; no candidate lowered the dev loss"
+        undecided = "" if self.decided else f"; undecided: its gain is within {DECIDE_SE:g} SE of zero-shot"
         return (f"layer {self.winner} ({', '.join(sources)}) won a race of {len(self.candidates)} candidates on the same "
-                f"training batches: dev loss {self.zero_shot_dev_loss:.4f} -> {last[self.winner]:.4f}{vs} "
-                f"after {len(self.rounds)} round(s), {self.steps} ZO steps in all{out}{worse}")
+                f"training batches: dev loss {self.zero_shot_dev_loss:.4f} -> {last[self.winner]:.4f} (gain "
+                f"{self.gain:.4f} ± {self.gain_se:.4f} SE, paired){vs} after {len(self.rounds)} round(s), "
+                f"{self.steps} ZO steps in all{out}{worse}{undecided}")
 
     def to_dict(self) -> dict:
         return {"winner": self.winner, "zero_shot_dev_loss": self.zero_shot_dev_loss,
                 "candidates": [asdict(c) for c in self.candidates],
                 "rounds": [{"steps": r.steps, "dev_loss": {str(k): v for k, v in r.dev_loss.items()},
                             "kept": list(r.kept), "inert": list(r.inert)} for r in self.rounds],
-                "steps": self.steps, "reason": self.reason}  # no seconds: the manifest stays byte-identical
+                "steps": self.steps, "gain": self.gain, "gain_se": self.gain_se, "decided": self.decided,
+                "reason": self.reason}  # no seconds: the manifest stays byte-identical
 
 
 def first_round_steps(steps: int, candidates: int, fraction: float) -> int:
@@ -184,8 +204,21 @@ def race(loaded, objective: Objective, train: Sequence, dev: Sequence, candidate
     runners = {layer: Runner(lambda layer=layer: layer_params(loaded, layer), layer, loaded, objective, train, zo,
                              config, shared) for layer in sorted(c.layer for c in candidates)}
     rounds, total = successive_halving(runners, dev_score, config.first_steps)
-    return RaceResult(rounds[-1].kept[0], dev_score.zero_shot, tuple(candidates), tuple(rounds),
-                      round(time.perf_counter() - start, 3), total)
+    winner = rounds[-1].kept[0]
+    # a winner that diverged was never scored: no gain
+    gain, se = (paired_gain(dev_score.zero_shot_examples, dev_score.examples[winner]) if winner in dev_score.examples
+                else (-math.inf, math.inf))
+    return RaceResult(winner, dev_score.zero_shot, tuple(candidates), tuple(rounds),
+                      round(time.perf_counter() - start, 3), total, gain, se)
+
+
+def race_choice(result: RaceResult, outlier_pick: int) -> tuple[int, str]:
+    """The layer ``--layers auto`` tunes and why: the race's winner when it decided, else the outlier pick —
+    the prior the race checks — unless that pick was inert in the race (its weights reach nothing)."""
+    inert = {layer for r in result.rounds for layer in r.inert}
+    if result.decided or result.winner == outlier_pick or outlier_pick in inert:
+        return result.winner, result.reason
+    return outlier_pick, f"{result.reason}: kept the outlier pick, layer {outlier_pick}"
 
 
 def successive_halving(runners: Mapping[Hashable, "Runner"], score: Callable[[Hashable], float],
@@ -224,15 +257,21 @@ class DevScore:
     def __init__(self, loaded, objective: Objective, dev: Sequence, train: Sequence, examples: int) -> None:
         self.loaded, self.scorer = loaded, objective.teacher_forced()
         self.dev_batch = self.scorer.encode(list(dev[:examples]) or list(train[:examples]))
-        self.zero_shot = self.scorer.loss(loaded.model, self.dev_batch)
+        with torch.no_grad():
+            logits = kept_logits(loaded.model, self.dev_batch)
+        self.zero_shot = self.scorer.loss_of_logits(logits, self.dev_batch)
+        self.zero_shot_examples = self.scorer.example_losses_of_logits(logits, self.dev_batch)
+        self.examples: dict[int, list[float]] = {}  # layer -> per-example losses of its latest score
         self.stores: dict[int, dict] = {}
         self.shared = SharedLowerOutputs()
 
     def __call__(self, first: int) -> float:
         model, layout = self.loaded.model, self.loaded.layout
         with cached_lower_layers(model, layout, first, store=self.stores.setdefault(first, {}), batch=self.dev_batch,
-                                 shared=self.shared):
-            return self.scorer.loss(model, self.dev_batch)
+                                 shared=self.shared), torch.no_grad():
+            logits = kept_logits(model, self.dev_batch)
+        self.examples[first] = self.scorer.example_losses_of_logits(logits, self.dev_batch)
+        return self.scorer.loss_of_logits(logits, self.dev_batch)
 
 
 def _finite(value: float) -> float:
