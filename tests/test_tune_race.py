@@ -68,6 +68,8 @@ def test_an_undecided_race_keeps_the_outlier_pick_unless_the_pick_was_inert():
     assert why.endswith(f"undecided: its gain is within {DECIDE_SE:g} SE of zero-shot: kept the outlier pick, layer 2")
     assert race_choice(decided_race(0.2, 0.2, inert=(2,)), outlier_pick=2)[0] == 0  # a pick that reaches nothing
     assert noise.to_dict()["decided"] is False and won.to_dict()["gain_se"] == 0.05
+    lone = decided_race(gain=0.3, se=math.inf)  # one scored example: no spread, no decision
+    assert not lone.decided and json.loads(json.dumps(lone.to_dict(), allow_nan=False))["gain_se"] is None
 
 
 def test_the_race_budget_is_about_five_percent_of_the_run():

@@ -141,7 +141,9 @@ class RaceResult:
                 "candidates": [asdict(c) for c in self.candidates],
                 "rounds": [{"steps": r.steps, "dev_loss": {str(k): v for k, v in r.dev_loss.items()},
                             "kept": list(r.kept), "inert": list(r.inert)} for r in self.rounds],
-                "steps": self.steps, "gain": self.gain, "gain_se": self.gain_se, "decided": self.decided,
+                "steps": self.steps, **{k: v if math.isfinite(v) else None  # strict JSON: no inf (1 example, divergence)
+                                        for k, v in (("gain", self.gain), ("gain_se", self.gain_se))},
+                "decided": self.decided,
                 "reason": self.reason}  # no seconds: the manifest stays byte-identical
 
 
