@@ -51,7 +51,7 @@ def tune(
     revision: Annotated[Optional[str], _opt("--revision", "Hub revision of the model.")] = None,
     task: Annotated[Optional[str], _opt("--task", "Task name (sst2, rte, ..., squad, drop), a task YAML, or a prompt/completion or messages .jsonl. [default: sst2]")] = None,
     data_dir: Annotated[Optional[str], _opt("--data-dir", "Folder with <task>/{train,validation}.jsonl.")] = None,
-    layers: Annotated[Optional[str], _opt("--layers", "dominant (profile first), auto (race the outlier pick and its near miss or runner-up, the sensitivity pick and runner-up, and the last layer on the task; tune the winner if its dev gain is > 2 SE, else the outlier pick), all, 5, 3,7, 0-3,11, or -1 (the last layer). [default: dominant]")] = None,
+    layers: Annotated[Optional[str], _opt("--layers", "5, 3,7, 0-3,11, -1 (the last layer), all, dominant (profile first), or auto (race the outlier pick and its near miss or runner-up, the sensitivity pick and runner-up, and the last layer on the task; tune the winner if its dev gain is > 2 SE, else the outlier pick). [default: dominant]")] = None,
     select: Annotated[Optional[str], _opt("--select", "How --layers dominant picks: outlier (first activation-outlier layer) or sensitivity (ZO sensitivity profile). [default: outlier]")] = None,
     lora: Annotated[Optional[bool], _opt("--lora/--no-lora", "LoRA-ZO on q/v of the selected layers. [default: no-lora]")] = None,
     lora_rank: Annotated[Optional[int], _opt("--lora-rank", "LoRA rank. [default: 8]")] = None,
