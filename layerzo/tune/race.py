@@ -68,8 +68,8 @@ LAYER_RACE_FRACTION = 0.05  # --layers auto: the race's ZO steps, as a share of 
 # A threshold is a convention (1000 in Sun et al.), so a layer before the pick within 2x of it is the rule's
 # pick under a looser one. It takes the outlier-alternative slot over the next flagged layer, which on the
 # demo is the pick's own outlier persisting (same token and channel). Measured on the demo (sweeps in
-# benchmarks/results): near miss layer 2 (ratio 817) ranks 1/14 on SQuAD and 2/6 on CB (1st on dev), 18/30 on
-# SST-2; layer 12 (next flagged) ranks 3/14, 5/6 and 12/30.
+# benchmarks/results): near miss layer 2 (ratio 817) ranks 3/30 on SQuAD (within 2 SE of the best) and 2/6
+# on CB (1st on dev), 18/30 on SST-2; layer 12 (next flagged) ranks 6/30, 5/6 and 12/30.
 NEAR_MISS_FACTOR = 2.0
 DECIDE_SE = 2.0  # the race overrides the outlier pick only with a gain over zero-shot > 2 paired SE
 
