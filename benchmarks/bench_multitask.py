@@ -10,6 +10,13 @@ tuning beats zero-shot, the rank of the outlier pick and of the sensitivity pick
 its best rate; and across tasks the Spearman correlation of the layers' test
 accuracies, and of each task's accuracies with the sensitivity scores.
 
+A task may come with several sweeps, one per seed (``--sweep sst2=runs/s0 --sweep sst2=runs/s1``;
+a seed redraws train/dev/test and the ZO directions, MeZO's protocol). The tables above use
+each task's lowest seed; the seed section gives every seed's best layer and picks' ranks, the
+best layer of the seeds' mean score, and the Spearman correlation between the seeds' layer
+rankings: how far a task's ranking agrees with itself, the ceiling its correlation with
+another task can be read against.
+
     layerzo sweep --task cb --data-dir ../shared/data --steps 100 --batch-size 8 --lr 3e-4 --eps 1e-3 \\
         --eval-every 50 --num-dev 200 --num-test 500 --max-length 256 --full-lr auto --out runs/mt_cb --quiet
     python benchmarks/bench_multitask.py --data-dir ../shared/data --sweep sst2=runs/mt_sst2 --sweep cb=runs/mt_cb ...
@@ -45,7 +52,7 @@ def task_row(task: str, records: list[dict], sensitivity: dict, test_n: int) -> 
     sens = {d["layer"]: d for d in sensitivity["layers"]}
     acc = [by_layer[i]["test_acc"] for i in layers]
     return {
-        "task": task, "recipe": recipe, "metric": s["metric_label"], "test_examples": test_n,
+        "task": task, "seed": recipe["seed"], "recipe": recipe, "metric": s["metric_label"], "test_examples": test_n,
         "zero_shot_test_acc": s["zero_shot"].get("test_acc"),
         "best_layer": s["best_layer"], "best_test_acc": by_layer[s["best_layer"]]["test_acc"],
         # the best layer's test score is more than 2 standard errors above zero-shot (the sweep's own test)
@@ -72,6 +79,25 @@ def between_tasks(a: dict, b: dict) -> float | None:
     return spearman([score[0][i] for i in common], [score[1][i] for i in common])
 
 
+def seed_agreement(rows: list[dict]) -> dict:
+    """One task's rows, one per seed (the lowest first): each seed's best layer and picks' ranks, the seeds' mean
+    score per layer (over the layers every seed ran) and its best layer, and each later seed's Spearman with the
+    first over the layers both ran."""
+    first, *later = sorted(rows, key=lambda r: r["seed"])
+    common = sorted(set(first["layers"]).intersection(*(r["layers"] for r in later)))
+    score = [dict(zip(r["layers"], r["test_acc"])) for r in (first, *later)]
+    mean = [sum(s[i] for s in score) / len(score) for i in common]
+    return {
+        "task": first["task"], "seeds": [r["seed"] for r in (first, *later)],
+        "per_seed": [{k: r[k] for k in ("seed", "zero_shot_test_acc", "best_layer", "best_test_acc", "near_best",
+                                        "outlier_pick", "outlier_rank", "sensitivity_rank", "full",
+                                        "num_layers_run")} for r in (first, *later)],
+        "layers": common, "mean_test_acc": mean,
+        "best_layer_of_mean": common[max(range(len(common)), key=lambda k: mean[k])] if common else None,
+        "spearman_with_first_seed": [between_tasks(first, r) for r in later],
+    }
+
+
 def test_size(task: str, recipe: dict, data_dir: str) -> int:
     """Test examples the runs really had (a task's validation file may hold fewer than --num-test)."""
     from layerzo.data.tasks import load_task
@@ -93,7 +119,7 @@ def task_sensitivity_doc(task: str, recipe: dict, data_dir: str, loaded, args) -
 def markdown(r: dict) -> str:
     rows = r["tasks"]
     lines = [header("Multi-task layer sweep: demo model", r),
-             "Each layer tuned ALONE with its task's recipe (below; seed 0; the test score of the best-dev checkpoint: "
+             "Each layer tuned ALONE with its task's recipe (below; the task's lowest seed, see Seeds; the test score of the best-dev checkpoint: "
              "accuracy, F1 for SQuAD); whole-model MeZO at the best dev of its own lr grid. Sensitivity: "
              "`profile --sensitivity`'s rule on the task's loss (per task below). Ranks are competition ranks by test "
              "score (ties share a rank). 'beats zero-shot': the best layer is more than 2 standard errors above "
@@ -132,9 +158,34 @@ def markdown(r: dict) -> str:
     for t in rows:
         lines.append(f"| {t['task']} | {_fmt(t['spearman_acc_vs_final_change'])} | "
                      f"{_fmt(t['spearman_acc_vs_grad_per_weight'])} | {_fmt(t['spearman_acc_vs_earliness'])} |")
+    lines += seed_lines(r.get("seeds", {}))
     lines += ["", "Per-task verdicts (the sweep's own):", ""] + [f"- {t['verdict']}" for t in rows]
     lines += ["", "![per-layer gains](multitask_smollm2.png)", ""]
     return "\n".join(lines) + "\n"
+
+
+def seed_lines(seeds: dict) -> list[str]:
+    """The seed section of the report: nothing when every task ran one seed."""
+    several = [a for a in seeds.values() if len(a["seeds"]) > 1]
+    if not several:
+        return []
+    lines = ["", "Seeds: each seed redraws train/dev/test and the ZO directions (MeZO's protocol). Spearman of a "
+             "later seed's layer test scores with the first seed's, over the layers both ran: how far a task's layer "
+             "ranking agrees with itself, the ceiling for reading its correlation with another task.", "",
+             "| task | seed | zero-shot | best layer | within 2 SE of the best | outlier pick (rank) | MeZO best lr: test "
+             "| Spearman with the first seed |", "|---|---|---|---|---|---|---|---|"]
+    for a in several:
+        for k, row in enumerate(a["per_seed"]):
+            full = row["full"]
+            rho = "-" if k == 0 else _fmt(a["spearman_with_first_seed"][k - 1])
+            lines.append(f"| {a['task']} | {row['seed']} | {pct(row['zero_shot_test_acc'])} | {row['best_layer']} "
+                         f"({pct(row['best_test_acc'])}) | {', '.join(map(str, row['near_best'])) or '-'} | "
+                         f"{row['outlier_pick']} ({_rank(row['outlier_rank'])}/{row['num_layers_run']}) | "
+                         + (f"{full['lr']:g}: {pct(full.get('test_acc'))}" if full else "not run") + f" | {rho} |")
+    lines += [""] + [f"- {a['task']}, mean of seeds {', '.join(map(str, a['seeds']))} over {len(a['layers'])} layers: "
+                     f"best layer {a['best_layer_of_mean']} "
+                     f"({pct(a['mean_test_acc'][a['layers'].index(a['best_layer_of_mean'])])})" for a in several]
+    return lines
 
 
 def _rank(r) -> str:
@@ -153,10 +204,14 @@ def plot(r: dict, out: Path) -> None:
     try:
         for t in r["tasks"]:
             gains = [100 * (a - t["zero_shot_test_acc"]) for a in t["test_acc"]]
-            line, = ax.plot(t["layers"], gains, marker="o", markersize=3, label=t["task"])
+            line, = ax.plot(t["layers"], gains, marker="o", markersize=3, label=f"{t['task']} (seed {t['seed']})")
             if t["outlier_pick"] in t["layers"]:  # a partial sweep may not have run it yet
                 ax.plot([t["outlier_pick"]], [gains[t["layers"].index(t["outlier_pick"])]], marker="*", markersize=12,
                         color=line.get_color())
+            for later in (x for x in r.get("replicates", []) if x["task"] == t["task"]):
+                ax.plot(later["layers"], [100 * (a - later["zero_shot_test_acc"]) for a in later["test_acc"]],
+                        linestyle="--", marker="o", markersize=2, color=line.get_color(),
+                        label=f"{t['task']} (seed {later['seed']})")
         ax.axhline(0, color="grey", linewidth=0.8)
         ax.set_xlabel("decoder layer tuned alone (star: the outlier pick)")
         ax.set_ylabel("test score - zero-shot (pts; F1 for SQuAD)")
@@ -171,7 +226,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", required=True)
     p.add_argument("--sweep", action="append", required=True, metavar="TASK=DIR",
-                   help="a task and its sweep folder (or sweep.jsonl); repeat per task")
+                   help="a task and its sweep folder (or sweep.jsonl); repeat per task, and per seed of a task")
     p.add_argument("--sensitivity", action="append", default=[], metavar="TASK=JSON",
                    help="reuse a task's saved sensitivity report (bench_sensitivity.py's JSON) instead of measuring")
     p.add_argument("--sensitivity-batches", type=int, default=2, help="for tasks measured now: training batches")
@@ -181,7 +236,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    sweeps = dict(item.split("=", 1) for item in args.sweep)
+    sweeps = [tuple(item.split("=", 1)) for item in args.sweep]
     old = json.loads((RESULTS / f"{STEM}.json").read_text()) if (RESULTS / f"{STEM}.json").is_file() else {}
     kept = old.get("sensitivity", {})
     for doc in kept.values():  # measured before the batch size was kept: task_sensitivity_doc's default then
@@ -192,7 +247,7 @@ def main() -> None:
         kept[task] = {**saved["sensitivity"], "max_length": 128, "from": where,  # bench_sensitivity's max_length
                       "batch_size": saved.get("batch_size", 8)}
     loaded, sensitivity, rows = None, {}, []
-    for task, where in sweeps.items():
+    for task, where in sweeps:
         path = Path(where) / "sweep.jsonl" if Path(where).is_dir() else Path(where)
         records = [r for r in read_records(path) if r.get("task") == task]
         if not records:
@@ -206,9 +261,16 @@ def main() -> None:
                 loaded = load_model(None)
             sensitivity[task] = {**task_sensitivity_doc(task, recipe, args.data_dir, loaded, args),
                                  "max_length": recipe["max_length"]}
+        if any(r["task"] == task and r["seed"] == recipe["seed"] for r in rows):
+            raise SystemExit(f"two sweeps of task {task} with seed {recipe['seed']}: merge them with layerzo sweep --merge")
         rows.append(task_row(task, records, sensitivity[task], test_size(task, recipe, args.data_dir)))
-    between = {a["task"]: {b["task"]: between_tasks(a, b) for b in rows} for a in rows}
-    result = stamp({"sweeps": sweeps, "tasks": rows, "spearman_between_tasks": between, "sensitivity": sensitivity})
+    by_task = {t: sorted((r for r in rows if r["task"] == t), key=lambda r: r["seed"]) for t, _ in sweeps}
+    first = [seeds[0] for seeds in by_task.values()]  # the tables read each task's lowest seed
+    between = {a["task"]: {b["task"]: between_tasks(a, b) for b in first} for a in first}
+    result = stamp({"sweeps": [{"task": t, "path": w} for t, w in sweeps], "tasks": first,
+                    "replicates": [r for seeds in by_task.values() for r in seeds[1:]],
+                    "seeds": {t: seed_agreement(seeds) for t, seeds in by_task.items()},
+                    "spearman_between_tasks": between, "sensitivity": sensitivity})
     plot(result, RESULTS / f"{STEM}.png")
     write_report(STEM, result, markdown(result))
     print(markdown(result))

@@ -15,13 +15,14 @@ RECIPE = {"steps": 100, "batch_size": 8, "lr": 3e-4, "eps": 1e-3, "num_dev": 50,
           "seed": 0}
 
 
-def records(task, accs, zero=0.5, full=()):
-    out = [{"kind": "profile", "task": task, "pick": 1, "confidence": "high", "recipe": RECIPE}]
+def records(task, accs, zero=0.5, full=(), seed=0):
+    recipe = {**RECIPE, "seed": seed}
+    out = [{"kind": "profile", "task": task, "pick": 1, "confidence": "high", "recipe": recipe}]
     out += [{"kind": "layer", "task": task, "layer": i, "dev_acc": a, "test_acc": a, "final_dev_acc": a,
-             "zero_shot_dev_acc": zero, "zero_shot_test_acc": zero, "loss_curve": [1.0 - a], "recipe": RECIPE}
+             "zero_shot_dev_acc": zero, "zero_shot_test_acc": zero, "loss_curve": [1.0 - a], "recipe": recipe}
             for i, a in enumerate(accs)]
     out += [{"kind": "full", "task": task, "layer": "all", "lr": lr, "dev_acc": a, "test_acc": a,
-             "zero_shot_dev_acc": zero, "zero_shot_test_acc": zero, "loss_curve": [0.5], "recipe": RECIPE}
+             "zero_shot_dev_acc": zero, "zero_shot_test_acc": zero, "loss_curve": [0.5], "recipe": recipe}
             for lr, a in full]
     return out
 
@@ -62,3 +63,27 @@ def test_tasks_swept_over_different_layers_correlate_over_the_layers_they_share(
     b = {"layers": [1, 2, 3], "test_acc": [0.3, 0.2, 0.1]}
     assert bench_multitask.between_tasks(a, b) == pytest.approx(-1.0)  # layers 1-3 only: reversed order
     assert bench_multitask.between_tasks(a, {"layers": [0, 5], "test_acc": [0.1, 0.2]}) is None  # one shared layer
+
+
+def test_a_second_seed_is_compared_with_the_first_and_their_mean_picks_the_layer_both_favour():
+    sens = sensitivity([0.1, 0.2, 0.3, 0.4], 1)
+    s0 = bench_multitask.task_row("t", records("t", [0.5, 0.8, 0.6, 0.55]), sens, test_n=100)
+    # seed 1: layer 2 edges out layer 1, layers 0 and 3 swap: the rankings agree only in part
+    s1 = bench_multitask.task_row("t", records("t", [0.58, 0.70, 0.72, 0.5], zero=0.55, seed=1), sens, test_n=100)
+    a = bench_multitask.seed_agreement([s1, s0])  # any order in: the lowest seed is the reference
+    assert a["seeds"] == [0, 1] and [p["best_layer"] for p in a["per_seed"]] == [1, 2]
+    assert a["spearman_with_first_seed"] == [pytest.approx(0.6)]  # ranks (1,4,3,2) vs (2,3,4,1): 1 - 6*4/60
+    assert a["best_layer_of_mean"] == 1 and a["mean_test_acc"][1] == pytest.approx(0.75)
+    text = "\n".join(bench_multitask.seed_lines({"t": a}))
+    assert "| t | 0 | 50.0% | 1 (80.0%) |" in text and "| t | 1 | 55.0% | 2 (72.0%) |" in text
+    assert "| +0.60 |" in text and "best layer 1 (75.0%)" in text
+    assert bench_multitask.seed_lines({"t": bench_multitask.seed_agreement([s0])}) == []  # one seed: no section
+
+
+def test_seeds_correlate_over_the_layers_every_seed_ran():
+    sens = sensitivity([0.1, 0.2, 0.3, 0.4], 1)
+    s0 = bench_multitask.task_row("t", records("t", [0.5, 0.8, 0.6, 0.55]), sens, test_n=100)
+    s1 = bench_multitask.task_row("t", records("t", [0.5, 0.9, 0.7], seed=1), sens, test_n=100)  # layer 3 not yet
+    a = bench_multitask.seed_agreement([s0, s1])
+    assert a["layers"] == [0, 1, 2] and a["spearman_with_first_seed"] == [pytest.approx(1.0)]
+    assert a["best_layer_of_mean"] == 1
