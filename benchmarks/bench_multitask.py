@@ -8,7 +8,8 @@ K = 8 directions on 2 batches of 8, the task's own loss; measured once and kept 
 JSON, so a rerun reuses it) and writes, per task: zero-shot, the best layer, whether
 tuning beats zero-shot, the rank of the outlier pick and of the sensitivity pick, MeZO at
 its best rate; and across tasks the Spearman correlation of the layers' test
-accuracies, and of each task's accuracies with the sensitivity scores.
+accuracies, each task's accuracies with the sensitivity scores, and what one task's best
+layer scores on every other task that learns (the task-agnostic claim taken literally).
 
 A task may come with several sweeps, one per seed (``--sweep sst2=runs/s0 --sweep sst2=runs/s1``;
 a seed redraws train/dev/test and the ZO directions, MeZO's protocol). The tables above use
@@ -77,6 +78,36 @@ def between_tasks(a: dict, b: dict) -> float | None:
         return None
     score = [{i: v for i, v in zip(t["layers"], t["test_acc"])} for t in (a, b)]
     return spearman([score[0][i] for i in common], [score[1][i] for i in common])
+
+
+def transfer(a: dict, b: dict) -> dict | None:
+    """Task ``b`` tuned at task ``a``'s best layer: ``b``'s score there, its gap to ``b``'s best, and whether that layer
+    is within 2 standard errors of ``b``'s best (``b``'s near-best band) -- what carrying one task's dominant layer to
+    another task costs. None when ``b``'s sweep has not run that layer."""
+    layer = a["best_layer"]
+    if layer not in b["layers"]:
+        return None
+    score = b["test_acc"][b["layers"].index(layer)]
+    return {"layer": layer, "test_acc": score, "gap": score - b["best_test_acc"], "within_2se": layer in b["near_best"]}
+
+
+def transfer_lines(rows: list[dict]) -> list[str]:
+    """The transfer table over the tasks that leave zero-shot (a task that learns nothing has no dominant layer)."""
+    learn = [t for t in rows if t["beats_zero_shot"]]
+    if len(learn) < 2:
+        return []
+    lines = ["", "Is the dominant layer task-agnostic? Each row's best layer tuned on each column's task: the column's "
+             "score at that layer, its gap to the column's best layer, and whether it is within 2 standard errors of "
+             "it (yes/no):", "",
+             "| best layer of | " + " | ".join(f"on {t['task']}" for t in learn) + " |", "|---|" + "---|" * len(learn)]
+    for a in learn:
+        cells = []
+        for b in learn:
+            x = transfer(a, b)
+            cells.append("not run" if x is None else f"{x['layer']}: {pct(x['test_acc'])} ({100 * x['gap']:+.1f} pts, "
+                                                      f"{'yes' if x['within_2se'] else 'no'})")
+        lines.append(f"| {a['task']} ({a['best_layer']}) | " + " | ".join(cells) + " |")
+    return lines
 
 
 def seed_agreement(rows: list[dict]) -> dict:
@@ -158,6 +189,7 @@ def markdown(r: dict) -> str:
     for t in rows:
         lines.append(f"| {t['task']} | {_fmt(t['spearman_acc_vs_final_change'])} | "
                      f"{_fmt(t['spearman_acc_vs_grad_per_weight'])} | {_fmt(t['spearman_acc_vs_earliness'])} |")
+    lines += transfer_lines(rows)
     lines += seed_lines(r.get("seeds", {}))
     lines += ["", "Per-task verdicts (the sweep's own):", ""] + [f"- {t['verdict']}" for t in rows]
     lines += ["", "![per-layer gains](multitask_smollm2.png)", ""]
@@ -270,7 +302,9 @@ def main() -> None:
     result = stamp({"sweeps": [{"task": t, "path": w} for t, w in sweeps], "tasks": first,
                     "replicates": [r for seeds in by_task.values() for r in seeds[1:]],
                     "seeds": {t: seed_agreement(seeds) for t, seeds in by_task.items()},
-                    "spearman_between_tasks": between, "sensitivity": sensitivity})
+                    "spearman_between_tasks": between,
+                    "transfer": {a["task"]: {b["task"]: transfer(a, b) for b in first} for a in first},
+                    "sensitivity": sensitivity})
     plot(result, RESULTS / f"{STEM}.png")
     write_report(STEM, result, markdown(result))
     print(markdown(result))

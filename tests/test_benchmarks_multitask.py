@@ -87,3 +87,20 @@ def test_seeds_correlate_over_the_layers_every_seed_ran():
     a = bench_multitask.seed_agreement([s0, s1])
     assert a["layers"] == [0, 1, 2] and a["spearman_with_first_seed"] == [pytest.approx(1.0)]
     assert a["best_layer_of_mean"] == 1
+
+
+def test_carrying_one_tasks_best_layer_to_another_reports_its_gap_and_whether_it_is_within_noise():
+    sens = sensitivity([0.1, 0.2, 0.3, 0.4], 1)
+    a = bench_multitask.task_row("a", records("a", [0.5, 0.9, 0.6, 0.55]), sens, test_n=100)
+    b = bench_multitask.task_row("b", records("b", [0.5, 0.66, 0.7, 0.5]), sens, test_n=100)  # SE 4.6 pts at 70 %
+    flat = bench_multitask.task_row("c", records("c", [0.5, 0.51, 0.5, 0.5]), sens, test_n=100)
+    x = bench_multitask.transfer(a, b)
+    assert x["layer"] == 1 and x["gap"] == pytest.approx(-0.04) and x["within_2se"]
+    y = bench_multitask.transfer(b, a)
+    assert y["layer"] == 2 and y["gap"] == pytest.approx(-0.3) and not y["within_2se"]
+    text = "\n".join(bench_multitask.transfer_lines([a, b, flat]))
+    assert "| a (1) | 1: 90.0% (+0.0 pts, yes) | 1: 66.0% (-4.0 pts, yes) |" in text
+    assert "| b (2) | 2: 60.0% (-30.0 pts, no) | 2: 70.0% (+0.0 pts, yes) |" in text
+    assert "on c" not in text  # c leaves no zero-shot: it has no dominant layer to carry
+    assert bench_multitask.transfer(a, {**b, "layers": [0, 2, 3]}) is None  # b's sweep never ran layer 1
+    assert bench_multitask.transfer_lines([a, flat]) == []
