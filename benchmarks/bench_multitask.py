@@ -228,6 +228,12 @@ def _fmt(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:+.2f}"
 
 
+def contiguous(layers: list[int]) -> bool:
+    """Whether a sweep ran a gap-free range of layers: only then may the plot join its points (a partial seed's
+    line would draw scores for layers it never ran)."""
+    return all(b - a == 1 for a, b in zip(layers, layers[1:]))
+
+
 def plot(r: dict, out: Path) -> None:
     from layerzo.core.plotting import pyplot, save_figure_atomic
 
@@ -236,13 +242,15 @@ def plot(r: dict, out: Path) -> None:
     try:
         for t in r["tasks"]:
             gains = [100 * (a - t["zero_shot_test_acc"]) for a in t["test_acc"]]
-            line, = ax.plot(t["layers"], gains, marker="o", markersize=3, label=f"{t['task']} (seed {t['seed']})")
+            line, = ax.plot(t["layers"], gains, marker="o", markersize=3, label=f"{t['task']} (seed {t['seed']})",
+                            linestyle="-" if contiguous(t["layers"]) else "none")
             if t["outlier_pick"] in t["layers"]:  # a partial sweep may not have run it yet
                 ax.plot([t["outlier_pick"]], [gains[t["layers"].index(t["outlier_pick"])]], marker="*", markersize=12,
                         color=line.get_color())
             for later in (x for x in r.get("replicates", []) if x["task"] == t["task"]):
                 ax.plot(later["layers"], [100 * (a - later["zero_shot_test_acc"]) for a in later["test_acc"]],
-                        linestyle="--", marker="o", markersize=2, color=line.get_color(),
+                        linestyle="--" if contiguous(later["layers"]) else "none", marker="x", markersize=6,
+                        color=line.get_color(),
                         label=f"{t['task']} (seed {later['seed']})")
         ax.axhline(0, color="grey", linewidth=0.8)
         ax.set_xlabel("decoder layer tuned alone (star: the outlier pick)")
