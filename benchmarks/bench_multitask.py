@@ -228,14 +228,8 @@ def _fmt(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:+.2f}"
 
 
-def contiguous(layers: list[int]) -> bool:
-    """Whether a sweep ran a gap-free range of layers: only then may the plot join its points (a partial seed's
-    line would draw scores for layers it never ran)."""
-    return all(b - a == 1 for a, b in zip(layers, layers[1:]))
-
-
 def plot(r: dict, out: Path) -> None:
-    from layerzo.core.plotting import pyplot, save_figure_atomic
+    from layerzo.core.plotting import joined, pyplot, save_figure_atomic
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4))
@@ -243,13 +237,13 @@ def plot(r: dict, out: Path) -> None:
         for t in r["tasks"]:
             gains = [100 * (a - t["zero_shot_test_acc"]) for a in t["test_acc"]]
             line, = ax.plot(t["layers"], gains, marker="o", markersize=3, label=f"{t['task']} (seed {t['seed']})",
-                            linestyle="-" if contiguous(t["layers"]) else "none")
+                            linestyle=joined(t["layers"]))
             if t["outlier_pick"] in t["layers"]:  # a partial sweep may not have run it yet
                 ax.plot([t["outlier_pick"]], [gains[t["layers"].index(t["outlier_pick"])]], marker="*", markersize=12,
                         color=line.get_color())
             for later in (x for x in r.get("replicates", []) if x["task"] == t["task"]):
                 ax.plot(later["layers"], [100 * (a - later["zero_shot_test_acc"]) for a in later["test_acc"]],
-                        linestyle="--" if contiguous(later["layers"]) else "none", marker="x", markersize=6,
+                        linestyle=joined(later["layers"], "--"), marker="x", markersize=6,
                         color=line.get_color(),
                         label=f"{t['task']} (seed {later['seed']})")
         ax.axhline(0, color="grey", linewidth=0.8)

@@ -104,8 +104,3 @@ def test_carrying_one_tasks_best_layer_to_another_reports_its_gap_and_whether_it
     assert "on c" not in text  # c leaves no zero-shot: it has no dominant layer to carry
     assert bench_multitask.transfer(a, {**b, "layers": [0, 2, 3]}) is None  # b's sweep never ran layer 1
     assert bench_multitask.transfer_lines([a, flat]) == []
-
-
-def test_the_plot_joins_the_points_of_a_gap_free_sweep_only():
-    assert bench_multitask.contiguous(list(range(30))) and bench_multitask.contiguous([4])
-    assert not bench_multitask.contiguous([2, 4, 11, 29])  # a partial seed: a line would invent layers 3, 5-10, ...

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from layerzo.core.plotting import pyplot, save_figure_atomic
+from layerzo.core.plotting import joined, pyplot, save_figure_atomic
 from layerzo.errors import ConfigError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -49,3 +49,9 @@ def test_missing_matplotlib_is_a_config_error_with_the_install_hint(monkeypatch)
     with pytest.raises(ConfigError, match="--plot needs matplotlib") as info:
         pyplot()
     assert "layerzo[plot]" in info.value.hint
+
+
+def test_points_are_joined_over_a_gap_free_run_of_layers_only():
+    assert joined(list(range(30))) == "-" and joined([4]) == "-" and joined([]) == "-"
+    assert joined([2, 4, 11, 29]) == "none"  # a partial sweep: a line would invent layers 3, 5-10, ...
+    assert joined([0, 1, 2], "--") == "--" and joined([0, 2], "--") == "none"

@@ -31,3 +31,9 @@ def save_figure_atomic(fig, out: str | os.PathLike, **kwargs) -> Path:
     with atomic_file(out) as tmp:
         fig.savefig(tmp, format=(out.suffix.lstrip(".") or "png"), **kwargs)
     return out
+
+
+def joined(xs, style: str = "-") -> str:
+    """The line style for points at integer positions ``xs`` (layers): ``style`` over a gap-free run, none
+    otherwise -- a line across a partial sweep's gaps would draw scores for layers it never ran."""
+    return style if all(b - a == 1 for a, b in zip(xs, xs[1:])) else "none"

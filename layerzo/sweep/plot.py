@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from layerzo.core.plotting import pyplot, save_figure_atomic
+from layerzo.core.plotting import joined, pyplot, save_figure_atomic
 
 
 def plot_sweep(doc: dict, out: str | os.PathLike) -> Path:
@@ -35,7 +35,8 @@ def plot_sweep(doc: dict, out: str | os.PathLike) -> Path:
 def _loss_panel(ax, s: dict) -> None:
     """Mean training loss over the run per layer: every run saw the same batches, so this is a paired comparison."""
     rows = [r for r in s["layers"] if r.get("mean_loss") is not None]
-    ax.plot([r["layer"] for r in rows], [r["mean_loss"] for r in rows], color="tab:purple", marker="o", markersize=3,
+    xs = [r["layer"] for r in rows]
+    ax.plot(xs, [r["mean_loss"] for r in rows], color="tab:purple", marker="o", markersize=3, linestyle=joined(xs),
             label="mean train loss over the run (same batches for every layer)")
     pick = next((r for r in rows if r["layer"] == s["profiled_pick"]), None)
     if pick is not None:
@@ -68,7 +69,7 @@ def _panel(ax, s: dict, doc: dict) -> None:
     dev = [(r["layer"], 100 * r["dev_acc"]) for r in s["layers"] if r.get("dev_acc") is not None]
     if dev:
         ax.plot([d[0] for d in dev], [d[1] for d in dev], color="tab:orange", marker="o", markersize=3,
-                label=f"dev {m}", zorder=3)
+                linestyle=joined([d[0] for d in dev]), label=f"dev {m}", zorder=3)
     zs = s["zero_shot"].get("test_acc")
     if zs is not None:
         ax.axhline(100 * zs, color="grey", linestyle="--", label=f"zero-shot test {100 * zs:.1f}%", zorder=4)
